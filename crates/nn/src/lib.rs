@@ -1,0 +1,6 @@
+//! fedra's neural-network layer: model specifications, one local-training step, evaluation, and
+//! parameters as named tensors with safetensors I/O.
+//!
+//! Training runs on fedra's own CPU engine for sequential CNNs; matrix products go to the `gemm`
+//! crate. The engine stays behind this module's interface so that another backend can be added
+//! without touching the federated layer.
