@@ -3,3 +3,90 @@
 //! that split a training set over clients, and the label statistics (EMD) that describe a split.
 //!
 //! Everything here is plain data: this crate knows nothing of models, training or federation.
+
+pub mod cifar;
+pub mod dataset;
+pub mod download;
+pub mod embedded;
+pub mod error;
+mod files;
+pub mod mfcc;
+pub mod mnist;
+pub mod speech;
+pub mod wav;
+
+use std::path::{Path, PathBuf};
+
+pub use cifar::load_cifar10;
+pub use dataset::{Dataset, DatasetName, TrainTest, UnknownDatasetName};
+pub use download::download;
+pub use embedded::embedded_mnist;
+pub use error::DataError;
+pub use mnist::load_mnist;
+pub use speech::{FeatureCache, SpeechOptions, load_speech_commands};
+
+/// Environment variable overriding [`default_data_dir`].
+pub const DATA_DIR_ENV: &str = "FEDRA_DATA";
+
+/// Options of [`load`].
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct LoadOptions {
+    /// Speech Commands options (ignored for the other datasets).
+    pub speech: SpeechOptions,
+    /// Draw progress bars (only ever drawn when stdout is a terminal).
+    pub progress: bool,
+}
+
+/// Where datasets live when no folder is given: `$FEDRA_DATA`, else a per-user cache folder
+/// (`~/.cache/fedra` on Linux), else `./fedra-data` if the system has no home folder.
+pub fn default_data_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os(DATA_DIR_ENV).filter(|d| !d.is_empty()) {
+        return PathBuf::from(dir);
+    }
+    directories::ProjectDirs::from("", "", "fedra")
+        .map(|d| d.cache_dir().to_path_buf())
+        .unwrap_or_else(|| PathBuf::from("fedra-data"))
+}
+
+/// Loads a dataset. `data_dir` may be the dataset's own folder (or, for CIFAR-10, its archive)
+/// or a data folder holding it in the sub-folder [`download::download`] uses (`mnist/`,
+/// `cifar10/`, `speech-commands/`). With `data_dir` `None`, MNIST is the embedded subset
+/// ([`embedded_mnist`]) and the others are looked up under [`default_data_dir`].
+pub fn load(
+    name: DatasetName,
+    data_dir: Option<&Path>,
+    opts: &LoadOptions,
+) -> Result<TrainTest, DataError> {
+    let dir = match data_dir {
+        Some(d) => d.to_path_buf(),
+        None if name == DatasetName::Mnist => return embedded_mnist(),
+        None => default_data_dir(),
+    };
+    let sub = dir.join(download::dataset_subdir(name));
+    match name {
+        DatasetName::Mnist => {
+            let own = mnist::MNIST_FILES
+                .iter()
+                .any(|f| dir.join(f).is_file() || dir.join(format!("{f}.gz")).is_file());
+            load_mnist(if !own && sub.is_dir() { &sub } else { &dir })
+        }
+        DatasetName::Cifar10 => {
+            let r = load_cifar10(&dir);
+            match r {
+                Err(DataError::NotFound { .. }) if sub.exists() => load_cifar10(&sub),
+                other => other,
+            }
+        }
+        DatasetName::SpeechCommands => {
+            let downloaded = sub.join("speech_commands_v0.02");
+            let folder = if opts.speech.keywords.iter().any(|k| dir.join(k).is_dir()) {
+                dir
+            } else if downloaded.is_dir() {
+                downloaded
+            } else {
+                dir
+            };
+            speech::load_speech_commands_with_progress(&folder, &opts.speech, opts.progress)
+        }
+    }
+}

@@ -1,0 +1,178 @@
+//! The one in-memory representation shared by all three datasets: dense `f32` features, one row
+//! per example laid out as `[C, H, W]`, a `u16` label per row and the class names in label order.
+//! Loaders produce it already normalised the way the study's models expect, so downstream crates
+//! never need to know which file format a dataset came from.
+
+use std::fmt;
+use std::path::PathBuf;
+use std::str::FromStr;
+
+use crate::error::DataError;
+
+/// A dataset in memory: dense f32 features, one row per example, shape `[C, H, W]` per row.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Dataset {
+    /// Human-readable name, e.g. `"mnist-train"`.
+    pub name: String,
+    /// Shape of one example, channels first.
+    pub shape: [usize; 3],
+    /// `len() * example_len()` values, example after example.
+    pub features: Vec<f32>,
+    /// One label per example, each `< class_names.len()`.
+    pub labels: Vec<u16>,
+    /// Class names in label order.
+    pub class_names: Vec<String>,
+}
+
+impl Dataset {
+    /// Number of examples.
+    pub fn len(&self) -> usize {
+        self.labels.len()
+    }
+
+    /// True when the dataset holds no example.
+    pub fn is_empty(&self) -> bool {
+        self.labels.is_empty()
+    }
+
+    /// Number of values in one example: `C * H * W`.
+    pub fn example_len(&self) -> usize {
+        self.shape.iter().product()
+    }
+
+    /// The features of example `i`.
+    ///
+    /// # Panics
+    /// If `i >= self.len()` (a caller bug, not a data problem).
+    pub fn example(&self, i: usize) -> &[f32] {
+        let n = self.example_len();
+        &self.features[i * n..(i + 1) * n]
+    }
+
+    /// Number of classes (the length of `class_names`, whether or not every class occurs).
+    pub fn num_classes(&self) -> usize {
+        self.class_names.len()
+    }
+
+    /// How many examples carry each label, indexed by label.
+    pub fn class_counts(&self) -> Vec<usize> {
+        let mut counts = vec![0usize; self.num_classes()];
+        for &label in &self.labels {
+            counts[label as usize] += 1;
+        }
+        counts
+    }
+
+    /// A new dataset holding copies of the rows `indices`, in that order (repeats allowed).
+    ///
+    /// # Panics
+    /// If an index is out of range (a caller bug, not a data problem).
+    pub fn subset(&self, indices: &[usize]) -> Dataset {
+        let n = self.example_len();
+        let mut features = Vec::with_capacity(indices.len() * n);
+        let mut labels = Vec::with_capacity(indices.len());
+        for &i in indices {
+            features.extend_from_slice(self.example(i));
+            labels.push(self.labels[i]);
+        }
+        Dataset {
+            name: self.name.clone(),
+            shape: self.shape,
+            features,
+            labels,
+            class_names: self.class_names.clone(),
+        }
+    }
+
+    /// Checks the invariants every loader promises: sizes agree, labels are in range, and all
+    /// features are finite. `source` names the file or folder the data came from.
+    pub fn validate(&self, source: &std::path::Path) -> Result<(), DataError> {
+        let err = |reason: String| DataError::format(source, reason);
+        if self.features.len() != self.len() * self.example_len() {
+            return Err(err(format!(
+                "{} feature values for {} examples of shape {:?}",
+                self.features.len(),
+                self.len(),
+                self.shape
+            )));
+        }
+        if let Some((i, &l)) = self
+            .labels
+            .iter()
+            .enumerate()
+            .find(|(_, l)| **l as usize >= self.num_classes())
+        {
+            return Err(err(format!(
+                "example {i} has label {l} but there are only {} classes",
+                self.num_classes()
+            )));
+        }
+        if let Some(i) = self.features.iter().position(|x| !x.is_finite()) {
+            return Err(err(format!(
+                "example {} has a non-finite feature value",
+                i / self.example_len().max(1)
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// A train split and a test split of one dataset, sharing shape and class names.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TrainTest {
+    pub train: Dataset,
+    pub test: Dataset,
+}
+
+/// The three datasets of the reference study.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DatasetName {
+    Mnist,
+    Cifar10,
+    SpeechCommands,
+}
+
+impl DatasetName {
+    /// All names, in the study's order.
+    pub const ALL: [DatasetName; 3] = [
+        DatasetName::Mnist,
+        DatasetName::Cifar10,
+        DatasetName::SpeechCommands,
+    ];
+
+    /// The spelling used on the command line and in configs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DatasetName::Mnist => "mnist",
+            DatasetName::Cifar10 => "cifar10",
+            DatasetName::SpeechCommands => "speech-commands",
+        }
+    }
+}
+
+impl fmt::Display for DatasetName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The error of parsing an unknown dataset name.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown dataset {0:?}: expected one of mnist, cifar10, speech-commands")]
+pub struct UnknownDatasetName(pub String);
+
+impl FromStr for DatasetName {
+    type Err = UnknownDatasetName;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        DatasetName::ALL
+            .into_iter()
+            .find(|n| n.as_str() == s)
+            .ok_or_else(|| UnknownDatasetName(s.to_string()))
+    }
+}
+
+/// A placeholder path for data that does not come from a file (the embedded subset).
+pub(crate) fn embedded_path(name: &str) -> PathBuf {
+    PathBuf::from(format!("<embedded>/{name}"))
+}
