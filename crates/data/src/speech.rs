@@ -11,7 +11,9 @@
 //!   files in `_background_noise_/`, slice `k` of `noise.wav` split by `which_set("noise_<k>")`).
 //! * **Features**: each clip zero-padded or trimmed to 16,000 samples, then MFCC (see
 //!   [`crate::mfcc`]) of shape `[1, 49, 10]`, standardised per coefficient with the mean and
-//!   standard deviation of the train split, applied to train and test.
+//!   standard deviation of the train split, applied to train and test. When the train split is
+//!   empty — the official *test* archive, from which the shared subset comes, holds only
+//!   testing-split speakers — the test split's own statistics are used, with a warning.
 //! * **Cache**: raw MFCCs are cached in one file per (folder, options, file list) under
 //!   [`FeatureCache`]'s folder — never inside the dataset folder.
 
@@ -67,7 +69,8 @@ pub struct SpeechOptions {
     pub unknown: bool,
     /// Add a `_silence_` class made of 1-s slices of the background-noise files.
     pub silence: bool,
-    /// Put the validation split into train (otherwise it is not loaded).
+    /// Put the validation split into train (otherwise it is not loaded). Default `true`: fedra
+    /// has no use for a held-out validation split, and this keeps every clip in train or test.
     pub validation_into_train: bool,
     /// Where to cache the MFCCs.
     pub cache: FeatureCache,
@@ -79,7 +82,7 @@ impl Default for SpeechOptions {
             keywords: STUDY_KEYWORDS.iter().map(|s| s.to_string()).collect(),
             unknown: false,
             silence: false,
-            validation_into_train: false,
+            validation_into_train: true,
             cache: FeatureCache::Default,
         }
     }
@@ -151,13 +154,25 @@ pub(crate) fn load_speech_commands_with_progress(
         target.features.extend_from_slice(feats);
         target.labels.push(item.label);
     }
-    if train.is_empty() {
+    if train.is_empty() && test.is_empty() {
         return Err(DataError::Options {
             path: dir.to_path_buf(),
-            reason: "the training split is empty, so features cannot be standardised".into(),
+            reason: "no clip selected: both splits are empty".into(),
         });
     }
-    standardise(&mut train, &mut test);
+    if train.is_empty() {
+        // The official *test* archive (like the shared subset) holds only testing-split speakers.
+        tracing::warn!(
+            "{}: the training split is empty (is this the official test archive?); standardising with the test split's statistics",
+            dir.display()
+        );
+        let stats = coefficient_stats(&test);
+        apply_stats(&stats, &mut test);
+    } else {
+        let stats = coefficient_stats(&train);
+        apply_stats(&stats, &mut train);
+        apply_stats(&stats, &mut test);
+    }
     train.validate(dir)?;
     test.validate(dir)?;
     Ok(TrainTest { train, test })
@@ -173,31 +188,33 @@ fn empty(name: &str, class_names: &[String]) -> Dataset {
     }
 }
 
-/// Per-coefficient mean/std over every frame of `train`, applied to both sets.
-fn standardise(train: &mut Dataset, test: &mut Dataset) {
+/// Per-coefficient (mean, std) over every frame of `set`.
+fn coefficient_stats(set: &Dataset) -> [(f64, f64); MFCC_COEFFS] {
     let mut sum = [0f64; MFCC_COEFFS];
     let mut sum_sq = [0f64; MFCC_COEFFS];
-    for row in train.features.chunks_exact(MFCC_COEFFS) {
+    for row in set.features.chunks_exact(MFCC_COEFFS) {
         for c in 0..MFCC_COEFFS {
             let v = f64::from(row[c]);
             sum[c] += v;
             sum_sq[c] += v * v;
         }
     }
-    let n = (train.features.len() / MFCC_COEFFS) as f64;
-    let mut mean = [0f64; MFCC_COEFFS];
-    let mut std = [1f64; MFCC_COEFFS];
+    let n = (set.features.len() / MFCC_COEFFS) as f64;
+    let mut stats = [(0f64, 1f64); MFCC_COEFFS];
     for c in 0..MFCC_COEFFS {
-        mean[c] = sum[c] / n;
-        let var = (sum_sq[c] / n - mean[c] * mean[c]).max(0.0);
+        let mean = sum[c] / n;
+        let var = (sum_sq[c] / n - mean * mean).max(0.0);
         // A constant coefficient carries no information; dividing by 1 keeps it finite.
-        std[c] = if var > 1e-12 { var.sqrt() } else { 1.0 };
+        stats[c] = (mean, if var > 1e-12 { var.sqrt() } else { 1.0 });
     }
-    for set in [train, test] {
-        for row in set.features.chunks_exact_mut(MFCC_COEFFS) {
-            for c in 0..MFCC_COEFFS {
-                row[c] = ((f64::from(row[c]) - mean[c]) / std[c]) as f32;
-            }
+    stats
+}
+
+/// Standardises every coefficient of `set` with `stats`.
+fn apply_stats(stats: &[(f64, f64); MFCC_COEFFS], set: &mut Dataset) {
+    for row in set.features.chunks_exact_mut(MFCC_COEFFS) {
+        for (v, (mean, std)) in row.iter_mut().zip(stats) {
+            *v = ((f64::from(*v) - mean) / std) as f32;
         }
     }
 }
