@@ -12,7 +12,9 @@ pub mod error;
 mod files;
 pub mod mfcc;
 pub mod mnist;
+pub mod partition;
 pub mod speech;
+pub mod stats;
 pub mod wav;
 
 use std::path::{Path, PathBuf};
@@ -23,7 +25,9 @@ pub use download::download;
 pub use embedded::embedded_mnist;
 pub use error::DataError;
 pub use mnist::load_mnist;
+pub use partition::{Partition, PartitionError, Scheme, partition};
 pub use speech::{FeatureCache, SpeechOptions, load_speech_commands};
+pub use stats::{PartitionStats, partition_stats};
 
 /// Environment variable overriding [`default_data_dir`].
 pub const DATA_DIR_ENV: &str = "FEDRA_DATA";
