@@ -2,9 +2,9 @@
 //! `crates/nn/fixtures/make_torch_fixtures.py` (PyTorch is needed only to regenerate them).
 //!
 //! Every built-in model has a fixture (the three CNNs also in their `-bn` and `-gn` variants).
-//! Each holds, for a batch of four examples, the train-mode loss,
-//! the gradients, the parameters and BatchNorm buffers after one SGD step (lr 0.1), the eval-mode
-//! loss before and after that step, and the parameters after two momentum + weight-decay steps.
+//! Each holds, for a batch of four examples, the train-mode loss, the gradients, the parameters
+//! and BatchNorm buffers after one SGD step (lr 0.1), the eval-mode loss before and after that
+//! step, and the parameters after two momentum + weight-decay steps.
 //! The initial weights are not stored: both sides fill every tensor from the same integer hash of
 //! (tensor name, flat index) — see `rule_values` — so they start bit-identical. The reference was
 //! computed in float64 from those f32 values, so the differences measured here are fedra's own
@@ -22,8 +22,12 @@
 //! - BatchNorm running statistics after the step: 1e-7 + 5e-6 relative (unbiased variance shows).
 //!
 //! fedra's safetensors export is also checked against PyTorch's `state_dict()` names, shapes and
-//! dtypes. A transposed `fc1.weight`, a flatten in H,W,C order, a wrong padding or an LRN with the alpha of
-//! `nn.LocalResponseNorm` changes the loss by far more than these bounds.
+//! dtypes, and the eval-mode centre crop of cifar-cnn against PyTorch on the cropped images.
+//! Bugs land far outside these bounds (checked by planting them): a transposed `fc.weight`
+//! (logreg) or a flatten in H,W,C order (mnist-cnn) moves the loss by 40-1000x its tolerance, an
+//! LRN with `nn.LocalResponseNorm`'s alpha scaling the gradients by ~50x, a biased running
+//! variance or a 0.1% error in it the BatchNorm buffers by ~8x-200x; a float32 PyTorch run of the
+//! same models stays under 0.1 of every tolerance.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -180,7 +184,13 @@ fn initial_model(fx: &Fixture) -> Model {
     let mut spec = ModelSpec::by_name(&fx.model, spec_input, 10).expect("built-in model");
     spec.input = fx.input;
     spec.augment = Augment::default();
-    let mut model = Model::new(&spec, 0).expect("model builds");
+    model_from_rules(fx, &spec)
+}
+
+/// A model of `spec` with every tensor filled by the generator's rule, after checking that fedra
+/// and PyTorch have the same tensors with the same shapes.
+fn model_from_rules(fx: &Fixture, spec: &ModelSpec) -> Model {
+    let mut model = Model::new(spec, 0).expect("model builds");
 
     // Same tensors, same shapes, on both sides.
     let engine: BTreeMap<String, Vec<usize>> = model
@@ -528,6 +538,39 @@ fn check_against_torch(model_name: &str) {
         fx.scalar("loss"),
         worst_grad,
         worst_mom
+    );
+}
+
+/// The built-in cifar-cnn on 32x32 rows centre-crops them in eval mode: rows holding the fixture's
+/// 24x24 images at offset (4, 4), surrounded by large values that must not leak in, give PyTorch's
+/// eval loss on the 24x24 images.
+#[test]
+fn cifar_cnn_centre_crop_matches_pytorch() {
+    let fx = Fixture::load("cifar-cnn");
+    let spec = ModelSpec::by_name("cifar-cnn", [3, 32, 32], 10).expect("built-in model");
+    assert_eq!(
+        spec.augment.crop,
+        Some([24, 24]),
+        "cifar-cnn trains on 24x24 crops"
+    );
+    let model = model_from_rules(&fx, &spec);
+    let y = fx.labels();
+    let x24 = fx.f32s("x");
+    let mut x32 = vec![50.0f32; y.len() * 3 * 32 * 32];
+    for (plane32, plane24) in x32.chunks_exact_mut(32 * 32).zip(x24.chunks_exact(24 * 24)) {
+        for (row32, row24) in plane32[4 * 32..]
+            .chunks_exact_mut(32)
+            .zip(plane24.chunks_exact(24))
+        {
+            row32[4..28].copy_from_slice(row24);
+        }
+    }
+    let mut trainer = Trainer::new(&spec, y.len()).expect("trainer");
+    let eval = trainer.evaluate(&model, &x32, &y).expect("evaluate");
+    assert_loss(
+        "cifar-cnn: eval loss on centre-cropped 32x32 rows",
+        eval.mean_loss(),
+        fx.scalar("eval_loss_init"),
     );
 }
 
