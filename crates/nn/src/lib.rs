@@ -4,3 +4,14 @@
 //! Training runs on fedra's own CPU engine for sequential CNNs; matrix products go to the `gemm`
 //! crate. The engine stays behind this module's interface so that another backend can be added
 //! without touching the federated layer.
+
+mod error;
+mod kernels;
+mod model;
+mod spec;
+mod train;
+
+pub use error::NnError;
+pub use model::{Model, TensorInfo, TensorKind};
+pub use spec::{Augment, BUILTIN_MODELS, LayerSpec, ModelSpec, Padding};
+pub use train::{BnPolicy, EvalStats, GradCorrection, SgdConfig, StepStats, Trainer};

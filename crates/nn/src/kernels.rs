@@ -1,0 +1,172 @@
+//! Low-level kernels: the GEMM wrapper over the `gemm` crate and im2col/col2im for convolutions.
+//! Everything works on plain f32 slices; bounds are asserted once per call so the unsafe GEMM call
+//! can never read or write outside its slices.
+
+use gemm::Parallelism;
+
+/// `dst[m x n] (row-major, contiguous) = (accumulate ? dst : 0) + A[m x k] * B[k x n]`, with A and B
+/// given by base slice and (row, column) strides, so transposed operands cost nothing.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn matmul(
+    par: Parallelism,
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: &mut [f32],
+    accumulate: bool,
+    a: &[f32],
+    a_rs: usize,
+    a_cs: usize,
+    b: &[f32],
+    b_rs: usize,
+    b_cs: usize,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    assert!(dst.len() >= m * n, "matmul: dst too small");
+    if k == 0 {
+        if !accumulate {
+            dst[..m * n].fill(0.0);
+        }
+        return;
+    }
+    assert!(
+        (m - 1) * a_rs + (k - 1) * a_cs < a.len(),
+        "matmul: lhs out of bounds"
+    );
+    assert!(
+        (k - 1) * b_rs + (n - 1) * b_cs < b.len(),
+        "matmul: rhs out of bounds"
+    );
+    // SAFETY: the asserts above bound every index gemm touches: dst (i*n + j), lhs (i*a_rs +
+    // l*a_cs) and rhs (l*b_rs + j*b_cs) for i < m, j < n, l < k lie inside their slices, and dst
+    // does not alias the inputs (it is a distinct &mut borrow).
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            n as isize,
+            accumulate,
+            a.as_ptr(),
+            a_cs as isize,
+            a_rs as isize,
+            b.as_ptr(),
+            b_cs as isize,
+            b_rs as isize,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            par,
+        );
+    }
+}
+
+/// Geometry of one convolution's input/output plane.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Geom {
+    pub c: usize,
+    pub h: usize,
+    pub w: usize,
+    pub kh: usize,
+    pub kw: usize,
+    pub sh: usize,
+    pub sw: usize,
+    pub pt: usize,
+    pub pl: usize,
+    pub ho: usize,
+    pub wo: usize,
+}
+
+impl Geom {
+    /// Range of output columns `ow` whose input column `ow*sw + kj - pl` is inside [0, w).
+    #[inline]
+    fn valid_cols(&self, kj: usize) -> (usize, usize) {
+        // ow*sw + kj >= pl  and  ow*sw + kj < w + pl
+        let lo = if kj >= self.pl {
+            0
+        } else {
+            (self.pl - kj).div_ceil(self.sw)
+        };
+        let hi = if self.w + self.pl > kj {
+            (self.w + self.pl - kj).div_ceil(self.sw).min(self.wo)
+        } else {
+            0
+        };
+        (lo.min(hi), hi)
+    }
+}
+
+/// Unfolds one example `x` [c,h,w] into `col` [c*kh*kw, ho*wo] (zero where the window hits padding).
+pub(crate) fn im2col(g: &Geom, x: &[f32], col: &mut [f32]) {
+    let hw_out = g.ho * g.wo;
+    for c in 0..g.c {
+        let plane = &x[c * g.h * g.w..(c + 1) * g.h * g.w];
+        for ki in 0..g.kh {
+            for kj in 0..g.kw {
+                let row = (c * g.kh + ki) * g.kw + kj;
+                let dst = &mut col[row * hw_out..(row + 1) * hw_out];
+                let (lo, hi) = g.valid_cols(kj);
+                for oh in 0..g.ho {
+                    let out = &mut dst[oh * g.wo..(oh + 1) * g.wo];
+                    let ih = (oh * g.sh + ki) as isize - g.pt as isize;
+                    if ih < 0 || ih as usize >= g.h {
+                        out.fill(0.0);
+                        continue;
+                    }
+                    let src = &plane[ih as usize * g.w..(ih as usize + 1) * g.w];
+                    out[..lo].fill(0.0);
+                    out[hi..].fill(0.0);
+                    if g.sw == 1 {
+                        let start = lo + kj - g.pl;
+                        out[lo..hi].copy_from_slice(&src[start..start + (hi - lo)]);
+                    } else {
+                        for (ow, o) in out.iter_mut().enumerate().take(hi).skip(lo) {
+                            *o = src[ow * g.sw + kj - g.pl];
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Folds `col` [c*kh*kw, ho*wo] back into `dx` [c,h,w], summing overlapping windows; `dx` is
+/// overwritten.
+pub(crate) fn col2im(g: &Geom, col: &[f32], dx: &mut [f32]) {
+    dx[..g.c * g.h * g.w].fill(0.0);
+    let hw_out = g.ho * g.wo;
+    for c in 0..g.c {
+        let plane = &mut dx[c * g.h * g.w..(c + 1) * g.h * g.w];
+        for ki in 0..g.kh {
+            for kj in 0..g.kw {
+                let row = (c * g.kh + ki) * g.kw + kj;
+                let src = &col[row * hw_out..(row + 1) * hw_out];
+                let (lo, hi) = g.valid_cols(kj);
+                for oh in 0..g.ho {
+                    let ih = (oh * g.sh + ki) as isize - g.pt as isize;
+                    if ih < 0 || ih as usize >= g.h {
+                        continue;
+                    }
+                    let dst = &mut plane[ih as usize * g.w..(ih as usize + 1) * g.w];
+                    let s = &src[oh * g.wo..(oh + 1) * g.wo];
+                    if g.sw == 1 {
+                        let start = lo + kj - g.pl;
+                        for (d, v) in dst[start..start + (hi - lo)].iter_mut().zip(&s[lo..hi]) {
+                            *d += v;
+                        }
+                    } else {
+                        for (ow, v) in s.iter().enumerate().take(hi).skip(lo) {
+                            dst[ow * g.sw + kj - g.pl] += v;
+                        }
+                    }
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,275 @@
+//! A model's state: its spec, one contiguous `Vec<f32>` of parameters, one of buffers (BatchNorm
+//! running statistics and batch counters) and the table of named tensors (PyTorch names and
+//! layouts) that views them. Also PyTorch-default initialisation and safetensors I/O.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use safetensors::{Dtype, SafeTensors, tensor::TensorView};
+use serde::{Deserialize, Serialize};
+
+use crate::error::NnError;
+use crate::spec::{ModelSpec, Plan};
+
+/// Whether a tensor is trained (parameter) or only tracked (buffer).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum TensorKind {
+    Param,
+    Buffer,
+}
+
+/// One named tensor of a model.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TensorInfo {
+    /// PyTorch name, e.g. `conv1.weight`, `bn1.running_mean`.
+    pub name: String,
+    /// Module name, e.g. `conv1`.
+    pub layer: String,
+    pub shape: Vec<usize>,
+    /// Offset into `params()` or `buffers()` according to `kind`.
+    pub offset: usize,
+    pub len: usize,
+    pub kind: TensorKind,
+    /// Belongs to a BatchNorm/GroupNorm layer.
+    pub norm: bool,
+}
+
+/// Metadata key listing the buffer tensors of a saved file (comma-separated).
+const META_BUFFERS: &str = "fedra.buffers";
+const META_MODEL: &str = "fedra.model";
+
+/// A model: spec, parameters, buffers, tensor table.
+#[derive(Clone, Debug)]
+pub struct Model {
+    spec: ModelSpec,
+    params: Vec<f32>,
+    buffers: Vec<f32>,
+    tensors: Vec<TensorInfo>,
+}
+
+impl Model {
+    /// A freshly initialised model with PyTorch's defaults: weights and biases uniform in
+    /// ±1/sqrt(fan_in) (Kaiming-uniform with a = sqrt(5) reduces to that bound), norm weight 1,
+    /// bias 0, running mean 0, running var 1. Draws come from ChaCha8 seeded with `seed`, layer by
+    /// layer, weight before bias.
+    pub fn new(spec: &ModelSpec, seed: u64) -> Result<Model, NnError> {
+        let mut model = Model::zeroed(spec)?;
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let fans: Vec<usize> = Plan::build(spec)?
+            .tensors
+            .iter()
+            .map(|t| t.fan_in)
+            .collect();
+        for (i, t) in model.tensors.iter().enumerate() {
+            let dst = match t.kind {
+                TensorKind::Param => &mut model.params[t.offset..t.offset + t.len],
+                TensorKind::Buffer => &mut model.buffers[t.offset..t.offset + t.len],
+            };
+            let leaf = t.name.rsplit('.').next().unwrap_or("");
+            if t.norm {
+                let v = if leaf == "weight" || leaf == "running_var" {
+                    1.0
+                } else {
+                    0.0
+                };
+                dst.fill(v);
+            } else {
+                let fan_in = fans[i].max(1);
+                let bound = 1.0 / (fan_in as f64).sqrt();
+                for v in dst.iter_mut() {
+                    *v = (rng.random::<f64>() * 2.0 - 1.0) as f32 * bound as f32;
+                }
+            }
+        }
+        Ok(model)
+    }
+
+    fn zeroed(spec: &ModelSpec) -> Result<Model, NnError> {
+        let plan = Plan::build(spec)?;
+        let tensors = plan
+            .tensors
+            .iter()
+            .map(|t| TensorInfo {
+                name: t.name.clone(),
+                layer: t.layer.clone(),
+                shape: t.shape.clone(),
+                offset: t.offset,
+                len: t.len,
+                kind: if t.buffer {
+                    TensorKind::Buffer
+                } else {
+                    TensorKind::Param
+                },
+                norm: t.norm,
+            })
+            .collect();
+        Ok(Model {
+            spec: spec.clone(),
+            params: vec![0.0; plan.num_params],
+            buffers: vec![0.0; plan.num_buffers],
+            tensors,
+        })
+    }
+
+    pub fn spec(&self) -> &ModelSpec {
+        &self.spec
+    }
+    pub fn tensors(&self) -> &[TensorInfo] {
+        &self.tensors
+    }
+    pub fn params(&self) -> &[f32] {
+        &self.params
+    }
+    pub fn params_mut(&mut self) -> &mut [f32] {
+        &mut self.params
+    }
+    pub fn buffers(&self) -> &[f32] {
+        &self.buffers
+    }
+    pub fn buffers_mut(&mut self) -> &mut [f32] {
+        &mut self.buffers
+    }
+    pub fn num_params(&self) -> usize {
+        self.params.len()
+    }
+
+    /// The values of one named tensor (parameter or buffer).
+    pub fn tensor(&self, name: &str) -> Option<&[f32]> {
+        let t = self.tensors.iter().find(|t| t.name == name)?;
+        Some(match t.kind {
+            TensorKind::Param => &self.params[t.offset..t.offset + t.len],
+            TensorKind::Buffer => &self.buffers[t.offset..t.offset + t.len],
+        })
+    }
+
+    /// Parameters and buffers in safetensors format, PyTorch names and layouts;
+    /// `num_batches_tracked` as an i64 scalar as PyTorch stores it; buffers listed in metadata.
+    pub fn to_safetensors_bytes(&self) -> Result<Vec<u8>, NnError> {
+        let mut owned: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = Vec::new();
+        for t in &self.tensors {
+            let values = match t.kind {
+                TensorKind::Param => &self.params[t.offset..t.offset + t.len],
+                TensorKind::Buffer => &self.buffers[t.offset..t.offset + t.len],
+            };
+            if is_counter(&t.name) {
+                let bytes = (values[0] as i64).to_le_bytes().to_vec();
+                owned.push((t.name.clone(), Dtype::I64, t.shape.clone(), bytes));
+            } else {
+                let bytes = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+                owned.push((t.name.clone(), Dtype::F32, t.shape.clone(), bytes));
+            }
+        }
+        let views = owned
+            .iter()
+            .map(|(n, d, s, b)| {
+                TensorView::new(*d, s.clone(), b)
+                    .map(|v| (n.clone(), v))
+                    .map_err(|e| NnError::Safetensors {
+                        origin: "(in memory)".into(),
+                        tensor: Some(n.clone()),
+                        msg: e.to_string(),
+                    })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let buffers: Vec<&str> = self
+            .tensors
+            .iter()
+            .filter(|t| t.kind == TensorKind::Buffer)
+            .map(|t| t.name.as_str())
+            .collect();
+        let meta = HashMap::from([
+            ("format".to_string(), "pt".to_string()),
+            (META_BUFFERS.to_string(), buffers.join(",")),
+            (META_MODEL.to_string(), self.spec.name.clone()),
+        ]);
+        safetensors::serialize(views, Some(meta)).map_err(|e| NnError::Safetensors {
+            origin: "(in memory)".into(),
+            tensor: None,
+            msg: e.to_string(),
+        })
+    }
+
+    /// Reads a model of `spec` from safetensors bytes; every tensor of the spec must be present
+    /// with its shape and dtype, and no other tensor may be. `origin` names the source in errors.
+    pub fn from_safetensors_bytes(
+        spec: &ModelSpec,
+        bytes: &[u8],
+        origin: &str,
+    ) -> Result<Model, NnError> {
+        let err = |tensor: Option<&str>, msg: String| NnError::Safetensors {
+            origin: origin.into(),
+            tensor: tensor.map(str::to_string),
+            msg,
+        };
+        let file = SafeTensors::deserialize(bytes).map_err(|e| err(None, e.to_string()))?;
+        let mut model = Model::zeroed(spec)?;
+        for t in &model.tensors.clone() {
+            let view = file
+                .tensor(&t.name)
+                .map_err(|_| err(Some(&t.name), "missing from the file".into()))?;
+            if view.shape() != t.shape.as_slice() {
+                return Err(err(
+                    Some(&t.name),
+                    format!("shape {:?}, the model expects {:?}", view.shape(), t.shape),
+                ));
+            }
+            let dst = match t.kind {
+                TensorKind::Param => &mut model.params[t.offset..t.offset + t.len],
+                TensorKind::Buffer => &mut model.buffers[t.offset..t.offset + t.len],
+            };
+            match (view.dtype(), is_counter(&t.name)) {
+                (Dtype::F32, _) => {
+                    for (d, b) in dst.iter_mut().zip(view.data().chunks_exact(4)) {
+                        *d = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+                    }
+                }
+                (Dtype::I64, true) => {
+                    let b: [u8; 8] = view.data()[..8]
+                        .try_into()
+                        .map_err(|_| err(Some(&t.name), "truncated i64".into()))?;
+                    dst[0] = i64::from_le_bytes(b) as f32;
+                }
+                (d, _) => {
+                    return Err(err(
+                        Some(&t.name),
+                        format!(
+                            "dtype {d:?}, expected F32{}",
+                            if is_counter(&t.name) { " or I64" } else { "" }
+                        ),
+                    ));
+                }
+            }
+        }
+        let known: std::collections::HashSet<&str> =
+            model.tensors.iter().map(|t| t.name.as_str()).collect();
+        if let Some(extra) = file.names().into_iter().find(|n| !known.contains(*n)) {
+            return Err(err(
+                Some(extra),
+                format!("not a tensor of model {:?}", spec.name),
+            ));
+        }
+        Ok(model)
+    }
+
+    pub fn save_safetensors(&self, path: &Path) -> Result<(), NnError> {
+        let bytes = self.to_safetensors_bytes()?;
+        std::fs::write(path, bytes).map_err(|source| NnError::Io {
+            path: path.to_path_buf(),
+            source,
+        })
+    }
+
+    pub fn load_safetensors(spec: &ModelSpec, path: &Path) -> Result<Model, NnError> {
+        let bytes = std::fs::read(path).map_err(|source| NnError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Model::from_safetensors_bytes(spec, &bytes, &path.display().to_string())
+    }
+}
+
+fn is_counter(name: &str) -> bool {
+    name.ends_with(".num_batches_tracked")
+}

@@ -1,0 +1,1050 @@
+//! The training engine: a per-client [`Trainer`] workspace that runs forward, softmax
+//! cross-entropy, backward and the SGD update on a [`Model`], and evaluation. All activation,
+//! gradient and scratch buffers are sized for `max_batch` at construction, so a step allocates
+//! nothing. Convolutions are im2col + one GEMM per example; linear layers one GEMM per batch.
+//!
+//! Determinism: the only randomness (augmentation, dropout) comes from the step's `seed`; GEMMs
+//! never split their reduction dimension across threads, so results do not depend on
+//! `set_threads`.
+
+// Kernels index several parallel arrays (input, output, saved state) with one index.
+#![allow(clippy::needless_range_loop)]
+
+use gemm::Parallelism;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+
+use crate::error::NnError;
+use crate::kernels::{Geom, col2im, im2col, matmul};
+use crate::model::Model;
+use crate::spec::{ConvOp, ModelSpec, Op, Plan};
+
+/// BatchNorm policy for training.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BnPolicy {
+    /// Batch statistics; running buffers updated.
+    Train,
+    /// Stored running statistics used in the training forward, never updated (affine still learns).
+    Frozen,
+    /// Trains like `Train`; keeping statistics and BN affine on the client is the FL layer's job.
+    Local,
+}
+
+/// PyTorch SGD: `g = grad + wd*w; buf = momentum*buf + g (buf = g on the first step); w -= lr*buf`.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SgdConfig {
+    pub lr: f32,
+    pub momentum: f32,
+    pub weight_decay: f32,
+}
+
+/// Hook so FedProx (proximal term) and SCAFFOLD (control variates) need no engine change: called
+/// after backward, before the SGD update (and before weight decay is added).
+pub trait GradCorrection: Sync {
+    fn correct(&self, params: &[f32], grads: &mut [f32]);
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct StepStats {
+    /// Mean cross-entropy over the batch.
+    pub loss: f32,
+    pub correct: usize,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct EvalStats {
+    pub loss_sum: f64,
+    pub correct: usize,
+    pub count: usize,
+}
+
+impl EvalStats {
+    /// Fraction correct (0 when empty).
+    pub fn accuracy(&self) -> f64 {
+        if self.count == 0 {
+            0.0
+        } else {
+            self.correct as f64 / self.count as f64
+        }
+    }
+    /// Mean loss (0 when empty).
+    pub fn mean_loss(&self) -> f64 {
+        if self.count == 0 {
+            0.0
+        } else {
+            self.loss_sum / self.count as f64
+        }
+    }
+}
+
+const BN_EPS: f32 = 1e-5;
+const BN_MOMENTUM: f32 = 0.1;
+const GN_EPS: f32 = 1e-5;
+
+/// Per-op saved state between forward and backward.
+#[derive(Debug)]
+enum Scratch {
+    None,
+    /// Flat input index of each output's max.
+    Pool(Vec<u32>),
+    /// LRN: denominator base s = bias + alpha*sum, and s^-beta.
+    Lrn {
+        s: Vec<f32>,
+        pw: Vec<f32>,
+        t: Vec<f32>,
+    },
+    /// BatchNorm: normalised input, per-channel inverse std, batch mean and biased variance.
+    Bn {
+        xhat: Vec<f32>,
+        invstd: Vec<f32>,
+        mean: Vec<f32>,
+        var: Vec<f32>,
+    },
+    /// GroupNorm: normalised input and per-(example, group) inverse std.
+    Gn {
+        xhat: Vec<f32>,
+        invstd: Vec<f32>,
+    },
+    /// Dropout multipliers (0 or 1/(1-p)).
+    Drop(Vec<f32>),
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Mode {
+    Train(BnPolicy),
+    Eval,
+}
+
+/// Per-client workspace: scratch buffers and optimiser state.
+pub struct Trainer {
+    spec: ModelSpec,
+    plan: Plan,
+    max_batch: usize,
+    threads: usize,
+    /// acts[0] = network input (after crop/flip); acts[i+1] = output of op i.
+    acts: Vec<Vec<f32>>,
+    /// Gradients w.r.t. acts (gacts[0] is never computed).
+    gacts: Vec<Vec<f32>>,
+    scratch: Vec<Scratch>,
+    col: Vec<f32>,
+    grads: Vec<f32>,
+    momentum: Vec<f32>,
+    momentum_started: bool,
+    row_len: usize,
+    in_len: usize,
+}
+
+fn in_len_of(plan: &Plan) -> usize {
+    plan.net_input.iter().product()
+}
+
+impl Trainer {
+    pub fn new(spec: &ModelSpec, max_batch: usize) -> Result<Trainer, NnError> {
+        if max_batch == 0 {
+            return Err(NnError::Config {
+                field: "max_batch".into(),
+                msg: "must be >= 1".into(),
+            });
+        }
+        let plan = Plan::build(spec)?;
+        let in_len = in_len_of(&plan);
+        let mut lens = vec![in_len];
+        let mut col = 0;
+        let mut scratch = Vec::new();
+        for op in &plan.ops {
+            let prev = *lens.last().unwrap_or(&0);
+            let out = op.out_len();
+            scratch.push(match op {
+                Op::Pool(_) => Scratch::Pool(vec![0; max_batch * out]),
+                Op::Lrn { .. } => Scratch::Lrn {
+                    s: vec![0.0; max_batch * out],
+                    pw: vec![0.0; max_batch * out],
+                    t: vec![0.0; out],
+                },
+                Op::BatchNorm(b) => Scratch::Bn {
+                    xhat: vec![0.0; max_batch * out],
+                    invstd: vec![0.0; b.c],
+                    mean: vec![0.0; b.c],
+                    var: vec![0.0; b.c],
+                },
+                Op::GroupNorm(g) => Scratch::Gn {
+                    xhat: vec![0.0; max_batch * out],
+                    invstd: vec![0.0; max_batch * g.groups],
+                },
+                Op::Dropout { .. } => Scratch::Drop(vec![0.0; max_batch * prev]),
+                Op::Conv(c) => {
+                    col = col.max(c.k() * c.hout * c.wout);
+                    Scratch::None
+                }
+                _ => Scratch::None,
+            });
+            lens.push(out);
+        }
+        let acts: Vec<Vec<f32>> = lens.iter().map(|l| vec![0.0; max_batch * l]).collect();
+        let mut gacts: Vec<Vec<f32>> = lens.iter().map(|l| vec![0.0; max_batch * l]).collect();
+        gacts[0] = Vec::new();
+        Ok(Trainer {
+            spec: spec.clone(),
+            max_batch,
+            threads: 1,
+            acts,
+            gacts,
+            scratch,
+            col: vec![0.0; col],
+            grads: vec![0.0; plan.num_params],
+            momentum: vec![0.0; plan.num_params],
+            momentum_started: false,
+            row_len: spec.input.iter().product(),
+            in_len,
+            plan,
+        })
+    }
+
+    /// Threads for the GEMMs inside this trainer (default 1); results are bit-identical whatever
+    /// the value.
+    pub fn set_threads(&mut self, threads: usize) {
+        self.threads = threads.max(1);
+    }
+
+    /// Zeroes the momentum buffers (the next step starts momentum afresh, as a new optimiser).
+    pub fn reset_optimizer(&mut self) {
+        self.momentum.fill(0.0);
+        self.momentum_started = false;
+    }
+
+    /// Bytes held by this trainer's buffers (activations, gradients, scratch, optimiser state).
+    pub fn workspace_bytes(&self) -> usize {
+        let f = std::mem::size_of::<f32>();
+        let vecs: usize = self.acts.iter().chain(&self.gacts).map(Vec::len).sum();
+        let scratch: usize = self
+            .scratch
+            .iter()
+            .map(|s| match s {
+                Scratch::None => 0,
+                Scratch::Pool(v) => v.len(),
+                Scratch::Lrn { s, pw, t } => s.len() + pw.len() + t.len(),
+                Scratch::Bn {
+                    xhat,
+                    invstd,
+                    mean,
+                    var,
+                } => xhat.len() + invstd.len() + mean.len() + var.len(),
+                Scratch::Gn { xhat, invstd } => xhat.len() + invstd.len(),
+                Scratch::Drop(v) => v.len(),
+            })
+            .sum();
+        f * (vecs + scratch + self.col.len() + self.grads.len() + self.momentum.len())
+    }
+
+    /// The gradient of the last `train_step` or `loss_and_grad` (same layout as `params()`).
+    pub fn grads(&self) -> &[f32] {
+        &self.grads
+    }
+
+    fn par(&self) -> Parallelism {
+        if self.threads > 1 {
+            Parallelism::Rayon(self.threads)
+        } else {
+            Parallelism::None
+        }
+    }
+
+    fn check_inputs(&self, model: &Model, x: &[f32], y: &[u16]) -> Result<(), NnError> {
+        if model.spec() != &self.spec {
+            return Err(NnError::SpecMismatch {
+                trainer: self.spec.name.clone(),
+                model: model.spec().name.clone(),
+            });
+        }
+        if x.len() != y.len() * self.row_len {
+            return Err(NnError::Shape {
+                what: format!("x for {} labels of shape {:?}", y.len(), self.spec.input),
+                expected: y.len() * self.row_len,
+                got: x.len(),
+            });
+        }
+        if let Some(pos) = x.iter().position(|v| !v.is_finite()) {
+            return Err(NnError::NonFinite {
+                what: format!(
+                    "input value {} of example {} is {}",
+                    pos % self.row_len,
+                    pos / self.row_len,
+                    x[pos]
+                ),
+            });
+        }
+        if let Some((index, &label)) = y
+            .iter()
+            .enumerate()
+            .find(|(_, l)| usize::from(**l) >= self.spec.classes)
+        {
+            return Err(NnError::Label {
+                index,
+                label,
+                classes: self.spec.classes,
+            });
+        }
+        Ok(())
+    }
+
+    /// Forward, loss and backward on one batch without updating anything but BatchNorm running
+    /// statistics (per `bn`); the gradient is then in [`Trainer::grads`]. Returns the mean loss.
+    pub fn loss_and_grad(
+        &mut self,
+        model: &mut Model,
+        x: &[f32],
+        y: &[u16],
+        bn: BnPolicy,
+        seed: u64,
+    ) -> Result<StepStats, NnError> {
+        self.check_inputs(model, x, y)?;
+        let n = y.len();
+        if n == 0 {
+            return Err(NnError::Shape {
+                what: "training batch".into(),
+                expected: 1,
+                got: 0,
+            });
+        }
+        if n > self.max_batch {
+            return Err(NnError::BatchTooLarge {
+                batch: n,
+                max: self.max_batch,
+            });
+        }
+        if n == 1
+            && matches!(bn, BnPolicy::Train | BnPolicy::Local)
+            && self
+                .plan
+                .ops
+                .iter()
+                .any(|o| matches!(o, Op::BatchNorm(b) if b.hw == 1))
+        {
+            return Err(NnError::Shape {
+                what: "batch for BatchNorm1d in train mode (needs more than 1 value per channel)"
+                    .into(),
+                expected: 2,
+                got: 1,
+            });
+        }
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        self.load_input(x, n, Some(&mut rng));
+        self.forward(
+            model.params(),
+            model.buffers(),
+            n,
+            Mode::Train(bn),
+            &mut rng,
+        );
+        let (loss_sum, correct) = self.loss(y, true);
+        if !loss_sum.is_finite() {
+            return Err(NnError::NonFinite {
+                what: format!("training loss {loss_sum} (diverged or non-finite weights/inputs)"),
+            });
+        }
+        self.backward(model.params(), n, bn);
+        if matches!(bn, BnPolicy::Train | BnPolicy::Local) {
+            self.update_running_stats(model.buffers_mut(), n);
+        }
+        Ok(StepStats {
+            loss: (loss_sum / n as f64) as f32,
+            correct,
+        })
+    }
+
+    /// One SGD step on a batch (`x`: batch * C*H*W values in the dataset's layout, `y`: labels).
+    /// `seed` drives augmentation and dropout for this step.
+    #[allow(clippy::too_many_arguments)]
+    pub fn train_step(
+        &mut self,
+        model: &mut Model,
+        x: &[f32],
+        y: &[u16],
+        sgd: &SgdConfig,
+        bn: BnPolicy,
+        seed: u64,
+        correction: Option<&dyn GradCorrection>,
+    ) -> Result<StepStats, NnError> {
+        check_sgd(sgd)?;
+        let stats = self.loss_and_grad(model, x, y, bn, seed)?;
+        if let Some(c) = correction {
+            c.correct(model.params(), &mut self.grads);
+        }
+        let params = model.params_mut();
+        let (lr, mom, wd) = (sgd.lr, sgd.momentum, sgd.weight_decay);
+        if mom == 0.0 {
+            for (w, g) in params.iter_mut().zip(&self.grads) {
+                *w -= lr * (g + wd * *w);
+            }
+        } else {
+            let first = !self.momentum_started;
+            for ((w, g), b) in params.iter_mut().zip(&self.grads).zip(&mut self.momentum) {
+                let d = g + wd * *w;
+                *b = if first { d } else { mom * *b + d };
+                *w -= lr * *b;
+            }
+            self.momentum_started = true;
+        }
+        Ok(stats)
+    }
+
+    /// Forward in eval mode (running statistics, no dropout, centre crop) over any number of
+    /// examples, batched internally.
+    pub fn evaluate(&mut self, model: &Model, x: &[f32], y: &[u16]) -> Result<EvalStats, NnError> {
+        self.check_inputs(model, x, y)?;
+        let mut stats = EvalStats::default();
+        let mut rng = ChaCha8Rng::seed_from_u64(0);
+        for (xc, yc) in x
+            .chunks(self.max_batch * self.row_len)
+            .zip(y.chunks(self.max_batch))
+        {
+            let n = yc.len();
+            self.load_input(xc, n, None);
+            self.forward(model.params(), model.buffers(), n, Mode::Eval, &mut rng);
+            let (loss, correct) = self.loss(yc, false);
+            stats.loss_sum += loss;
+            stats.correct += correct;
+            stats.count += n;
+        }
+        if !stats.loss_sum.is_finite() {
+            return Err(NnError::NonFinite {
+                what: format!("evaluation loss sum {}", stats.loss_sum),
+            });
+        }
+        Ok(stats)
+    }
+
+    /// Copies rows into acts[0], cropping/flipping: random with `rng` (training), centre without.
+    fn load_input(&mut self, x: &[f32], n: usize, rng: Option<&mut ChaCha8Rng>) {
+        let [c, h, w] = self.spec.input;
+        let [_, ch, cw] = self.plan.net_input;
+        let dst = &mut self.acts[0];
+        if ch == h && cw == w && !(self.spec.augment.hflip && rng.is_some()) {
+            dst[..n * self.in_len].copy_from_slice(&x[..n * self.in_len]);
+            return;
+        }
+        let mut rng = rng;
+        for s in 0..n {
+            let (oy, ox, flip) = match rng.as_deref_mut() {
+                Some(r) => {
+                    let oy = r.random_range(0..=h - ch);
+                    let ox = r.random_range(0..=w - cw);
+                    let flip = self.spec.augment.hflip && r.random_bool(0.5);
+                    (oy, ox, flip)
+                }
+                None => ((h - ch) / 2, (w - cw) / 2, false),
+            };
+            for k in 0..c {
+                for i in 0..ch {
+                    let src = &x[s * self.row_len + k * h * w + (oy + i) * w + ox..][..cw];
+                    let d = &mut dst[s * self.in_len + (k * ch + i) * cw..][..cw];
+                    if flip {
+                        for (dv, sv) in d.iter_mut().zip(src.iter().rev()) {
+                            *dv = *sv;
+                        }
+                    } else {
+                        d.copy_from_slice(src);
+                    }
+                }
+            }
+        }
+    }
+
+    fn forward(&mut self, p: &[f32], buf: &[f32], n: usize, mode: Mode, rng: &mut ChaCha8Rng) {
+        let par = self.par();
+        for (i, op) in self.plan.ops.iter().enumerate() {
+            let (lo, hi) = self.acts.split_at_mut(i + 1);
+            let x = &lo[i];
+            let y = &mut hi[0];
+            let out_len = op.out_len();
+            match op {
+                Op::Conv(c) => conv_forward(par, c, p, x, y, &mut self.col, n),
+                Op::Pool(pl) => {
+                    let Scratch::Pool(arg) = &mut self.scratch[i] else {
+                        unreachable!()
+                    };
+                    let in_plane = pl.hin * pl.win;
+                    for sc in 0..n * pl.c {
+                        let xs = &x[sc * in_plane..(sc + 1) * in_plane];
+                        for oh in 0..pl.hout {
+                            for ow in 0..pl.wout {
+                                let mut best = f32::NEG_INFINITY;
+                                let mut at = usize::MAX;
+                                for ki in 0..pl.kh {
+                                    let ih = (oh * pl.sh + ki) as isize - pl.pt as isize;
+                                    if ih < 0 || ih as usize >= pl.hin {
+                                        continue;
+                                    }
+                                    for kj in 0..pl.kw {
+                                        let iw = (ow * pl.sw + kj) as isize - pl.pl as isize;
+                                        if iw < 0 || iw as usize >= pl.win {
+                                            continue;
+                                        }
+                                        let idx = ih as usize * pl.win + iw as usize;
+                                        let v = xs[idx];
+                                        if v > best || at == usize::MAX || v.is_nan() {
+                                            best = v;
+                                            at = idx;
+                                        }
+                                    }
+                                }
+                                let o = sc * pl.hout * pl.wout + oh * pl.wout + ow;
+                                y[o] = best;
+                                arg[o] = (sc * in_plane + at) as u32;
+                            }
+                        }
+                    }
+                }
+                Op::Lrn {
+                    c,
+                    hw,
+                    radius,
+                    bias,
+                    alpha,
+                    beta,
+                } => {
+                    let Scratch::Lrn { s, pw, .. } = &mut self.scratch[i] else {
+                        unreachable!()
+                    };
+                    lrn_forward(x, y, s, pw, n, *c, *hw, *radius, *bias, *alpha, *beta);
+                }
+                Op::Relu { len } => {
+                    for (o, v) in y[..n * len].iter_mut().zip(&x[..n * len]) {
+                        *o = v.max(0.0);
+                    }
+                }
+                Op::Linear(l) => {
+                    let y = &mut y[..n * l.fout];
+                    let w = &p[l.w..l.w + l.fout * l.fin];
+                    matmul(par, n, l.fout, l.fin, y, false, x, l.fin, 1, w, 1, l.fin);
+                    let b = &p[l.b..l.b + l.fout];
+                    for row in y.chunks_exact_mut(l.fout) {
+                        for (v, bb) in row.iter_mut().zip(b) {
+                            *v += bb;
+                        }
+                    }
+                }
+                Op::Dropout { p: prob, len } => {
+                    let Scratch::Drop(mask) = &mut self.scratch[i] else {
+                        unreachable!()
+                    };
+                    if matches!(mode, Mode::Train(_)) {
+                        let keep = 1.0 / (1.0 - prob);
+                        for m in &mut mask[..n * len] {
+                            *m = if rng.random::<f32>() < *prob {
+                                0.0
+                            } else {
+                                keep
+                            };
+                        }
+                        for ((o, v), m) in y[..n * len].iter_mut().zip(&x[..n * len]).zip(&*mask) {
+                            *o = v * m;
+                        }
+                    } else {
+                        y[..n * len].copy_from_slice(&x[..n * len]);
+                    }
+                }
+                Op::BatchNorm(b) => {
+                    let Scratch::Bn {
+                        xhat,
+                        invstd,
+                        mean,
+                        var,
+                    } = &mut self.scratch[i]
+                    else {
+                        unreachable!()
+                    };
+                    let batch_stats =
+                        matches!(mode, Mode::Train(BnPolicy::Train | BnPolicy::Local));
+                    let m = (n * b.hw) as f64;
+                    for ch in 0..b.c {
+                        let (mu, v) = if batch_stats {
+                            let mut s = 0f64;
+                            for smp in 0..n {
+                                let off = (smp * b.c + ch) * b.hw;
+                                s += x[off..off + b.hw]
+                                    .iter()
+                                    .map(|&v| f64::from(v))
+                                    .sum::<f64>();
+                            }
+                            let mu = s / m;
+                            let mut q = 0f64;
+                            for smp in 0..n {
+                                let off = (smp * b.c + ch) * b.hw;
+                                q += x[off..off + b.hw]
+                                    .iter()
+                                    .map(|&v| (f64::from(v) - mu).powi(2))
+                                    .sum::<f64>();
+                            }
+                            (mu as f32, (q / m) as f32)
+                        } else {
+                            (buf[b.rm + ch], buf[b.rv + ch])
+                        };
+                        mean[ch] = mu;
+                        var[ch] = v;
+                        let is = 1.0 / (v + BN_EPS).sqrt();
+                        invstd[ch] = is;
+                        let (g, be) = (p[b.w + ch], p[b.b + ch]);
+                        for smp in 0..n {
+                            let off = (smp * b.c + ch) * b.hw;
+                            for j in off..off + b.hw {
+                                let xh = (x[j] - mu) * is;
+                                xhat[j] = xh;
+                                y[j] = g * xh + be;
+                            }
+                        }
+                    }
+                }
+                Op::GroupNorm(g) => {
+                    let Scratch::Gn { xhat, invstd } = &mut self.scratch[i] else {
+                        unreachable!()
+                    };
+                    let cpg = g.c / g.groups;
+                    let block = cpg * g.hw;
+                    for sg in 0..n * g.groups {
+                        let xs = &x[sg * block..(sg + 1) * block];
+                        let mu = xs.iter().map(|&v| f64::from(v)).sum::<f64>() / block as f64;
+                        let var = xs.iter().map(|&v| (f64::from(v) - mu).powi(2)).sum::<f64>()
+                            / block as f64;
+                        let is = 1.0 / (var as f32 + GN_EPS).sqrt();
+                        invstd[sg] = is;
+                        let mu = mu as f32;
+                        let first_c = (sg % g.groups) * cpg;
+                        for k in 0..cpg {
+                            let (gm, be) = (p[g.w + first_c + k], p[g.b + first_c + k]);
+                            for j in sg * block + k * g.hw..sg * block + (k + 1) * g.hw {
+                                let xh = (x[j] - mu) * is;
+                                xhat[j] = xh;
+                                y[j] = gm * xh + be;
+                            }
+                        }
+                    }
+                }
+            }
+            debug_assert!(y.len() >= n * out_len);
+        }
+    }
+
+    /// Softmax cross-entropy on the last activations: (loss sum, correct); with `grad`, writes
+    /// d(mean loss)/d(logits) into the last gradient buffer.
+    fn loss(&mut self, y: &[u16], grad: bool) -> (f64, usize) {
+        let k = self.spec.classes;
+        let n = y.len();
+        let last = self.acts.len() - 1;
+        let logits = &self.acts[last][..n * k];
+        let g = &mut self.gacts[last];
+        let mut loss = 0f64;
+        let mut correct = 0;
+        for (s, (row, &label)) in logits.chunks_exact(k).zip(y).enumerate() {
+            let label = usize::from(label);
+            let (mut best, mut arg) = (row[0], 0);
+            for (j, &v) in row.iter().enumerate() {
+                if v > best {
+                    best = v;
+                    arg = j;
+                }
+            }
+            if arg == label {
+                correct += 1;
+            }
+            let sum: f64 = row.iter().map(|&v| f64::from(v - best).exp()).sum();
+            let lse = sum.ln() + f64::from(best);
+            loss += lse - f64::from(row[label]);
+            if grad {
+                let gr = &mut g[s * k..(s + 1) * k];
+                for (j, (gv, &v)) in gr.iter_mut().zip(row).enumerate() {
+                    let pr = (f64::from(v) - lse).exp();
+                    let t = if j == label { 1.0 } else { 0.0 };
+                    *gv = ((pr - t) / n as f64) as f32;
+                }
+            }
+        }
+        (loss, correct)
+    }
+
+    fn backward(&mut self, p: &[f32], n: usize, bn: BnPolicy) {
+        let par = self.par();
+        let grads = &mut self.grads;
+        for i in (0..self.plan.ops.len()).rev() {
+            let op = &self.plan.ops[i];
+            let need_dx = i > 0;
+            let (glo, ghi) = self.gacts.split_at_mut(i + 1);
+            let dy = &ghi[0];
+            let dx = &mut glo[i];
+            let x = &self.acts[i];
+            let yv = &self.acts[i + 1];
+            match op {
+                Op::Conv(c) => {
+                    conv_backward(par, c, p, grads, x, dy, dx, &mut self.col, n, need_dx)
+                }
+                Op::Pool(pl) => {
+                    if need_dx {
+                        let Scratch::Pool(arg) = &self.scratch[i] else {
+                            unreachable!()
+                        };
+                        let out = n * pl.c * pl.hout * pl.wout;
+                        dx[..n * pl.c * pl.hin * pl.win].fill(0.0);
+                        for (a, g) in arg[..out].iter().zip(&dy[..out]) {
+                            dx[*a as usize] += g;
+                        }
+                    }
+                }
+                Op::Lrn {
+                    c,
+                    hw,
+                    radius,
+                    alpha,
+                    beta,
+                    ..
+                } => {
+                    if need_dx {
+                        let Scratch::Lrn { s, pw, t } = &mut self.scratch[i] else {
+                            unreachable!()
+                        };
+                        lrn_backward(x, dy, dx, s, pw, t, n, *c, *hw, *radius, *alpha, *beta);
+                    }
+                }
+                Op::Relu { len } => {
+                    if need_dx {
+                        for ((d, g), o) in dx[..n * len]
+                            .iter_mut()
+                            .zip(&dy[..n * len])
+                            .zip(&yv[..n * len])
+                        {
+                            *d = if *o > 0.0 { *g } else { 0.0 };
+                        }
+                    }
+                }
+                Op::Linear(l) => {
+                    let dy = &dy[..n * l.fout];
+                    matmul(
+                        par,
+                        l.fout,
+                        l.fin,
+                        n,
+                        &mut grads[l.w..l.w + l.fout * l.fin],
+                        false,
+                        dy,
+                        1,
+                        l.fout,
+                        x,
+                        l.fin,
+                        1,
+                    );
+                    let db = &mut grads[l.b..l.b + l.fout];
+                    db.fill(0.0);
+                    for row in dy.chunks_exact(l.fout) {
+                        for (d, g) in db.iter_mut().zip(row) {
+                            *d += g;
+                        }
+                    }
+                    if need_dx {
+                        let w = &p[l.w..l.w + l.fout * l.fin];
+                        matmul(
+                            par,
+                            n,
+                            l.fin,
+                            l.fout,
+                            &mut dx[..n * l.fin],
+                            false,
+                            dy,
+                            l.fout,
+                            1,
+                            w,
+                            l.fin,
+                            1,
+                        );
+                    }
+                }
+                Op::Dropout { len, .. } => {
+                    if need_dx {
+                        let Scratch::Drop(mask) = &self.scratch[i] else {
+                            unreachable!()
+                        };
+                        for ((d, g), m) in dx[..n * len].iter_mut().zip(&dy[..n * len]).zip(mask) {
+                            *d = g * m;
+                        }
+                    }
+                }
+                Op::BatchNorm(b) => {
+                    let Scratch::Bn { xhat, invstd, .. } = &self.scratch[i] else {
+                        unreachable!()
+                    };
+                    let batch_stats = matches!(bn, BnPolicy::Train | BnPolicy::Local);
+                    let m = (n * b.hw) as f32;
+                    for ch in 0..b.c {
+                        let (mut sdy, mut sdyx) = (0f64, 0f64);
+                        for smp in 0..n {
+                            let off = (smp * b.c + ch) * b.hw;
+                            for j in off..off + b.hw {
+                                sdy += f64::from(dy[j]);
+                                sdyx += f64::from(dy[j] * xhat[j]);
+                            }
+                        }
+                        grads[b.w + ch] = sdyx as f32;
+                        grads[b.b + ch] = sdy as f32;
+                        if !need_dx {
+                            continue;
+                        }
+                        let g = p[b.w + ch];
+                        let k = g * invstd[ch];
+                        let (mdy, mdyx) =
+                            ((sdy / f64::from(m)) as f32, (sdyx / f64::from(m)) as f32);
+                        for smp in 0..n {
+                            let off = (smp * b.c + ch) * b.hw;
+                            for j in off..off + b.hw {
+                                dx[j] = if batch_stats {
+                                    k * (dy[j] - mdy - xhat[j] * mdyx)
+                                } else {
+                                    k * dy[j]
+                                };
+                            }
+                        }
+                    }
+                }
+                Op::GroupNorm(g) => {
+                    let Scratch::Gn { xhat, invstd } = &self.scratch[i] else {
+                        unreachable!()
+                    };
+                    let cpg = g.c / g.groups;
+                    let block = cpg * g.hw;
+                    grads[g.w..g.w + g.c].fill(0.0);
+                    grads[g.b..g.b + g.c].fill(0.0);
+                    for sg in 0..n * g.groups {
+                        let first_c = (sg % g.groups) * cpg;
+                        let (mut a, mut bsum) = (0f64, 0f64);
+                        for k in 0..cpg {
+                            let gm = p[g.w + first_c + k];
+                            let (mut sdy, mut sdyx) = (0f32, 0f32);
+                            for j in sg * block + k * g.hw..sg * block + (k + 1) * g.hw {
+                                sdy += dy[j];
+                                sdyx += dy[j] * xhat[j];
+                            }
+                            grads[g.w + first_c + k] += sdyx;
+                            grads[g.b + first_c + k] += sdy;
+                            a += f64::from(gm * sdy);
+                            bsum += f64::from(gm * sdyx);
+                        }
+                        if !need_dx {
+                            continue;
+                        }
+                        let is = invstd[sg];
+                        let (ma, mb) = ((a / block as f64) as f32, (bsum / block as f64) as f32);
+                        for k in 0..cpg {
+                            let gm = p[g.w + first_c + k];
+                            for j in sg * block + k * g.hw..sg * block + (k + 1) * g.hw {
+                                dx[j] = is * (gm * dy[j] - ma - xhat[j] * mb);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn update_running_stats(&self, buf: &mut [f32], n: usize) {
+        for (op, sc) in self.plan.ops.iter().zip(&self.scratch) {
+            if let (Op::BatchNorm(b), Scratch::Bn { mean, var, .. }) = (op, sc) {
+                let m = (n * b.hw) as f32;
+                let unbias = if m > 1.0 { m / (m - 1.0) } else { 1.0 };
+                for ch in 0..b.c {
+                    let rm = &mut buf[b.rm + ch];
+                    *rm = (1.0 - BN_MOMENTUM) * *rm + BN_MOMENTUM * mean[ch];
+                    let rv = &mut buf[b.rv + ch];
+                    *rv = (1.0 - BN_MOMENTUM) * *rv + BN_MOMENTUM * var[ch] * unbias;
+                }
+                buf[b.nbt] += 1.0;
+            }
+        }
+    }
+}
+
+fn check_sgd(sgd: &SgdConfig) -> Result<(), NnError> {
+    let bad = |field: &str, msg: &str| {
+        Err(NnError::Config {
+            field: field.into(),
+            msg: msg.into(),
+        })
+    };
+    if !(sgd.lr.is_finite() && sgd.lr >= 0.0) {
+        return bad("lr", "must be finite and >= 0");
+    }
+    if !(0.0..1.0).contains(&sgd.momentum) {
+        return bad("momentum", "must be in [0, 1)");
+    }
+    if !(sgd.weight_decay.is_finite() && sgd.weight_decay >= 0.0) {
+        return bad("weight_decay", "must be finite and >= 0");
+    }
+    Ok(())
+}
+
+fn geom(c: &ConvOp) -> Geom {
+    Geom {
+        c: c.cin,
+        h: c.hin,
+        w: c.win,
+        kh: c.kh,
+        kw: c.kw,
+        sh: c.sh,
+        sw: c.sw,
+        pt: c.pt,
+        pl: c.pl,
+        ho: c.hout,
+        wo: c.wout,
+    }
+}
+
+fn conv_forward(
+    par: Parallelism,
+    c: &ConvOp,
+    p: &[f32],
+    x: &[f32],
+    y: &mut [f32],
+    col: &mut [f32],
+    n: usize,
+) {
+    let g = geom(c);
+    let (k, hw) = (c.k(), c.hout * c.wout);
+    let in_len = c.cin * c.hin * c.win;
+    let w = &p[c.w..c.w + c.cout * k];
+    let b = &p[c.b..c.b + c.cout];
+    for s in 0..n {
+        let ys = &mut y[s * c.cout * hw..(s + 1) * c.cout * hw];
+        for (row, bb) in ys.chunks_exact_mut(hw).zip(b) {
+            row.fill(*bb);
+        }
+        im2col(&g, &x[s * in_len..(s + 1) * in_len], col);
+        matmul(par, c.cout, hw, k, ys, true, w, k, 1, col, hw, 1);
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn conv_backward(
+    par: Parallelism,
+    c: &ConvOp,
+    p: &[f32],
+    grads: &mut [f32],
+    x: &[f32],
+    dy: &[f32],
+    dx: &mut [f32],
+    col: &mut [f32],
+    n: usize,
+    need_dx: bool,
+) {
+    let g = geom(c);
+    let (k, hw) = (c.k(), c.hout * c.wout);
+    let in_len = c.cin * c.hin * c.win;
+    let w = &p[c.w..c.w + c.cout * k];
+    grads[c.b..c.b + c.cout].fill(0.0);
+    for s in 0..n {
+        let dys = &dy[s * c.cout * hw..(s + 1) * c.cout * hw];
+        for (d, row) in grads[c.b..c.b + c.cout]
+            .iter_mut()
+            .zip(dys.chunks_exact(hw))
+        {
+            *d += row.iter().sum::<f32>();
+        }
+        im2col(&g, &x[s * in_len..(s + 1) * in_len], col);
+        matmul(
+            par,
+            c.cout,
+            k,
+            hw,
+            &mut grads[c.w..c.w + c.cout * k],
+            s > 0,
+            dys,
+            hw,
+            1,
+            col,
+            1,
+            hw,
+        );
+        if need_dx {
+            matmul(par, k, hw, c.cout, col, false, w, 1, k, dys, hw, 1);
+            col2im(&g, col, &mut dx[s * in_len..(s + 1) * in_len]);
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn lrn_forward(
+    x: &[f32],
+    y: &mut [f32],
+    s: &mut [f32],
+    pw: &mut [f32],
+    n: usize,
+    c: usize,
+    hw: usize,
+    radius: usize,
+    bias: f32,
+    alpha: f32,
+    beta: f32,
+) {
+    for smp in 0..n {
+        let base = smp * c * hw;
+        for ch in 0..c {
+            let srow = &mut s[base + ch * hw..base + (ch + 1) * hw];
+            srow.fill(0.0);
+            for cc in ch.saturating_sub(radius)..(ch + radius + 1).min(c) {
+                let xr = &x[base + cc * hw..base + (cc + 1) * hw];
+                for (sv, xv) in srow.iter_mut().zip(xr) {
+                    *sv += xv * xv;
+                }
+            }
+            let off = base + ch * hw;
+            for j in off..off + hw {
+                let sv = bias + alpha * s[j];
+                s[j] = sv;
+                let pv = if beta == 0.75 {
+                    let r = sv.sqrt();
+                    1.0 / (r * r.sqrt())
+                } else {
+                    sv.powf(-beta)
+                };
+                pw[j] = pv;
+                y[j] = x[j] * pv;
+            }
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn lrn_backward(
+    x: &[f32],
+    dy: &[f32],
+    dx: &mut [f32],
+    s: &[f32],
+    pw: &[f32],
+    t: &mut [f32],
+    n: usize,
+    c: usize,
+    hw: usize,
+    radius: usize,
+    alpha: f32,
+    beta: f32,
+) {
+    // dx_j = dy_j s_j^-beta - 2 alpha beta x_j sum_{|c-j|<=r} t_c, t_c = dy_c x_c s_c^-beta / s_c.
+    let k = 2.0 * alpha * beta;
+    for smp in 0..n {
+        let base = smp * c * hw;
+        for (j, tv) in t[..c * hw].iter_mut().enumerate() {
+            let g = base + j;
+            *tv = dy[g] * x[g] * pw[g] / s[g];
+        }
+        for ch in 0..c {
+            let off = base + ch * hw;
+            let d = &mut dx[off..off + hw];
+            for (j, dv) in d.iter_mut().enumerate() {
+                *dv = dy[off + j] * pw[off + j];
+            }
+            for cc in ch.saturating_sub(radius)..(ch + radius + 1).min(c) {
+                let tr = &t[cc * hw..(cc + 1) * hw];
+                for ((dv, tv), xv) in d.iter_mut().zip(tr).zip(&x[off..off + hw]) {
+                    *dv -= k * xv * tv;
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,447 @@
+//! Behaviour of the engine beyond gradients: parameter counts, TOML round trips, determinism
+//! (same seed, any thread count), the BatchNorm-policy trap, SGD semantics and the correction
+//! hook, safetensors round trip and its errors, and bad input reported as `NnError`.
+
+use fedra_nn::{
+    BUILTIN_MODELS, BnPolicy, GradCorrection, Model, ModelSpec, NnError, SgdConfig, TensorKind,
+    Trainer,
+};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+fn input_of(name: &str) -> [usize; 3] {
+    if name.starts_with("cifar") {
+        [3, 32, 32]
+    } else if name.starts_with("kws") {
+        [1, 49, 10]
+    } else {
+        [1, 28, 28]
+    }
+}
+
+fn batch(spec: &ModelSpec, n: usize, seed: u64) -> (Vec<f32>, Vec<u16>) {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let len: usize = spec.input.iter().product();
+    let x = (0..n * len).map(|_| rng.random::<f32>()).collect();
+    let y = (0..n)
+        .map(|_| rng.random_range(0..spec.classes) as u16)
+        .collect();
+    (x, y)
+}
+
+const SGD: SgdConfig = SgdConfig {
+    lr: 0.05,
+    momentum: 0.9,
+    weight_decay: 1e-3,
+};
+
+#[test]
+fn mnist_cnn_has_1_663_370_parameters() {
+    let spec = ModelSpec::by_name("mnist-cnn", [1, 28, 28], 10).unwrap();
+    assert_eq!(spec.num_params().unwrap(), 1_663_370);
+    assert_eq!(Model::new(&spec, 0).unwrap().num_params(), 1_663_370);
+    // 2 * (conv1 25*32*784 + conv2 800*64*196 + fc1 3136*512 + fc2 5120) MACs, times 3.
+    let macs = 25 * 32 * 784 + 800 * 64 * 196 + 3136 * 512 + 512 * 10;
+    assert_eq!(spec.flops_per_sample().unwrap(), 6.0 * macs as f64);
+}
+
+#[test]
+fn pytorch_names_and_shapes() {
+    let spec = ModelSpec::by_name("mnist-cnn-bn", [1, 28, 28], 10).unwrap();
+    let model = Model::new(&spec, 0).unwrap();
+    let table: Vec<(String, Vec<usize>, TensorKind)> = model
+        .tensors()
+        .iter()
+        .map(|t| (t.name.clone(), t.shape.clone(), t.kind))
+        .collect();
+    let want = [
+        ("conv1.weight", vec![32, 1, 5, 5], TensorKind::Param),
+        ("conv1.bias", vec![32], TensorKind::Param),
+        ("bn1.weight", vec![32], TensorKind::Param),
+        ("bn1.bias", vec![32], TensorKind::Param),
+        ("bn1.running_mean", vec![32], TensorKind::Buffer),
+        ("bn1.running_var", vec![32], TensorKind::Buffer),
+        ("bn1.num_batches_tracked", vec![], TensorKind::Buffer),
+        ("conv2.weight", vec![64, 32, 5, 5], TensorKind::Param),
+        ("conv2.bias", vec![64], TensorKind::Param),
+    ];
+    for (i, (n, s, k)) in want.iter().enumerate() {
+        assert_eq!(table[i], (n.to_string(), s.clone(), *k));
+    }
+    assert_eq!(model.tensor("fc1.weight").unwrap().len(), 512 * 3136);
+    assert_eq!(model.tensor("bn1.running_var").unwrap(), &[1.0; 32][..]);
+    // PyTorch default init bound 1/sqrt(fan_in) for weights and biases.
+    let bound = 1.0 / (25f32).sqrt();
+    let w = model.tensor("conv1.weight").unwrap();
+    assert!(w.iter().all(|v| v.abs() <= bound) && w.iter().any(|v| v.abs() > 0.9 * bound));
+}
+
+#[test]
+fn every_builtin_round_trips_through_toml() {
+    for name in BUILTIN_MODELS {
+        let spec = ModelSpec::by_name(name, input_of(name), 10).unwrap();
+        let text = spec.to_toml_string();
+        let back =
+            ModelSpec::from_toml_str(&text).unwrap_or_else(|e| panic!("{name}: {e}\n{text}"));
+        assert_eq!(back, spec, "{name}");
+        assert!(spec.num_params().unwrap() > 0);
+    }
+}
+
+#[test]
+fn bad_specs_name_the_field() {
+    let err = |s: &str| ModelSpec::from_toml_str(s).unwrap_err().to_string();
+    let head = "name = \"x\"\ninput = [1, 8, 8]\nclasses = 3\n";
+    let e = err(&format!(
+        "{head}[[layers]]\ntype = \"conv2d\"\nname = \"c\"\nout_channels = 6\nkernel = [3, 3]\n[[layers]]\ntype = \"groupnorm\"\nname = \"g\"\ngroups = 4\n[[layers]]\ntype = \"flatten\"\n[[layers]]\ntype = \"linear\"\nname = \"f\"\nout_features = 3\n"
+    ));
+    assert!(e.contains("layers[1].groups"), "{e}");
+    let e = err(&format!(
+        "{head}[[layers]]\ntype = \"flatten\"\n[[layers]]\ntype = \"linear\"\nname = \"f\"\nout_features = 4\n"
+    ));
+    assert!(e.contains("3 class logits"), "{e}");
+    let e = err(&format!("{head}[[layers]]\ntype = \"conv3d\"\n"));
+    assert!(e.contains("conv3d"), "{e}");
+    let e = err(&format!(
+        "{head}[[layers]]\ntype = \"linear\"\nname = \"f\"\nout_features = 3\n"
+    ));
+    assert!(e.contains("layers[0].type") && e.contains("Flatten"), "{e}");
+    let e = err(&format!(
+        "{head}[[layers]]\ntype = \"conv2d\"\nname = \"c\"\nout_channels = 1\nkernel = [9, 3]\n"
+    ));
+    assert!(e.contains("layers[0].kernel"), "{e}");
+    assert!(matches!(
+        ModelSpec::by_name("resnet", [1, 28, 28], 10),
+        Err(NnError::UnknownModel { .. })
+    ));
+}
+
+fn train(spec: &ModelSpec, threads: usize, steps: u64) -> Model {
+    let mut model = Model::new(spec, 42).unwrap();
+    let mut trainer = Trainer::new(spec, 8).unwrap();
+    trainer.set_threads(threads);
+    for step in 0..steps {
+        let (x, y) = batch(spec, 8, step);
+        trainer
+            .train_step(&mut model, &x, &y, &SGD, BnPolicy::Train, 1000 + step, None)
+            .unwrap();
+    }
+    model
+}
+
+fn bits(v: &[f32]) -> Vec<u32> {
+    v.iter().map(|x| x.to_bits()).collect()
+}
+
+#[test]
+fn same_seed_bit_identical_whatever_the_threads() {
+    // cifar-cnn-bn exercises augmentation (crop + flip), LRN and BatchNorm buffers.
+    for name in ["cifar-cnn-bn", "mnist-cnn"] {
+        let spec = ModelSpec::by_name(name, input_of(name), 10).unwrap();
+        let a = train(&spec, 1, 3);
+        let b = train(&spec, 1, 3);
+        let c = train(&spec, 2, 3);
+        assert_eq!(bits(a.params()), bits(b.params()), "{name}: same seed");
+        assert_eq!(
+            bits(a.buffers()),
+            bits(b.buffers()),
+            "{name}: same seed buffers"
+        );
+        assert_eq!(bits(a.params()), bits(c.params()), "{name}: 1 vs 2 threads");
+        assert_eq!(
+            bits(a.buffers()),
+            bits(c.buffers()),
+            "{name}: 1 vs 2 threads buffers"
+        );
+        let fresh = Model::new(&spec, 42).unwrap();
+        assert_ne!(
+            bits(a.params()),
+            bits(fresh.params()),
+            "{name}: training moved the weights"
+        );
+    }
+}
+
+#[test]
+fn batchnorm_trap_train_vs_frozen() {
+    let spec = ModelSpec::by_name("mnist-cnn-bn", [1, 28, 28], 10).unwrap();
+    let frozen_sgd = SgdConfig {
+        lr: 0.0,
+        momentum: 0.0,
+        weight_decay: 0.0,
+    };
+    let (x, y) = batch(&spec, 8, 1);
+    let mut trainer = Trainer::new(&spec, 8).unwrap();
+
+    // The trap: no parameter moves (lr 0), yet train-mode BN rewrites the running statistics.
+    let mut model = Model::new(&spec, 0).unwrap();
+    let before = model.clone();
+    trainer
+        .train_step(&mut model, &x, &y, &frozen_sgd, BnPolicy::Train, 0, None)
+        .unwrap();
+    assert_eq!(bits(model.params()), bits(before.params()));
+    assert_ne!(bits(model.buffers()), bits(before.buffers()));
+    assert_eq!(model.tensor("bn1.num_batches_tracked").unwrap(), &[1.0]);
+    let eval_before = trainer.evaluate(&before, &x, &y).unwrap();
+    let eval_after = trainer.evaluate(&model, &x, &y).unwrap();
+    assert_ne!(eval_before.loss_sum, eval_after.loss_sum);
+
+    // Frozen: buffers bit-identical after several steps, even while the weights learn...
+    let mut model = Model::new(&spec, 0).unwrap();
+    for step in 0..3 {
+        trainer
+            .train_step(&mut model, &x, &y, &SGD, BnPolicy::Frozen, step, None)
+            .unwrap();
+    }
+    assert_eq!(bits(model.buffers()), bits(before.buffers()));
+    assert_ne!(bits(model.params()), bits(before.params()));
+    // ...and with lr 0 the eval outputs before and after match exactly.
+    let mut model = Model::new(&spec, 0).unwrap();
+    for step in 0..3 {
+        trainer
+            .train_step(
+                &mut model,
+                &x,
+                &y,
+                &frozen_sgd,
+                BnPolicy::Frozen,
+                step,
+                None,
+            )
+            .unwrap();
+    }
+    let eval_frozen = trainer.evaluate(&model, &x, &y).unwrap();
+    assert_eq!(eval_frozen, eval_before);
+
+    // Local trains like Train inside the engine.
+    let mut a = Model::new(&spec, 0).unwrap();
+    let mut b = Model::new(&spec, 0).unwrap();
+    trainer.reset_optimizer();
+    trainer
+        .train_step(&mut a, &x, &y, &SGD, BnPolicy::Train, 5, None)
+        .unwrap();
+    trainer.reset_optimizer();
+    trainer
+        .train_step(&mut b, &x, &y, &SGD, BnPolicy::Local, 5, None)
+        .unwrap();
+    assert_eq!(bits(a.params()), bits(b.params()));
+    assert_eq!(bits(a.buffers()), bits(b.buffers()));
+}
+
+#[test]
+fn sgd_matches_pytorch_semantics_and_hook_applies() {
+    let spec = ModelSpec::by_name("logreg", [1, 28, 28], 10).unwrap();
+    let (x, y) = batch(&spec, 6, 3);
+    let mut model = Model::new(&spec, 1).unwrap();
+    let w0 = model.params().to_vec();
+    let mut trainer = Trainer::new(&spec, 6).unwrap();
+    let mut probe = model.clone();
+    trainer
+        .loss_and_grad(&mut probe, &x, &y, BnPolicy::Train, 0)
+        .unwrap();
+    let g0 = trainer.grads().to_vec();
+    trainer
+        .train_step(&mut model, &x, &y, &SGD, BnPolicy::Train, 0, None)
+        .unwrap();
+    // Step 1: buf = g + wd*w; w -= lr*buf.
+    let buf1: Vec<f32> = g0
+        .iter()
+        .zip(&w0)
+        .map(|(g, w)| g + SGD.weight_decay * w)
+        .collect();
+    for i in 0..w0.len() {
+        assert_eq!(model.params()[i], w0[i] - SGD.lr * buf1[i]);
+    }
+    let w1 = model.params().to_vec();
+    let mut probe = model.clone();
+    trainer
+        .loss_and_grad(&mut probe, &x, &y, BnPolicy::Train, 0)
+        .unwrap();
+    let g1 = trainer.grads().to_vec();
+    trainer
+        .train_step(&mut model, &x, &y, &SGD, BnPolicy::Train, 0, None)
+        .unwrap();
+    for i in 0..w0.len() {
+        let b = SGD.momentum * buf1[i] + (g1[i] + SGD.weight_decay * w1[i]);
+        assert_eq!(model.params()[i], w1[i] - SGD.lr * b);
+    }
+
+    // The correction hook sees the parameters and changes the gradient before the update.
+    struct Prox {
+        anchor: Vec<f32>,
+        mu: f32,
+    }
+    impl GradCorrection for Prox {
+        fn correct(&self, params: &[f32], grads: &mut [f32]) {
+            for ((g, w), a) in grads.iter_mut().zip(params).zip(&self.anchor) {
+                *g += self.mu * (w - a);
+            }
+        }
+    }
+    let plain = SgdConfig {
+        lr: 0.1,
+        momentum: 0.0,
+        weight_decay: 0.0,
+    };
+    let anchor = vec![0.5; w0.len()];
+    let prox = Prox {
+        anchor: anchor.clone(),
+        mu: 0.3,
+    };
+    let mut m = Model::new(&spec, 1).unwrap();
+    trainer
+        .train_step(&mut m, &x, &y, &plain, BnPolicy::Train, 0, Some(&prox))
+        .unwrap();
+    for i in 0..w0.len() {
+        let g = g0[i] + 0.3 * (w0[i] - anchor[i]);
+        assert_eq!(m.params()[i], w0[i] - 0.1 * g);
+    }
+}
+
+#[test]
+fn bad_input_is_an_error_not_a_panic() {
+    let spec = ModelSpec::by_name("mlp", [1, 28, 28], 10).unwrap();
+    let mut model = Model::new(&spec, 0).unwrap();
+    let mut trainer = Trainer::new(&spec, 4).unwrap();
+    let (x, y) = batch(&spec, 4, 0);
+    let step = |t: &mut Trainer, m: &mut Model, x: &[f32], y: &[u16]| {
+        t.train_step(m, x, y, &SGD, BnPolicy::Train, 0, None)
+    };
+    assert!(matches!(
+        step(&mut trainer, &mut model, &x[1..], &y),
+        Err(NnError::Shape { .. })
+    ));
+    let mut bad_y = y.clone();
+    bad_y[2] = 10;
+    assert!(matches!(
+        step(&mut trainer, &mut model, &x, &bad_y),
+        Err(NnError::Label {
+            index: 2,
+            label: 10,
+            ..
+        })
+    ));
+    let (x8, y8) = batch(&spec, 8, 0);
+    assert!(matches!(
+        step(&mut trainer, &mut model, &x8, &y8),
+        Err(NnError::BatchTooLarge { .. })
+    ));
+    // Evaluation batches internally: any count is fine.
+    assert_eq!(trainer.evaluate(&model, &x8, &y8).unwrap().count, 8);
+    let mut nan_x = x.clone();
+    nan_x[5] = f32::NAN;
+    let before = model.params().to_vec();
+    assert!(matches!(
+        step(&mut trainer, &mut model, &nan_x, &y),
+        Err(NnError::NonFinite { .. })
+    ));
+    assert_eq!(
+        bits(model.params()),
+        bits(&before),
+        "a failed step leaves the model untouched"
+    );
+    model.params_mut()[0] = f32::INFINITY;
+    assert!(matches!(
+        step(&mut trainer, &mut model, &x, &y),
+        Err(NnError::NonFinite { .. })
+    ));
+    let bad_lr = SgdConfig {
+        lr: f32::NAN,
+        ..SGD
+    };
+    let mut ok = Model::new(&spec, 0).unwrap();
+    let e = trainer
+        .train_step(&mut ok, &x, &y, &bad_lr, BnPolicy::Train, 0, None)
+        .unwrap_err();
+    assert!(e.to_string().contains("lr"), "{e}");
+    let other = Model::new(&ModelSpec::by_name("logreg", [1, 28, 28], 10).unwrap(), 0).unwrap();
+    assert!(matches!(
+        trainer.evaluate(&other, &x, &y),
+        Err(NnError::SpecMismatch { .. })
+    ));
+}
+
+#[test]
+fn safetensors_round_trip_and_errors() {
+    let spec = ModelSpec::by_name("kws-cnn-bn", [1, 49, 10], 12).unwrap();
+    let mut model = train(&spec, 1, 2);
+    model.buffers_mut()[0] += 0.25;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("m.safetensors");
+    model.save_safetensors(&path).unwrap();
+    let back = Model::load_safetensors(&spec, &path).unwrap();
+    assert_eq!(bits(back.params()), bits(model.params()));
+    assert_eq!(bits(back.buffers()), bits(model.buffers()));
+    assert_eq!(back.tensor("bn1.num_batches_tracked").unwrap(), &[2.0]);
+
+    // Rewrite the file with one tensor changed and check the error names file and tensor.
+    let bytes = std::fs::read(&path).unwrap();
+    let file = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let rewrite = |drop: &str, replace: Option<(safetensors::Dtype, Vec<usize>, Vec<u8>)>| {
+        let mut owned = Vec::new();
+        for (name, view) in file.tensors() {
+            if name == drop {
+                if let Some((d, s, b)) = &replace {
+                    owned.push((name.clone(), *d, s.clone(), b.clone()));
+                }
+                continue;
+            }
+            owned.push((
+                name.clone(),
+                view.dtype(),
+                view.shape().to_vec(),
+                view.data().to_vec(),
+            ));
+        }
+        let views: Vec<_> = owned
+            .iter()
+            .map(|(n, d, s, b)| {
+                (
+                    n.clone(),
+                    safetensors::tensor::TensorView::new(*d, s.clone(), b).unwrap(),
+                )
+            })
+            .collect();
+        let p = dir
+            .path()
+            .join(format!("bad-{}.safetensors", drop.replace('.', "_")));
+        std::fs::write(&p, safetensors::serialize(views, None).unwrap()).unwrap();
+        p
+    };
+    let check = |p: &std::path::Path, tensor: &str, what: &str| {
+        let e = Model::load_safetensors(&spec, p).unwrap_err().to_string();
+        assert!(
+            e.contains(&p.display().to_string()) && e.contains(tensor) && e.contains(what),
+            "{e}"
+        );
+    };
+    check(&rewrite("conv2.bias", None), "conv2.bias", "missing");
+    check(
+        &rewrite(
+            "fc1.bias",
+            Some((safetensors::Dtype::F32, vec![127], vec![0; 127 * 4])),
+        ),
+        "fc1.bias",
+        "shape",
+    );
+    check(
+        &rewrite(
+            "fc2.weight",
+            Some((
+                safetensors::Dtype::F64,
+                vec![12, 128],
+                vec![0; 12 * 128 * 8],
+            )),
+        ),
+        "fc2.weight",
+        "dtype",
+    );
+    let truncated = dir.path().join("trunc.safetensors");
+    std::fs::write(&truncated, &bytes[..bytes.len() / 2]).unwrap();
+    let e = Model::load_safetensors(&spec, &truncated)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("trunc.safetensors"), "{e}");
+    let missing = Model::load_safetensors(&spec, &dir.path().join("nope.safetensors")).unwrap_err();
+    assert!(matches!(missing, NnError::Io { .. }));
+}
