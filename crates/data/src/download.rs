@@ -22,7 +22,7 @@ use sha2::{Digest, Sha256};
 
 use crate::dataset::DatasetName;
 use crate::error::DataError;
-use crate::files::{gunzip, progress_bar};
+use crate::files::progress_bar;
 
 /// Environment variable naming a mirror that replaces every default base URL.
 pub const MIRROR_ENV: &str = "FEDRA_MIRROR";
@@ -103,6 +103,9 @@ pub fn dataset_subdir(name: DatasetName) -> &'static str {
     name.as_str()
 }
 
+/// Folder (under `<data_dir>/speech-commands/`) the Speech Commands archive is extracted into.
+pub const SPEECH_FOLDER: &str = "speech_commands_v0.02";
+
 /// Marker written into the extracted Speech Commands folder once extraction has completed.
 const EXTRACTED_MARKER: &str = ".fedra-extracted";
 
@@ -126,11 +129,18 @@ pub fn download(
         .unwrap_or_else(|| default_base_url(name).to_string());
     let base = base.trim_end_matches('/');
     let dir = data_dir.join(dataset_subdir(name));
+    if name == DatasetName::SpeechCommands {
+        let extracted = dir.join(SPEECH_FOLDER);
+        if extracted.join(EXTRACTED_MARKER).is_file() {
+            tracing::info!("{}: already downloaded and extracted", extracted.display());
+            return Ok(extracted);
+        }
+    }
     std::fs::create_dir_all(&dir).map_err(|e| DataError::io(&dir, e))?;
     for file in remote_files(name) {
         let target = dir.join(file.name);
         if target.is_file() {
-            match verify(file, &target) {
+            match verify(file, &target, progress) {
                 Ok(()) => {
                     tracing::info!("{}: present and verified", target.display());
                     continue;
@@ -143,7 +153,9 @@ pub fn download(
     match name {
         DatasetName::Mnist => Ok(dir),
         DatasetName::Cifar10 => Ok(dir.join(remote_files(name)[0].name)),
-        DatasetName::SpeechCommands => extract_speech(&dir.join(remote_files(name)[0].name), &dir),
+        DatasetName::SpeechCommands => {
+            extract_speech(&dir.join(remote_files(name)[0].name), &dir, progress)
+        }
     }
 }
 
@@ -184,7 +196,7 @@ fn fetch(url: &str, file: &RemoteFile, target: &Path, progress: bool) -> Result<
             .map_err(|e| DataError::io(&part, e))?;
         Ok(())
     })()
-    .and_then(|()| verify(file, &part).map_err(|e| rename_error(e, &part, target)));
+    .and_then(|()| verify(file, &part, progress).map_err(|e| rename_error(e, &part, target)));
     bar.finish_and_clear();
     if let Err(e) = result {
         let _ = std::fs::remove_file(&part);
@@ -209,11 +221,50 @@ fn rename_error(e: DataError, part: &Path, target: &Path) -> DataError {
     }
 }
 
-/// Verifies a downloaded file by its checksums, or structurally when none is known.
-fn verify(file: &RemoteFile, path: &Path) -> Result<(), DataError> {
-    let bytes = std::fs::read(path).map_err(|e| DataError::io(path, e))?;
+/// A reader that feeds every byte it passes on into a SHA-256.
+struct HashingReader<R> {
+    inner: R,
+    hasher: Sha256,
+}
+
+impl<R: Read> Read for HashingReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.hasher.update(&buf[..n]);
+        Ok(n)
+    }
+}
+
+/// Verifies a downloaded file by its checksums, or structurally when none is known. Streams the
+/// file (the Speech Commands archive is 2.3 GB), hashing the raw bytes and the gunzipped content.
+fn verify(file: &RemoteFile, path: &Path, progress: bool) -> Result<(), DataError> {
+    let f = std::fs::File::open(path).map_err(|e| DataError::io(path, e))?;
+    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+    let bar = progress_bar(len, &format!("verify {}", file.name), progress);
+    let raw = HashingReader {
+        inner: bar.wrap_read(std::io::BufReader::with_capacity(1 << 20, f)),
+        hasher: Sha256::new(),
+    };
+    // Decoding the whole gzip stream checks its CRC-32 and length even when no SHA-256 is known.
+    let mut gz = flate2::read::GzDecoder::new(raw);
+    let mut content = Sha256::new();
+    let mut buf = vec![0u8; 1 << 16];
+    loop {
+        let n = gz.read(&mut buf).map_err(|source| DataError::Gzip {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        if n == 0 {
+            break;
+        }
+        content.update(&buf[..n]);
+    }
+    let mut raw = gz.into_inner();
+    // Anything after the gzip stream still belongs to the file's checksum.
+    std::io::copy(&mut raw, &mut std::io::sink()).map_err(|e| DataError::io(path, e))?;
+    bar.finish_and_clear();
     if let Some(expected) = file.sha256 {
-        let actual = hex(&Sha256::digest(&bytes));
+        let actual = hex(&raw.hasher.finalize());
         if actual != expected {
             return Err(DataError::Checksum {
                 path: path.to_path_buf(),
@@ -222,10 +273,8 @@ fn verify(file: &RemoteFile, path: &Path) -> Result<(), DataError> {
             });
         }
     }
-    // Decoding the gzip stream checks its CRC-32 and length even when no SHA-256 is known.
-    let content = gunzip(&bytes, path)?;
     if let Some(expected) = file.content_sha256 {
-        let actual = hex(&Sha256::digest(&content));
+        let actual = hex(&content.finalize());
         if actual != expected {
             return Err(DataError::Checksum {
                 path: path.to_path_buf(),
@@ -239,18 +288,23 @@ fn verify(file: &RemoteFile, path: &Path) -> Result<(), DataError> {
 
 /// Extracts the Speech Commands archive into `dir/speech_commands_v0.02/` (via a `.part` folder
 /// renamed when complete) and returns that folder.
-fn extract_speech(archive: &Path, dir: &Path) -> Result<PathBuf, DataError> {
-    let out = dir.join("speech_commands_v0.02");
+fn extract_speech(archive: &Path, dir: &Path, progress: bool) -> Result<PathBuf, DataError> {
+    let out = dir.join(SPEECH_FOLDER);
     if out.join(EXTRACTED_MARKER).is_file() {
         return Ok(out);
     }
-    let part = dir.join("speech_commands_v0.02.part");
+    let part = dir.join(format!("{SPEECH_FOLDER}.part"));
     if part.exists() {
         std::fs::remove_dir_all(&part).map_err(|e| DataError::io(&part, e))?;
     }
     let file = std::fs::File::open(archive).map_err(|e| DataError::io(archive, e))?;
-    let mut tar = tar::Archive::new(flate2::read::GzDecoder::new(std::io::BufReader::new(file)));
-    tar.unpack(&part).map_err(|e| DataError::Format {
+    let len = file.metadata().map(|m| m.len()).unwrap_or(0);
+    let bar = progress_bar(len, "extract", progress);
+    let reader = bar.wrap_read(std::io::BufReader::new(file));
+    let mut tar = tar::Archive::new(flate2::read::GzDecoder::new(reader));
+    let unpacked = tar.unpack(&part);
+    bar.finish_and_clear();
+    unpacked.map_err(|e| DataError::Format {
         path: archive.to_path_buf(),
         reason: format!("cannot extract the archive: {e}"),
     })?;

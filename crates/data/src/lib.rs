@@ -82,7 +82,7 @@ pub fn load(
             }
         }
         DatasetName::SpeechCommands => {
-            let downloaded = sub.join("speech_commands_v0.02");
+            let downloaded = sub.join(download::SPEECH_FOLDER);
             let folder = if opts.speech.keywords.iter().any(|k| dir.join(k).is_dir()) {
                 dir
             } else if downloaded.is_dir() {

@@ -1,5 +1,7 @@
 //! The `fedra` command line.
 
+mod cmd_data;
+
 use clap::{Parser, Subcommand};
 
 /// fedra: federated learning on non-IID data.
@@ -11,7 +13,10 @@ struct Cli {
 }
 
 #[derive(Subcommand)]
-enum Command {}
+enum Command {
+    /// Inspect or download a dataset (MNIST, CIFAR-10, Speech Commands).
+    Data(cmd_data::DataArgs),
+}
 
 fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
@@ -22,5 +27,7 @@ fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
-    match cli.command {}
+    match cli.command {
+        Command::Data(args) => cmd_data::run(args),
+    }
 }

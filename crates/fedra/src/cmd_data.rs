@@ -1,0 +1,222 @@
+//! `fedra data`: look at a dataset (`info`: sizes, shape, per-class counts of train and test) and
+//! fetch the official archives (`download`). Loading and downloading live in `fedra-data`; this
+//! module only parses arguments and prints.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::Context;
+use clap::{Args, Subcommand};
+use fedra_data::{DatasetName, FeatureCache, LoadOptions, SpeechOptions, TrainTest};
+
+/// Arguments of `fedra data`.
+#[derive(Args, Debug)]
+pub struct DataArgs {
+    #[command(subcommand)]
+    pub command: DataCommand,
+}
+
+/// The `fedra data` subcommands.
+#[derive(Subcommand, Debug)]
+pub enum DataCommand {
+    /// Load a dataset and print its sizes, example shape and per-class counts of train and test.
+    Info {
+        /// Dataset: mnist, cifar10 or speech-commands.
+        name: DatasetName,
+        /// The dataset's folder (CIFAR-10: also its .tar.gz archive), or a data folder holding it
+        /// where `fedra data download` puts it. Without it, MNIST is the embedded subset (first
+        /// 10,000 train / 2,000 test images) and the others are looked up in the per-user cache.
+        #[arg(long, env = "FEDRA_DATA")]
+        data_dir: Option<PathBuf>,
+        #[command(flatten)]
+        speech: SpeechArgs,
+    },
+    /// Download the official archives (SHA-256- or gzip-verified, atomic, cached).
+    Download {
+        /// Dataset: mnist, cifar10 or speech-commands.
+        name: DatasetName,
+        /// Data folder to download into (a sub-folder named after the dataset is used);
+        /// default: the per-user cache folder.
+        #[arg(long, env = "FEDRA_DATA")]
+        data_dir: Option<PathBuf>,
+        /// Base URL of a mirror serving the same file names (default: the official hosts).
+        #[arg(long, env = "FEDRA_MIRROR")]
+        mirror: Option<String>,
+    },
+}
+
+/// Speech Commands options of `fedra data info`.
+#[derive(Args, Debug)]
+pub struct SpeechArgs {
+    /// Speech Commands: comma-separated keywords (default: the study's 10 words).
+    #[arg(long, value_delimiter = ',')]
+    keywords: Option<Vec<String>>,
+    /// Speech Commands: add an `_unknown_` class made of every other word.
+    #[arg(long)]
+    unknown: bool,
+    /// Speech Commands: add a `_silence_` class made of background-noise slices.
+    #[arg(long)]
+    silence: bool,
+    /// Speech Commands: leave the validation split out instead of adding it to train.
+    #[arg(long)]
+    no_validation_in_train: bool,
+    /// Speech Commands: do not read or write the MFCC cache.
+    #[arg(long)]
+    no_cache: bool,
+}
+
+impl SpeechArgs {
+    fn options(&self) -> SpeechOptions {
+        let defaults = SpeechOptions::default();
+        SpeechOptions {
+            keywords: self.keywords.clone().unwrap_or(defaults.keywords),
+            unknown: self.unknown,
+            silence: self.silence,
+            validation_into_train: !self.no_validation_in_train,
+            cache: if self.no_cache {
+                FeatureCache::Disabled
+            } else {
+                FeatureCache::Default
+            },
+        }
+    }
+}
+
+/// Runs `fedra data ...`.
+pub fn run(args: DataArgs) -> anyhow::Result<()> {
+    match args.command {
+        DataCommand::Info {
+            name,
+            data_dir,
+            speech,
+        } => {
+            let opts = LoadOptions {
+                speech: speech.options(),
+                progress: true,
+            };
+            let start = Instant::now();
+            let data = fedra_data::load(name, data_dir.as_deref(), &opts)
+                .with_context(|| format!("cannot load {name}"))?;
+            let source = match &data_dir {
+                Some(d) => d.display().to_string(),
+                None if name == DatasetName::Mnist => {
+                    "embedded subset (first 10,000 train / 2,000 test of the official files)"
+                        .to_string()
+                }
+                None => fedra_data::default_data_dir().display().to_string(),
+            };
+            print!("{}", info_table(name, &source, &data));
+            println!("loaded in {:.2} s", start.elapsed().as_secs_f64());
+            Ok(())
+        }
+        DataCommand::Download {
+            name,
+            data_dir,
+            mirror,
+        } => {
+            let dir = data_dir.unwrap_or_else(fedra_data::default_data_dir);
+            let path = fedra_data::download(name, &dir, mirror.as_deref(), true)
+                .with_context(|| format!("cannot download {name}"))?;
+            println!("{name}: ready at {}", path.display());
+            println!(
+                "load it with: fedra data info {name} --data-dir {}",
+                path.display()
+            );
+            Ok(())
+        }
+    }
+}
+
+/// The text `fedra data info` prints.
+fn info_table(name: DatasetName, source: &str, data: &TrainTest) -> String {
+    use std::fmt::Write;
+    let TrainTest { train, test } = data;
+    let mut out = String::new();
+    let shape = train.shape;
+    let _ = writeln!(out, "dataset  {name}");
+    let _ = writeln!(out, "source   {source}");
+    let _ = writeln!(
+        out,
+        "shape    {} x {} x {} (C x H x W) = {} values per example",
+        shape[0],
+        shape[1],
+        shape[2],
+        train.example_len()
+    );
+    let _ = writeln!(out, "train    {} examples", train.len());
+    let _ = writeln!(out, "test     {} examples", test.len());
+    let _ = writeln!(out, "classes  {}", train.num_classes());
+    let _ = writeln!(out);
+    let width = train
+        .class_names
+        .iter()
+        .map(String::len)
+        .max()
+        .unwrap_or(5)
+        .max(5);
+    let _ = writeln!(
+        out,
+        "{:>5}  {:<width$}  {:>8}  {:>8}  {:>8}",
+        "label", "class", "train", "test", "total"
+    );
+    let (tr, te) = (train.class_counts(), test.class_counts());
+    for (i, class) in train.class_names.iter().enumerate() {
+        let _ = writeln!(
+            out,
+            "{:>5}  {:<width$}  {:>8}  {:>8}  {:>8}",
+            i,
+            class,
+            tr[i],
+            te[i],
+            tr[i] + te[i]
+        );
+    }
+    let _ = writeln!(
+        out,
+        "{:>5}  {:<width$}  {:>8}  {:>8}  {:>8}",
+        "",
+        "all",
+        train.len(),
+        test.len(),
+        train.len() + test.len()
+    );
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use fedra_data::Dataset;
+
+    fn tiny(labels: Vec<u16>) -> Dataset {
+        Dataset {
+            name: "t".into(),
+            shape: [1, 1, 2],
+            features: vec![0.0; labels.len() * 2],
+            labels,
+            class_names: vec!["cat".into(), "airplane".into()],
+        }
+    }
+
+    #[test]
+    fn info_table_lists_every_class_with_totals() {
+        let data = TrainTest {
+            train: tiny(vec![0, 1, 1]),
+            test: tiny(vec![1]),
+        };
+        let text = info_table(DatasetName::Cifar10, "here", &data);
+        assert!(text.contains("train    3 examples"), "{text}");
+        assert!(
+            text.contains("    0  cat              1         0         1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("    1  airplane         2         1         3"),
+            "{text}"
+        );
+        assert!(
+            text.contains("       all              3         1         4"),
+            "{text}"
+        );
+    }
+}
