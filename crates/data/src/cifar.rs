@@ -16,7 +16,8 @@ use flate2::read::GzDecoder;
 
 use crate::dataset::{Dataset, TrainTest};
 use crate::error::DataError;
-use crate::files::{find_first, is_gz, read_maybe_gz};
+use crate::files::{find_first, is_gz, progress_bar, read_maybe_gz};
+use indicatif::ProgressBar;
 
 /// Bytes per record: 1 label byte + 3 x 32 x 32 pixel bytes.
 pub const CIFAR_RECORD_LEN: usize = 1 + 3 * 32 * 32;
@@ -60,8 +61,23 @@ pub fn cifar10_class_names() -> Vec<String> {
 /// Loads CIFAR-10 from the official archive, an extracted `cifar-10-batches-bin/` folder, or a
 /// folder containing either.
 pub fn load_cifar10(path: &Path) -> Result<TrainTest, DataError> {
+    load_cifar10_with_progress(path, false)
+}
+
+/// [`load_cifar10`] with a progress bar over the batches (drawn only on a terminal).
+pub(crate) fn load_cifar10_with_progress(
+    path: &Path,
+    progress: bool,
+) -> Result<TrainTest, DataError> {
+    let bar = progress_bar(6, "CIFAR-10 batches", progress);
+    let result = find_and_load(path, &bar);
+    bar.finish_and_clear();
+    result
+}
+
+fn find_and_load(path: &Path, bar: &ProgressBar) -> Result<TrainTest, DataError> {
     if path.is_file() {
-        return load_archive(path);
+        return load_archive(path, bar);
     }
     if !path.is_dir() {
         return Err(DataError::NotFound {
@@ -70,15 +86,15 @@ pub fn load_cifar10(path: &Path) -> Result<TrainTest, DataError> {
         });
     }
     if has_batches(path) {
-        return load_folder(path);
+        return load_folder(path, bar);
     }
     let inner = path.join(CIFAR10_FOLDER);
     if inner.is_dir() {
-        return load_folder(&inner);
+        return load_folder(&inner, bar);
     }
     let archive = path.join(CIFAR10_ARCHIVE);
     if archive.is_file() {
-        return load_archive(&archive);
+        return load_archive(&archive, bar);
     }
     Err(DataError::NotFound {
         path: path.join(format!("{}.bin", TRAIN_BATCHES[0])),
@@ -96,7 +112,7 @@ fn has_batches(dir: &Path) -> bool {
     batch_file(dir, TRAIN_BATCHES[0]).is_some() || batch_file(dir, TEST_BATCH).is_some()
 }
 
-fn load_folder(dir: &Path) -> Result<TrainTest, DataError> {
+fn load_folder(dir: &Path, bar: &ProgressBar) -> Result<TrainTest, DataError> {
     let need = |base: &str| {
         batch_file(dir, base).ok_or_else(|| DataError::NotFound {
             path: dir.join(format!("{base}.bin")),
@@ -114,13 +130,15 @@ fn load_folder(dir: &Path) -> Result<TrainTest, DataError> {
     for base in TRAIN_BATCHES {
         let p = need(base)?;
         train_batches.push((read_maybe_gz(&p)?, p));
+        bar.inc(1);
     }
     let test_path = need(TEST_BATCH)?;
     let test_bytes = read_maybe_gz(&test_path)?;
+    bar.inc(1);
     assemble(train_batches, (test_bytes, test_path), class_names)
 }
 
-fn load_archive(archive: &Path) -> Result<TrainTest, DataError> {
+fn load_archive(archive: &Path, bar: &ProgressBar) -> Result<TrainTest, DataError> {
     let file = std::fs::File::open(archive).map_err(|e| DataError::io(archive, e))?;
     let reader: Box<dyn Read> = if is_gz(archive) {
         Box::new(GzDecoder::new(std::io::BufReader::new(file)))
@@ -156,6 +174,7 @@ fn load_archive(archive: &Path) -> Result<TrainTest, DataError> {
             meta = Some(buf);
         } else {
             batches.push((name, buf));
+            bar.inc(1);
         }
     }
     let member = |base: &str| archive.join(CIFAR10_FOLDER).join(format!("{base}.bin"));

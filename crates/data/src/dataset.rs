@@ -176,3 +176,62 @@ impl FromStr for DatasetName {
 pub(crate) fn embedded_path(name: &str) -> PathBuf {
     PathBuf::from(format!("<embedded>/{name}"))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tiny() -> Dataset {
+        Dataset {
+            name: "tiny".into(),
+            shape: [1, 1, 2],
+            features: vec![0.0, 1.0, 2.0, 3.0, 4.0, 5.0],
+            labels: vec![1, 0, 1],
+            class_names: vec!["a".into(), "b".into()],
+        }
+    }
+
+    #[test]
+    fn dataset_name_round_trips_through_text_and_serde() {
+        for name in DatasetName::ALL {
+            assert_eq!(name.to_string().parse::<DatasetName>().unwrap(), name);
+            let json = serde_json::to_string(&name).unwrap();
+            assert_eq!(json, format!("\"{name}\""));
+            assert_eq!(serde_json::from_str::<DatasetName>(&json).unwrap(), name);
+        }
+        let err = "cifar100".parse::<DatasetName>().unwrap_err();
+        assert!(err.to_string().contains("cifar100"), "{err}");
+    }
+
+    #[test]
+    fn counts_examples_and_subsets() {
+        let d = tiny();
+        assert_eq!((d.len(), d.example_len(), d.num_classes()), (3, 2, 2));
+        assert_eq!(d.class_counts(), vec![1, 2]);
+        assert_eq!(d.example(2), &[4.0, 5.0]);
+        let s = d.subset(&[2, 0]);
+        assert_eq!(s.features, vec![4.0, 5.0, 0.0, 1.0]);
+        assert_eq!(s.labels, vec![1, 1]);
+        assert!(d.subset(&[]).is_empty());
+    }
+
+    #[test]
+    fn validate_rejects_bad_label_size_and_nan() {
+        let src = std::path::Path::new("some/file");
+        assert!(tiny().validate(src).is_ok());
+        let mut d = tiny();
+        d.labels[2] = 2;
+        let e = d.validate(src).unwrap_err().to_string();
+        assert!(
+            e.contains("some/file") && e.contains("example 2 has label 2"),
+            "{e}"
+        );
+        let mut d = tiny();
+        d.features.pop();
+        assert!(d.validate(src).is_err());
+        let mut d = tiny();
+        d.features[3] = f32::NAN;
+        let e = d.validate(src).unwrap_err().to_string();
+        assert!(e.contains("example 1"), "{e}");
+    }
+}

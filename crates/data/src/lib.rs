@@ -75,9 +75,11 @@ pub fn load(
             load_mnist(if !own && sub.is_dir() { &sub } else { &dir })
         }
         DatasetName::Cifar10 => {
-            let r = load_cifar10(&dir);
+            let r = cifar::load_cifar10_with_progress(&dir, opts.progress);
             match r {
-                Err(DataError::NotFound { .. }) if sub.exists() => load_cifar10(&sub),
+                Err(DataError::NotFound { .. }) if sub.exists() => {
+                    cifar::load_cifar10_with_progress(&sub, opts.progress)
+                }
                 other => other,
             }
         }

@@ -188,6 +188,20 @@ fn keywords_unknown_silence_and_cache() {
     // Second load comes from the cache and is bit-identical.
     let again = load_speech_commands(&speech_dir(), &opts).unwrap();
     assert_eq!(again, tt);
+    // A damaged cache file is ignored and rewritten, never trusted.
+    let file = cached[0].as_ref().unwrap().path();
+    let len = std::fs::metadata(&file).unwrap().len();
+    std::fs::write(&file, b"FEDRAMF1 broken").unwrap();
+    let recomputed = load_speech_commands(&speech_dir(), &opts).unwrap();
+    assert_eq!(recomputed, tt);
+    assert_eq!(std::fs::metadata(&file).unwrap().len(), len);
+    // Nothing was written into the dataset folder.
+    assert!(
+        !speech_dir()
+            .read_dir()
+            .unwrap()
+            .any(|e| { e.unwrap().file_name().to_string_lossy().contains("mfcc") })
+    );
 }
 
 /// A copy of two keyword folders (a few clips each) to corrupt.
