@@ -1,6 +1,8 @@
 //! The `fedra` command line.
 
 mod cmd_data;
+mod cmd_partition;
+mod plot;
 
 use clap::{Parser, Subcommand};
 
@@ -16,6 +18,9 @@ struct Cli {
 enum Command {
     /// Inspect or download a dataset (MNIST, CIFAR-10, Speech Commands).
     Data(cmd_data::DataArgs),
+    /// Split a training set over clients with a scheme; print the client x class table with
+    /// sizes and EMD, and optionally write it as JSON and draw it as a heat-map.
+    Partition(cmd_partition::PartitionArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -29,5 +34,6 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Data(args) => cmd_data::run(args),
+        Command::Partition(args) => cmd_partition::run(args),
     }
 }
