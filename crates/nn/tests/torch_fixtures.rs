@@ -21,8 +21,10 @@
 //!   are not stored): `DELTA_RTOL` relative plus the summed recovery error and floor;
 //! - BatchNorm running statistics after the step: 1e-7 + 5e-6 relative (unbiased variance shows).
 //!
-//! fedra's safetensors export is also checked against PyTorch's `state_dict()` names, shapes and
-//! dtypes, and the eval-mode centre crop of cifar-cnn against PyTorch on the cropped images.
+//! Also checked: fedra's safetensors export against PyTorch's `state_dict()` names, shapes and
+//! dtypes; the step repeated on two GEMM threads (bit-identical); the eval-mode centre crop of
+//! cifar-cnn against PyTorch on the cropped images.
+//!
 //! Bugs land far outside these bounds (checked by planting them): a transposed `fc.weight`
 //! (logreg) or a flatten in H,W,C order (mnist-cnn) moves the loss by 40-1000x its tolerance, an
 //! LRN with `nn.LocalResponseNorm`'s alpha scaling the gradients by ~50x, a biased running
@@ -396,6 +398,32 @@ fn check_against_torch(model_name: &str) {
     let stats = trainer
         .train_step(&mut stepped, x, &y, &sgd, BnPolicy::Train, 0, None)
         .expect("train step");
+
+    // The same step on two GEMM threads must give the same bits (the engine's contract).
+    let mut threaded = Trainer::new(init.spec(), batch).expect("trainer");
+    threaded.set_threads(2);
+    let mut stepped2 = init.clone();
+    let stats2 = threaded
+        .train_step(&mut stepped2, x, &y, &sgd, BnPolicy::Train, 0, None)
+        .expect("train step, 2 threads");
+    assert_eq!(
+        stats.loss.to_bits(),
+        stats2.loss.to_bits(),
+        "{model_name}: loss with 2 threads"
+    );
+    assert!(
+        stepped
+            .params()
+            .iter()
+            .zip(stepped2.params())
+            .all(|(a, b)| a.to_bits() == b.to_bits())
+            && stepped
+                .buffers()
+                .iter()
+                .zip(stepped2.buffers())
+                .all(|(a, b)| a.to_bits() == b.to_bits()),
+        "{model_name}: one step with 2 threads differs from 1 thread"
+    );
     assert_loss(
         &format!("{model_name}: train loss"),
         f64::from(stats.loss),
