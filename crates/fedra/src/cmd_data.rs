@@ -105,9 +105,12 @@ pub fn run(args: DataArgs) -> anyhow::Result<()> {
                 }
                 None => fedra_data::default_data_dir().display().to_string(),
             };
-            print!("{}", info_table(name, &source, &data));
-            println!("loaded in {:.2} s", start.elapsed().as_secs_f64());
-            Ok(())
+            let text = format!(
+                "{}loaded in {:.2} s\n",
+                info_table(name, &source, &data),
+                start.elapsed().as_secs_f64()
+            );
+            print_stdout(&text)
         }
         DataCommand::Download {
             name,
@@ -117,13 +120,22 @@ pub fn run(args: DataArgs) -> anyhow::Result<()> {
             let dir = data_dir.unwrap_or_else(fedra_data::default_data_dir);
             let path = fedra_data::download(name, &dir, mirror.as_deref(), true)
                 .with_context(|| format!("cannot download {name}"))?;
-            println!("{name}: ready at {}", path.display());
-            println!(
-                "load it with: fedra data info {name} --data-dir {}",
+            print_stdout(&format!(
+                "{name}: ready at {}\nload it with: fedra data info {name} --data-dir {}\n",
+                path.display(),
                 path.display()
-            );
-            Ok(())
+            ))
         }
+    }
+}
+
+/// Writes `text` to stdout; a closed pipe (`fedra data info ... | head`) is not an error.
+fn print_stdout(text: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        other => Ok(other?),
     }
 }
 
