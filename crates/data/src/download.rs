@@ -250,9 +250,9 @@ fn verify(file: &RemoteFile, path: &Path, progress: bool) -> Result<(), DataErro
     let mut content = Sha256::new();
     let mut buf = vec![0u8; 1 << 16];
     loop {
-        let n = gz.read(&mut buf).map_err(|source| DataError::Gzip {
+        let n = gz.read(&mut buf).map_err(|cause| DataError::Gzip {
             path: path.to_path_buf(),
-            source,
+            cause,
         })?;
         if n == 0 {
             break;

@@ -10,18 +10,17 @@ pub enum DataError {
     #[error("{path}: not found ({what})")]
     NotFound { path: PathBuf, what: String },
     /// The operating system refused a read or write.
-    #[error("{path}: I/O error: {source}")]
+    /// (The cause is part of the message rather than a `source()`, so it is never printed twice.)
+    #[error("{path}: I/O error: {cause}")]
     Io {
         path: PathBuf,
-        #[source]
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     /// A gzip stream is damaged (bad header, bad deflate data, CRC mismatch, truncated).
-    #[error("{path}: corrupt gzip data: {source}")]
+    #[error("{path}: corrupt or truncated gzip data: {cause}")]
     Gzip {
         path: PathBuf,
-        #[source]
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     /// The bytes were read but are not what the format says they must be.
     #[error("{path}: {reason}")]
@@ -57,7 +56,10 @@ impl DataError {
                 what: "no such file or directory".into(),
             }
         } else {
-            DataError::Io { path, source }
+            DataError::Io {
+                path,
+                cause: source,
+            }
         }
     }
 

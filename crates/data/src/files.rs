@@ -29,9 +29,9 @@ pub(crate) fn gunzip(bytes: &[u8], path: &Path) -> Result<Vec<u8>, DataError> {
     let mut out = Vec::with_capacity(bytes.len() * 4);
     GzDecoder::new(bytes)
         .read_to_end(&mut out)
-        .map_err(|source| DataError::Gzip {
+        .map_err(|cause| DataError::Gzip {
             path: path.to_path_buf(),
-            source,
+            cause,
         })?;
     Ok(out)
 }
