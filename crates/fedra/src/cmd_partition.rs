@@ -55,6 +55,14 @@ pub fn run(args: PartitionArgs) -> anyhow::Result<()> {
                 p.display()
             );
         }
+        if args.clients > plot::MAX_HEATMAP_CLIENTS {
+            anyhow::bail!(
+                "--plot {}: a heat-map shows at most {} clients, --clients is {}",
+                p.display(),
+                plot::MAX_HEATMAP_CLIENTS,
+                args.clients
+            );
+        }
     }
     let opts = LoadOptions {
         progress: true,

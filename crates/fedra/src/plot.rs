@@ -19,6 +19,9 @@ use plotters::coord::Shift;
 use plotters::prelude::*;
 use plotters::style::text_anchor::{HPos, Pos, VPos};
 
+/// The most clients a heat-map draws (one pixel row each at that size).
+pub const MAX_HEATMAP_CLIENTS: usize = 1000;
+
 static FONT: &[u8] = include_bytes!("../assets/DejaVuSans.ttf");
 
 /// Make the embedded font the one plotters draws with (idempotent; call before drawing).
@@ -78,7 +81,7 @@ struct Layout {
 impl Layout {
     fn new(rows: usize, cols: usize) -> Self {
         let cell_w = (900 / cols.max(1)).clamp(14, 72) as i32;
-        let cell_h = (640 / rows.max(1)).clamp(4, 34) as i32;
+        let cell_h = (640 / rows.max(1)).clamp(1, 34) as i32;
         let left = 90;
         let top = 96;
         let grid_w = cell_w * cols as i32;
@@ -283,6 +286,14 @@ pub fn partition_heatmap_file(
     title: Option<&str>,
 ) -> anyhow::Result<()> {
     register_fonts();
+    // One pixel row per client at most 1000 clients keeps the picture under ~1700 px tall.
+    if stats.clients.len() > MAX_HEATMAP_CLIENTS {
+        bail!(
+            "{}: a heat-map shows at most {MAX_HEATMAP_CLIENTS} clients, this partition has {}",
+            path.display(),
+            stats.clients.len()
+        );
+    }
     let title = title.map_or_else(|| default_title(stats), str::to_string);
     let layout = Layout::new(stats.clients.len(), stats.num_classes());
     let size = (layout.width, layout.height);
@@ -384,5 +395,22 @@ mod tests {
                 .unwrap_err()
                 .to_string();
         assert!(err.contains("no/such/dir/p.png"), "{err}");
+        let mut many = stats();
+        many.clients = (0..MAX_HEATMAP_CLIENTS + 1)
+            .map(|id| ClientStats {
+                id,
+                ..many.clients[0].clone()
+            })
+            .collect();
+        let err = partition_heatmap_file(&dir.path().join("many.png"), &many, &[], None)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("at most 1000 clients") && err.contains("1001"),
+            "{err}"
+        );
+        let mut thousand = many.clone();
+        thousand.clients.truncate(MAX_HEATMAP_CLIENTS);
+        partition_heatmap_file(&dir.path().join("thousand.png"), &thousand, &[], None).unwrap();
     }
 }
