@@ -1,5 +1,6 @@
 //! The `fedra` command line.
 
+mod cmd_bench;
 mod cmd_data;
 mod cmd_partition;
 mod plot;
@@ -16,6 +17,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Benchmark fedra's training engine (samples/s, GFLOP/s, GEMM peak, workspace memory).
+    Bench(cmd_bench::BenchArgs),
     /// Inspect or download a dataset (MNIST, CIFAR-10, Speech Commands).
     Data(cmd_data::DataArgs),
     /// Split a training set over clients with a scheme; print the client x class table with
@@ -33,6 +36,7 @@ fn main() -> anyhow::Result<()> {
         .init();
     let cli = Cli::parse();
     match cli.command {
+        Command::Bench(args) => cmd_bench::run(args),
         Command::Data(args) => cmd_data::run(args),
         Command::Partition(args) => cmd_partition::run(args),
     }

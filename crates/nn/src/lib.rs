@@ -5,12 +5,14 @@
 //! crate. The engine stays behind this module's interface so that another backend can be added
 //! without touching the federated layer.
 
+mod bench;
 mod error;
 mod kernels;
 mod model;
 mod spec;
 mod train;
 
+pub use bench::{BenchEffort, BenchRow, bench_train, gemm_gflops};
 pub use error::NnError;
 pub use model::{Model, TensorInfo, TensorKind};
 pub use spec::{Augment, BUILTIN_MODELS, LayerSpec, ModelSpec, Padding};

@@ -368,6 +368,8 @@ pub(crate) struct ConvOp {
     pub wout: usize,
     pub w: usize,
     pub b: usize,
+    /// A following ReLU fused into this layer (applied after the bias).
+    pub relu: bool,
 }
 impl ConvOp {
     pub fn k(&self) -> usize {
@@ -396,6 +398,8 @@ pub(crate) struct LinearOp {
     pub fout: usize,
     pub w: usize,
     pub b: usize,
+    /// A following ReLU fused into this layer (applied after the bias).
+    pub relu: bool,
 }
 
 /// BatchNorm: param offsets `w`, `b`; buffer offsets `rm`, `rv`, `nbt`.
@@ -654,6 +658,7 @@ impl Plan {
                         wout,
                         w: wo,
                         b: bo,
+                        relu: false,
                     }));
                     shape = [*out_channels, hout, wout];
                 }
@@ -753,6 +758,7 @@ impl Plan {
                         fout: *out_features,
                         w: wo,
                         b: bo,
+                        relu: false,
                     }));
                     shape = [*out_features, 1, 1];
                 }
@@ -818,6 +824,16 @@ impl Plan {
                 ),
             ));
         }
+        // Fuse each ReLU into the conv/linear layer before it: one pass less each way.
+        let mut fused: Vec<Op> = Vec::with_capacity(ops.len());
+        for op in ops {
+            match (fused.last_mut(), &op) {
+                (Some(Op::Conv(c)), Op::Relu { .. }) if !c.relu => c.relu = true,
+                (Some(Op::Linear(l)), Op::Relu { .. }) if !l.relu => l.relu = true,
+                _ => fused.push(op),
+            }
+        }
+        let ops = fused;
         Ok(Plan {
             net_input,
             ops,

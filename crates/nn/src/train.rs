@@ -466,6 +466,36 @@ impl Trainer {
                         unreachable!()
                     };
                     let in_plane = pl.hin * pl.win;
+                    if (pl.kh, pl.kw, pl.sh, pl.sw, pl.pt, pl.pl) == (2, 2, 2, 2, 0, 0) {
+                        // The common 2x2/2 unpadded pool: no bounds checks; ties go to the first
+                        // element in row-major window order, as in the general path.
+                        let out_plane = pl.hout * pl.wout;
+                        for sc in 0..n * pl.c {
+                            let xs = &x[sc * in_plane..(sc + 1) * in_plane];
+                            for oh in 0..pl.hout {
+                                let r0 = 2 * oh * pl.win;
+                                let r1 = r0 + pl.win;
+                                for ow in 0..pl.wout {
+                                    let cands = [
+                                        r0 + 2 * ow,
+                                        r0 + 2 * ow + 1,
+                                        r1 + 2 * ow,
+                                        r1 + 2 * ow + 1,
+                                    ];
+                                    let mut at = cands[0];
+                                    for &c in &cands[1..] {
+                                        if xs[c] > xs[at] || xs[c].is_nan() {
+                                            at = c;
+                                        }
+                                    }
+                                    let o = sc * out_plane + oh * pl.wout + ow;
+                                    y[o] = xs[at];
+                                    arg[o] = (sc * in_plane + at) as u32;
+                                }
+                            }
+                        }
+                        continue;
+                    }
                     for sc in 0..n * pl.c {
                         let xs = &x[sc * in_plane..(sc + 1) * in_plane];
                         for oh in 0..pl.hout {
@@ -521,8 +551,14 @@ impl Trainer {
                     matmul(par, n, l.fout, l.fin, y, false, x, l.fin, 1, w, 1, l.fin);
                     let b = &p[l.b..l.b + l.fout];
                     for row in y.chunks_exact_mut(l.fout) {
-                        for (v, bb) in row.iter_mut().zip(b) {
-                            *v += bb;
+                        if l.relu {
+                            for (v, bb) in row.iter_mut().zip(b) {
+                                *v = (*v + bb).max(0.0);
+                            }
+                        } else {
+                            for (v, bb) in row.iter_mut().zip(b) {
+                                *v += bb;
+                            }
                         }
                     }
                 }
@@ -671,10 +707,23 @@ impl Trainer {
             let op = &self.plan.ops[i];
             let need_dx = i > 0;
             let (glo, ghi) = self.gacts.split_at_mut(i + 1);
+            let yv = &self.acts[i + 1];
+            let fused_relu = match op {
+                Op::Conv(c) => c.relu,
+                Op::Linear(l) => l.relu,
+                _ => false,
+            };
+            if fused_relu {
+                let len = n * op.out_len();
+                for (d, o) in ghi[0][..len].iter_mut().zip(&yv[..len]) {
+                    if *o <= 0.0 {
+                        *d = 0.0;
+                    }
+                }
+            }
             let dy = &ghi[0];
             let dx = &mut glo[i];
             let x = &self.acts[i];
-            let yv = &self.acts[i + 1];
             match op {
                 Op::Conv(c) => {
                     conv_backward(par, c, p, grads, x, dy, dx, &mut self.col, n, need_dx)
@@ -917,6 +966,11 @@ fn conv_forward(
         }
         im2col(&g, &x[s * in_len..(s + 1) * in_len], col);
         matmul(par, c.cout, hw, k, ys, true, w, k, 1, col, hw, 1);
+        if c.relu {
+            for v in ys.iter_mut() {
+                *v = v.max(0.0);
+            }
+        }
     }
 }
 
