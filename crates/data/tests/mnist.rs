@@ -190,3 +190,21 @@ fn missing_file_and_folder_are_errors() {
     let err = load_mnist(&gone).unwrap_err();
     assert!(err.to_string().contains("no-such-folder"), "{err}");
 }
+
+#[test]
+fn dotted_file_names_are_accepted() {
+    // Some unpackers write `train-images.idx3-ubyte`; the loader accepts that spelling too.
+    let tmp = raw_copy();
+    for f in std::fs::read_dir(tmp.path()).unwrap() {
+        let p = f.unwrap().path();
+        let name = p
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+            .replace("-idx", ".idx");
+        std::fs::rename(&p, tmp.path().join(name)).unwrap();
+    }
+    assert!(tmp.path().join("t10k-labels.idx1-ubyte").is_file());
+    let tt = load_mnist(tmp.path()).unwrap();
+    assert_eq!(tt.test.class_counts(), MNIST_TEST_COUNTS);
+}

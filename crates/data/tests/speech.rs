@@ -55,6 +55,30 @@ fn mfcc_matches_librosa_fixture() {
     eprintln!("worst |fedra - librosa| = {worst:e}");
 }
 
+/// Splits computed by the README's Python `which_set` (hashlib SHA-1, int(hex, 16), 2^27).
+#[test]
+fn which_set_matches_the_reference_python() {
+    let cases = [
+        ("00000000_nohash_0.wav", SpeechSplit::Validation),
+        ("9e3779b1_nohash_0.wav", SpeechSplit::Validation),
+        ("2e2ac0ea_nohash_3.wav", SpeechSplit::Validation),
+        ("be1e0823_nohash_0.wav", SpeechSplit::Testing),
+        ("c6ef3620_nohash_0.wav", SpeechSplit::Testing),
+        ("0c40e715_nohash_2.wav", SpeechSplit::Testing),
+        ("3c6ef362_nohash_0.wav", SpeechSplit::Training),
+        ("daa66d13_nohash_1.wav", SpeechSplit::Training),
+        ("0a7c2a8d_nohash_0.wav", SpeechSplit::Training),
+    ];
+    for (name, expected) in cases {
+        assert_eq!(which_set(name, 10.0, 10.0), expected, "{name}");
+        assert_eq!(
+            which_set(&format!("yes/{name}"), 10.0, 10.0),
+            expected,
+            "{name}"
+        );
+    }
+}
+
 #[test]
 fn which_set_is_by_speaker_and_roughly_ten_percent() {
     // All clips of one speaker share a split.
