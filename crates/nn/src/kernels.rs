@@ -120,11 +120,18 @@ pub(crate) fn im2col(g: &Geom, x: &[f32], col: &mut [f32]) {
                         continue;
                     }
                     let src = &plane[ih as usize * g.w..(ih as usize + 1) * g.w];
-                    out[..lo].fill(0.0);
-                    out[hi..].fill(0.0);
+                    for o in &mut out[..lo] {
+                        *o = 0.0;
+                    }
+                    for o in &mut out[hi..] {
+                        *o = 0.0;
+                    }
                     if g.sw == 1 {
+                        // Rows are short (tens of values): an element loop beats a memcpy call.
                         let start = lo + kj - g.pl;
-                        out[lo..hi].copy_from_slice(&src[start..start + (hi - lo)]);
+                        for (o, s) in out[lo..hi].iter_mut().zip(&src[start..start + (hi - lo)]) {
+                            *o = *s;
+                        }
                     } else {
                         for (ow, o) in out.iter_mut().enumerate().take(hi).skip(lo) {
                             *o = src[ow * g.sw + kj - g.pl];

@@ -734,9 +734,29 @@ impl Trainer {
                             unreachable!()
                         };
                         let out = n * pl.c * pl.hout * pl.wout;
-                        dx[..n * pl.c * pl.hin * pl.win].fill(0.0);
-                        for (a, g) in arg[..out].iter().zip(&dy[..out]) {
-                            dx[*a as usize] += g;
+                        let tiles =
+                            (pl.kh, pl.kw, pl.sh, pl.sw, pl.pt, pl.pl) == (2, 2, 2, 2, 0, 0);
+                        if tiles && pl.hin % 2 == 0 && pl.win % 2 == 0 {
+                            // 2x2/2 windows tile the input exactly: write every input gradient
+                            // once, no zero fill, no scatter.
+                            let (hin, win) = (pl.hin, pl.win);
+                            for sc in 0..n * pl.c {
+                                for oh in 0..pl.hout {
+                                    for ow in 0..pl.wout {
+                                        let o = sc * pl.hout * pl.wout + oh * pl.wout + ow;
+                                        let a = arg[o] as usize;
+                                        let base = sc * hin * win + 2 * oh * win + 2 * ow;
+                                        for cell in [base, base + 1, base + win, base + win + 1] {
+                                            dx[cell] = if cell == a { dy[o] } else { 0.0 };
+                                        }
+                                    }
+                                }
+                            }
+                        } else {
+                            dx[..n * pl.c * pl.hin * pl.win].fill(0.0);
+                            for (a, g) in arg[..out].iter().zip(&dy[..out]) {
+                                dx[*a as usize] += g;
+                            }
                         }
                     }
                 }
@@ -910,6 +930,19 @@ impl Trainer {
     }
 }
 
+/// Sum in eight interleaved lanes (vectorisable; a fixed order, so still deterministic).
+fn lane_sum(v: &[f32]) -> f32 {
+    let mut lanes = [0f32; 8];
+    let chunks = v.chunks_exact(8);
+    let tail: f32 = chunks.remainder().iter().sum();
+    for c in chunks {
+        for (l, x) in lanes.iter_mut().zip(c) {
+            *l += x;
+        }
+    }
+    lanes.iter().sum::<f32>() + tail
+}
+
 fn check_sgd(sgd: &SgdConfig) -> Result<(), NnError> {
     let bad = |field: &str, msg: &str| {
         Err(NnError::Config {
@@ -998,7 +1031,7 @@ fn conv_backward(
             .iter_mut()
             .zip(dys.chunks_exact(hw))
         {
-            *d += row.iter().sum::<f32>();
+            *d += lane_sum(row);
         }
         im2col(&g, &x[s * in_len..(s + 1) * in_len], col);
         matmul(
