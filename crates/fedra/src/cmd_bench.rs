@@ -76,6 +76,10 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         min_samples: a.samples.max(1),
         repeats: a.repeats.max(1),
     };
+    let specs = models
+        .iter()
+        .map(|name| ModelSpec::by_name(name, input_of(name), 10))
+        .collect::<Result<Vec<_>, _>>()?;
     if !a.json {
         let square = gemm_gflops(512, 512, 512, a.repeats.max(1));
         let conv2 = gemm_gflops(64, 196, 800, a.repeats.max(1));
@@ -88,11 +92,10 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             "model", "batch", "threads", "clients", "samples/s", "GFLOP/s", "workspace/client"
         );
     }
-    for name in &models {
-        let spec = ModelSpec::by_name(name, input_of(name), 10)?;
+    for spec in &specs {
         for &batch in &batches {
             for &c in &clients {
-                let row = bench_train(&spec, batch, c, effort)?;
+                let row = bench_train(spec, batch, c, effort)?;
                 if a.json {
                     println!(
                         "{}",

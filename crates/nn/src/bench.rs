@@ -96,7 +96,6 @@ pub fn bench_train(
     let steps = effort.min_samples.div_ceil(batch).max(2);
     let mut best = 0f64;
     for _ in 0..effort.repeats.max(1) {
-        let start = Instant::now();
         let results: Vec<Result<f64, NnError>> = std::thread::scope(|scope| {
             let handles: Vec<_> = (0..clients)
                 .map(|c| scope.spawn(move || client_run(spec, batch, steps, effort, c as u64)))
@@ -112,7 +111,6 @@ pub fn bench_train(
                 })
                 .collect()
         });
-        let _wall = start.elapsed();
         // Throughput of the parallel section: the slowest client bounds it.
         let mut slowest = 0f64;
         for r in results {
