@@ -1,8 +1,12 @@
 //! The `fedra` command line.
 
+mod charts;
 mod cmd_bench;
 mod cmd_data;
 mod cmd_partition;
+mod cmd_report;
+mod cmd_run;
+mod paper;
 mod plot;
 
 use clap::{Parser, Subcommand};
@@ -24,6 +28,10 @@ enum Command {
     /// Split a training set over clients with a scheme; print the client x class table with
     /// sizes and EMD, and optionally write it as JSON and draw it as a heat-map.
     Partition(cmd_partition::PartitionArgs),
+    /// Run experiments (TOML files, sweeps expanded): federated rounds, metrics, checkpoints.
+    Run(cmd_run::RunArgs),
+    /// Tables and figures from finished runs, printed next to the reference study's numbers.
+    Report(cmd_report::ReportArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -39,5 +47,7 @@ fn main() -> anyhow::Result<()> {
         Command::Bench(args) => cmd_bench::run(args),
         Command::Data(args) => cmd_data::run(args),
         Command::Partition(args) => cmd_partition::run(args),
+        Command::Run(args) => cmd_run::run(args),
+        Command::Report(args) => cmd_report::run(args),
     }
 }

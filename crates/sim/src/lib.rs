@@ -1,2 +1,11 @@
 //! In-process simulation of a federated run: clients of a round train in parallel, deterministically
 //! whatever the number of threads, with checkpoint and resume.
+
+pub mod checkpoint;
+pub mod error;
+pub mod executor;
+pub mod run;
+
+pub use error::SimError;
+pub use executor::ParallelExecutor;
+pub use run::{Run, Summary, metrics_csv, write_atomic};

@@ -1,0 +1,548 @@
+//! `fedra report`: read run folders and write `report.md` with pictures, every measured number
+//! printed beside the study's.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, bail};
+
+use fedra_data::stats::PartitionStats;
+use fedra_fl::ExperimentConfig;
+use fedra_sim::Summary;
+
+use crate::charts;
+use crate::paper;
+use crate::plot;
+
+#[derive(clap::Args)]
+pub struct ReportArgs {
+    /// Run folders (as `fedra run` writes them), or folders holding run folders (searched
+    /// recursively for `summary.json`).
+    #[arg(required = true)]
+    runs: Vec<PathBuf>,
+    /// Where to write report.md and the pictures.
+    #[arg(long, default_value = "report")]
+    out: PathBuf,
+}
+
+/// One row of `metrics.csv`.
+#[derive(Clone, Debug)]
+struct Row {
+    round: usize,
+    accuracy: f64,
+    sgd_accuracy: Option<f64>,
+    divergence: Vec<(String, f64)>,
+}
+
+/// Everything a report needs from one run folder.
+struct RunInfo {
+    name: String,
+    dir: PathBuf,
+    config: ExperimentConfig,
+    summary: Summary,
+    rows: Vec<Row>,
+    partition: PartitionStats,
+}
+
+fn find_runs(path: &Path, found: &mut Vec<PathBuf>) -> anyhow::Result<()> {
+    if path.join("summary.json").exists() {
+        found.push(path.to_path_buf());
+        return Ok(());
+    }
+    if !path.is_dir() {
+        bail!(
+            "{} is neither a run folder nor a folder of runs",
+            path.display()
+        );
+    }
+    let mut entries: Vec<PathBuf> = std::fs::read_dir(path)
+        .with_context(|| format!("cannot list {}", path.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.is_dir())
+        .collect();
+    entries.sort();
+    for entry in entries {
+        find_runs(&entry, found)?;
+    }
+    Ok(())
+}
+
+fn read_metrics(path: &Path) -> anyhow::Result<Vec<Row>> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let mut lines = text.lines();
+    let header: Vec<&str> = lines
+        .next()
+        .with_context(|| format!("{} is empty", path.display()))?
+        .split(',')
+        .collect();
+    let column = |name: &str| header.iter().position(|h| *h == name);
+    let (Some(round_col), Some(acc_col)) = (column("round"), column("test_accuracy")) else {
+        bail!("{}: no round/test_accuracy columns", path.display());
+    };
+    let sgd_col = column("sgd_test_accuracy");
+    let mut rows = Vec::new();
+    for (number, line) in lines.enumerate() {
+        let cells: Vec<&str> = line.split(',').collect();
+        if cells.len() != header.len() {
+            bail!(
+                "{} line {}: {} cells, the header has {}",
+                path.display(),
+                number + 2,
+                cells.len(),
+                header.len()
+            );
+        }
+        let num = |i: usize| -> anyhow::Result<f64> {
+            cells[i].parse::<f64>().with_context(|| {
+                format!(
+                    "{} line {}, column {}: {:?} is not a number",
+                    path.display(),
+                    number + 2,
+                    header[i],
+                    cells[i]
+                )
+            })
+        };
+        let divergence = header
+            .iter()
+            .enumerate()
+            .filter_map(|(i, h)| h.strip_prefix("wd_").map(|n| (i, n)))
+            .map(|(i, n)| Ok((n.to_string(), num(i)?)))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        rows.push(Row {
+            round: num(round_col)? as usize,
+            accuracy: num(acc_col)?,
+            sgd_accuracy: sgd_col.map(num).transpose()?,
+            divergence,
+        });
+    }
+    Ok(rows)
+}
+
+fn read_run(dir: &Path, root: &Path) -> anyhow::Result<RunInfo> {
+    let config = ExperimentConfig::from_file(&dir.join("config.toml"))?;
+    let summary_path = dir.join("summary.json");
+    let summary: Summary = serde_json::from_str(
+        &std::fs::read_to_string(&summary_path)
+            .with_context(|| format!("cannot read {}", summary_path.display()))?,
+    )
+    .with_context(|| format!("{} is not a fedra summary", summary_path.display()))?;
+    let partition_path = dir.join("partition.json");
+    let partition: PartitionStats = serde_json::from_str(
+        &std::fs::read_to_string(&partition_path)
+            .with_context(|| format!("cannot read {}", partition_path.display()))?,
+    )
+    .with_context(|| format!("{} is not a fedra partition", partition_path.display()))?;
+    let rows = read_metrics(&dir.join("metrics.csv"))?;
+    let name = dir
+        .strip_prefix(root)
+        .ok()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(dir)
+        .display()
+        .to_string();
+    Ok(RunInfo {
+        name,
+        dir: dir.to_path_buf(),
+        config,
+        summary,
+        rows,
+        partition,
+    })
+}
+
+/// What the study calls this run in Table 1, if anything.
+fn table1_kind(c: &ExperimentConfig) -> Option<&'static str> {
+    if c.share.is_some() {
+        return None;
+    }
+    if c.strategy.name == "sgd" {
+        return Some("sgd");
+    }
+    if c.strategy.name != "fedavg" || c.partition.clients != 10 || c.train.fraction < 1.0 {
+        return None;
+    }
+    match c.partition.scheme.as_str() {
+        "iid" if c.model.init.is_none() => Some("iid"),
+        "classes:2" if c.model.init.is_none() => Some("classes:2"),
+        "classes:1" if c.model.init.is_none() => Some("classes:1"),
+        "classes:1" => Some("pretrained"),
+        _ => None,
+    }
+}
+
+fn emd_target(c: &ExperimentConfig) -> Option<f64> {
+    let rest = c.partition.scheme.strip_prefix("emd:")?;
+    rest.split(':').next()?.parse().ok()
+}
+
+fn pct(v: f64) -> String {
+    format!("{:.2}", v * 100.0)
+}
+
+pub fn run(args: ReportArgs) -> anyhow::Result<()> {
+    let mut dirs = Vec::new();
+    for path in &args.runs {
+        find_runs(path, &mut dirs)?;
+    }
+    if dirs.is_empty() {
+        bail!("no finished runs (folders with summary.json) under the given paths");
+    }
+    let root = if args.runs.len() == 1 {
+        args.runs[0].clone()
+    } else {
+        PathBuf::new()
+    };
+    let runs: Vec<RunInfo> = dirs
+        .iter()
+        .map(|d| read_run(d, &root))
+        .collect::<anyhow::Result<_>>()?;
+    std::fs::create_dir_all(&args.out)
+        .with_context(|| format!("cannot create {}", args.out.display()))?;
+    let mut md = String::new();
+    writeln!(md, "# fedra report\n")?;
+    writeln!(
+        md,
+        "{} runs; measured numbers beside the study's (Zhao et al. 2018, `shared/docs/PAPER.md`). \
+         Accuracies are test accuracy in %, final = after the last round run.\n",
+        runs.len()
+    )?;
+    write_runs_table(&mut md, &runs)?;
+    write_curves(&mut md, &runs, &args.out)?;
+    write_divergence(&mut md, &runs, &args.out)?;
+    write_emd_sweep(&mut md, &runs, &args.out)?;
+    write_sharing(&mut md, &runs, &args.out)?;
+    write_heatmaps(&mut md, &runs, &args.out)?;
+    let path = args.out.join("report.md");
+    std::fs::write(&path, md).with_context(|| format!("cannot write {}", path.display()))?;
+    println!("wrote {} ({} runs)", path.display(), runs.len());
+    Ok(())
+}
+
+fn write_runs_table(md: &mut String, runs: &[RunInfo]) -> anyhow::Result<()> {
+    writeln!(md, "## Runs (Table 1)\n")?;
+    writeln!(
+        md,
+        "| run | dataset | training | B | E | rounds | mean EMD | final acc | best acc | study | difference |"
+    )?;
+    writeln!(md, "|---|---|---|---|---|---|---|---|---|---|---|")?;
+    for r in runs {
+        let c = &r.config;
+        let dataset = c.data.dataset.to_string();
+        let kind = table1_kind(c);
+        let study =
+            kind.and_then(|k| paper::table1(&dataset, k, c.train.batch_size, c.train.local_epochs));
+        let training = match (c.strategy.name.as_str(), kind) {
+            ("sgd", _) => format!("SGD (batch {})", c.train.batch_size * 10),
+            (_, Some("pretrained")) => "pre-trained, 1-class".to_string(),
+            (name, _) => format!("{name} {}", c.partition.scheme),
+        };
+        writeln!(
+            md,
+            "| {} | {} | {} | {} | {} | {} | {:.3} | {} | {} | {} | {} |",
+            r.name,
+            dataset,
+            training,
+            c.train.batch_size,
+            c.train.local_epochs,
+            r.summary.rounds,
+            r.summary.mean_emd,
+            pct(r.summary.final_accuracy),
+            pct(r.summary.best_accuracy),
+            study.map_or("–".into(), |s| format!("{s:.2}")),
+            study.map_or("–".into(), |s| format!(
+                "{:+.2}",
+                r.summary.final_accuracy * 100.0 - s
+            )),
+        )?;
+    }
+    writeln!(
+        md,
+        "\nThe study ran 500 rounds; a run with fewer rounds is not expected to reach its number.\n"
+    )?;
+    Ok(())
+}
+
+fn write_curves(md: &mut String, runs: &[RunInfo], out: &Path) -> anyhow::Result<()> {
+    writeln!(md, "## Test accuracy per round\n")?;
+    let mut by_dataset: BTreeMap<String, Vec<&RunInfo>> = BTreeMap::new();
+    for r in runs {
+        by_dataset
+            .entry(r.config.data.dataset.to_string())
+            .or_default()
+            .push(r);
+    }
+    for (dataset, group) in by_dataset {
+        let mut series: Vec<(String, Vec<(f64, f64)>)> = group
+            .iter()
+            .map(|r| {
+                (
+                    r.name.clone(),
+                    r.rows
+                        .iter()
+                        .map(|row| (row.round as f64, row.accuracy * 100.0))
+                        .collect(),
+                )
+            })
+            .collect();
+        for r in &group {
+            if r.rows.iter().any(|row| row.sgd_accuracy.is_some()) {
+                series.push((
+                    format!("{} (SGD twin)", r.name),
+                    r.rows
+                        .iter()
+                        .filter_map(|row| row.sgd_accuracy.map(|a| (row.round as f64, a * 100.0)))
+                        .collect(),
+                ));
+            }
+        }
+        let stem = format!("accuracy-{dataset}");
+        charts::lines(
+            out,
+            &stem,
+            &format!("{dataset}: test accuracy per round"),
+            "round",
+            "test accuracy (%)",
+            &series,
+        )?;
+        writeln!(md, "![{stem}]({stem}.png)\n")?;
+    }
+    Ok(())
+}
+
+fn write_divergence(md: &mut String, runs: &[RunInfo], out: &Path) -> anyhow::Result<()> {
+    let with: Vec<&RunInfo> = runs
+        .iter()
+        .filter(|r| r.rows.last().is_some_and(|row| !row.divergence.is_empty()))
+        .collect();
+    if with.is_empty() {
+        return Ok(());
+    }
+    writeln!(md, "## Weight divergence (Figure 2)\n")?;
+    writeln!(
+        md,
+        "||w_FedAvg − w_SGD|| / ||w_SGD|| per layer after the last evaluated round; the study finds \
+         IID < 2-class < 1-class in every layer, most in conv1 and the last fc.\n"
+    )?;
+    // Layers = divergence names without a '.', in model order.
+    let layers: Vec<String> = with[0]
+        .rows
+        .last()
+        .unwrap()
+        .divergence
+        .iter()
+        .filter(|(n, _)| !n.contains('.'))
+        .map(|(n, _)| n.clone())
+        .collect();
+    write!(md, "| run | round |")?;
+    for l in &layers {
+        write!(md, " {l} |")?;
+    }
+    writeln!(md)?;
+    writeln!(md, "|---|---|{}", "---|".repeat(layers.len()))?;
+    let mut series = Vec::new();
+    for r in &with {
+        let last = r.rows.last().unwrap();
+        write!(md, "| {} | {} |", r.name, last.round)?;
+        let mut values = Vec::new();
+        for l in &layers {
+            let v = last
+                .divergence
+                .iter()
+                .find(|(n, _)| n == l)
+                .map_or(f64::NAN, |d| d.1);
+            write!(md, " {v:.4} |")?;
+            values.push(v);
+        }
+        writeln!(md)?;
+        series.push((r.name.clone(), values));
+    }
+    charts::grouped_bars(
+        out,
+        "divergence",
+        "weight divergence per layer",
+        "||w_FedAvg - w_SGD|| / ||w_SGD||",
+        &layers,
+        &series,
+    )?;
+    writeln!(md, "\n![divergence](divergence.png)\n")?;
+    Ok(())
+}
+
+fn write_emd_sweep(md: &mut String, runs: &[RunInfo], out: &Path) -> anyhow::Result<()> {
+    let mut cells: BTreeMap<(String, i64), Vec<(&RunInfo, f64)>> = BTreeMap::new();
+    for r in runs {
+        if let Some(target) = emd_target(&r.config) {
+            cells
+                .entry((
+                    r.config.data.dataset.to_string(),
+                    (target * 1000.0).round() as i64,
+                ))
+                .or_default()
+                .push((r, target));
+        }
+    }
+    if cells.is_empty() {
+        return Ok(());
+    }
+    writeln!(md, "## EMD sweep (Table 2)\n")?;
+    writeln!(
+        md,
+        "| dataset | target EMD | achieved mean EMD | runs | rounds | mean acc | study | difference |"
+    )?;
+    writeln!(md, "|---|---|---|---|---|---|---|---|")?;
+    let mut series: BTreeMap<String, Vec<(f64, f64)>> = BTreeMap::new();
+    for ((dataset, _), group) in &cells {
+        let target = group[0].1;
+        let n = group.len() as f64;
+        let acc = group
+            .iter()
+            .map(|(r, _)| r.summary.final_accuracy)
+            .sum::<f64>()
+            / n;
+        let emd = group.iter().map(|(r, _)| r.summary.mean_emd).sum::<f64>() / n;
+        let rounds = group
+            .iter()
+            .map(|(r, _)| r.summary.rounds)
+            .min()
+            .unwrap_or(0);
+        let study = paper::emd_sweep(dataset, target);
+        writeln!(
+            md,
+            "| {dataset} | {target} | {emd:.3} | {} | {rounds} | {} | {} | {} |",
+            group.len(),
+            pct(acc),
+            study.map_or("–".into(), pct),
+            study.map_or("–".into(), |s| format!("{:+.2}", (acc - s) * 100.0)),
+        )?;
+        series
+            .entry(dataset.clone())
+            .or_default()
+            .push((emd, acc * 100.0));
+        if let Some(s) = study {
+            series
+                .entry(format!("{dataset} (study)"))
+                .or_default()
+                .push((target, s * 100.0));
+        }
+    }
+    let series: Vec<(String, Vec<(f64, f64)>)> = series.into_iter().collect();
+    charts::lines(
+        out,
+        "emd",
+        "test accuracy vs EMD",
+        "mean EMD",
+        "test accuracy (%)",
+        &series,
+    )?;
+    writeln!(md, "\n![emd](emd.png)\n")?;
+    Ok(())
+}
+
+fn write_sharing(md: &mut String, runs: &[RunInfo], out: &Path) -> anyhow::Result<()> {
+    let with: Vec<&RunInfo> = runs.iter().filter(|r| r.config.share.is_some()).collect();
+    if with.is_empty() {
+        return Ok(());
+    }
+    writeln!(md, "## Data sharing (Figure 7)\n")?;
+    writeln!(
+        md,
+        "The study's points (CIFAR-10, 1-class non-IID, B = 100, E = 1, 300 rounds):\n"
+    )?;
+    writeln!(md, "| study | beta | alpha | accuracy |")?;
+    writeln!(md, "|---|---|---|---|")?;
+    for (what, beta, alpha, accuracy) in paper::SHARING {
+        let alpha = if alpha.is_nan() {
+            "best of sweep".to_string()
+        } else {
+            format!("{:.0}%", alpha * 100.0)
+        };
+        writeln!(
+            md,
+            "| {what} | {:.0}% | {alpha} | {accuracy:.2}% |",
+            beta * 100.0
+        )?;
+    }
+    writeln!(md, "\nfedra's runs:\n")?;
+    writeln!(
+        md,
+        "| run | beta | alpha | warm-up epochs | mean EMD before → after | rounds | final acc |"
+    )?;
+    writeln!(md, "|---|---|---|---|---|---|---|")?;
+    let mut by_beta: BTreeMap<String, Vec<(f64, f64)>> = BTreeMap::new();
+    let mut by_alpha: BTreeMap<String, Vec<(f64, f64)>> = BTreeMap::new();
+    for r in &with {
+        let s = r.config.share.as_ref().unwrap();
+        writeln!(
+            md,
+            "| {} | {:.1}% | {:.0}% | {} | {:.3} → {:.3} | {} | {} |",
+            r.name,
+            s.beta * 100.0,
+            s.alpha * 100.0,
+            s.warmup_epochs,
+            r.summary.mean_emd_before_share.unwrap_or(f64::NAN),
+            r.summary.mean_emd,
+            r.summary.rounds,
+            pct(r.summary.final_accuracy)
+        )?;
+        let warm = if s.warmup_epochs > 0 { ", warm-up" } else { "" };
+        by_beta
+            .entry(format!("alpha {:.0}%{warm}", s.alpha * 100.0))
+            .or_default()
+            .push((s.beta * 100.0, r.summary.final_accuracy * 100.0));
+        by_alpha
+            .entry(format!("beta {:.0}%{warm}", s.beta * 100.0))
+            .or_default()
+            .push((s.alpha * 100.0, r.summary.final_accuracy * 100.0));
+    }
+    for (stem, title, x, map) in [
+        ("sharing-beta", "test accuracy vs beta", "beta (%)", by_beta),
+        (
+            "sharing-alpha",
+            "test accuracy vs alpha",
+            "alpha (%)",
+            by_alpha,
+        ),
+    ] {
+        let mut series: Vec<(String, Vec<(f64, f64)>)> = map.into_iter().collect();
+        for s in &mut series {
+            s.1.sort_by(|a, b| a.0.total_cmp(&b.0));
+        }
+        charts::lines(out, stem, title, x, "test accuracy (%)", &series)?;
+        writeln!(md, "![{stem}]({stem}.png)\n")?;
+    }
+    Ok(())
+}
+
+fn write_heatmaps(md: &mut String, runs: &[RunInfo], out: &Path) -> anyhow::Result<()> {
+    writeln!(md, "## Client x class matrices\n")?;
+    let mut seen = Vec::new();
+    for r in runs {
+        let key = (
+            r.config.data.dataset.to_string(),
+            r.partition.scheme.clone(),
+            r.partition.clients.len(),
+            r.partition.seed,
+        );
+        if seen.contains(&key) {
+            continue;
+        }
+        let stem = format!(
+            "partition-{}-{}",
+            key.0,
+            key.1.replace([':', '/', '.'], "-")
+        );
+        plot::partition_heatmap(out, &stem, &r.partition)?;
+        writeln!(
+            md,
+            "![{stem}]({stem}.png) ({}, {} from {})\n",
+            key.0,
+            key.1,
+            r.dir.display()
+        )?;
+        seen.push(key);
+    }
+    Ok(())
+}

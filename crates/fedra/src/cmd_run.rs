@@ -1,0 +1,256 @@
+//! `fedra run`: run experiments from TOML files into run folders, or resume one.
+
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, bail};
+use indicatif::{ProgressBar, ProgressStyle};
+
+use fedra_data::{LoadOptions, TrainTest, load};
+use fedra_fl::sweep::expand;
+use fedra_fl::{ExperimentConfig, RoundMetrics};
+use fedra_sim::checkpoint::checkpoint_dir;
+use fedra_sim::{Run, Summary};
+
+#[derive(clap::Args)]
+pub struct RunArgs {
+    /// Experiment files (TOML). With several files, or a file with a [sweep] grid, each run goes
+    /// into a sub-folder of --out named after the file (and grid cell), finished runs are
+    /// skipped, interrupted ones resume, and a comparison table is printed at the end.
+    #[arg(required_unless_present = "resume")]
+    configs: Vec<PathBuf>,
+    /// Dataset folder; overrides the experiment's `data.data_dir`. Without any, MNIST uses the
+    /// subset embedded in fedra.
+    #[arg(long, env = "FEDRA_DATA")]
+    data_dir: Option<PathBuf>,
+    /// Run folder (default: runs/<experiment name>).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Override `train.rounds`.
+    #[arg(long)]
+    rounds: Option<usize>,
+    /// Worker threads (default: all cores). Results do not depend on it.
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Override `run.seed`.
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Apply the `[profile.NAME]` overrides of the experiment files (e.g. `short`).
+    #[arg(long)]
+    profile: Option<String>,
+    /// Continue the run in this folder from its last checkpoint.
+    #[arg(long, conflicts_with = "configs")]
+    resume: Option<PathBuf>,
+}
+
+fn threads(args: &RunArgs) -> usize {
+    args.threads.unwrap_or_else(|| {
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+    })
+}
+
+fn load_data(config: &ExperimentConfig) -> anyhow::Result<TrainTest> {
+    let opts = LoadOptions {
+        progress: std::io::stderr().is_terminal(),
+        ..LoadOptions::default()
+    };
+    load(config.data.dataset, config.data.data_dir.as_deref(), &opts)
+        .with_context(|| format!("loading {}", config.data.dataset))
+}
+
+fn stem(path: &Path) -> String {
+    path.file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "run".into())
+}
+
+pub fn run(args: RunArgs) -> anyhow::Result<()> {
+    let threads = threads(&args);
+    if let Some(dir) = &args.resume {
+        let config = ExperimentConfig::from_file(&dir.join("config.toml"))?;
+        let data = load_data(&config)?;
+        let run = Run::resume(dir, data, threads)?;
+        eprintln!(
+            "resuming {} after round {}",
+            dir.display(),
+            run.federation.rounds_done
+        );
+        let summary = drive(run)?;
+        print_summary(&dir.display().to_string(), &summary);
+        return Ok(());
+    }
+    if args.threads == Some(0) {
+        bail!("--threads must be at least 1");
+    }
+    let mut cells = Vec::new();
+    for path in &args.configs {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read experiment {}", path.display()))?;
+        for cell in expand(&text, &path.display().to_string(), args.profile.as_deref())? {
+            cells.push((path.clone(), cell));
+        }
+    }
+    let single = cells.len() == 1;
+    let mut done: Vec<(String, Summary)> = Vec::new();
+    for (path, cell) in cells {
+        let mut config = cell.config;
+        if let Some(rounds) = args.rounds {
+            config.train.rounds = rounds;
+        }
+        if let Some(seed) = args.seed {
+            config.run.seed = seed;
+        }
+        if args.data_dir.is_some() {
+            config.data.data_dir = args.data_dir.clone();
+        }
+        config.validate(&path.display().to_string())?;
+        let name = if cell.name.is_empty() {
+            stem(&path)
+        } else {
+            format!("{}/{}", stem(&path), cell.name)
+        };
+        let dir = match (&args.out, single) {
+            (Some(out), true) => out.clone(),
+            (Some(out), false) => out.join(&name),
+            (None, _) => PathBuf::from("runs").join(&name),
+        };
+        if let Some(summary) = finished_summary(&dir)? {
+            eprintln!("{name}: already finished in {}, skipped", dir.display());
+            done.push((name, summary));
+            continue;
+        }
+        let data = load_data(&config)?;
+        let run = if checkpoint_dir(&dir).exists() {
+            eprintln!("{name}: resuming {} from its checkpoint", dir.display());
+            Run::resume(&dir, data, threads)?
+        } else {
+            if dir.join("metrics.csv").exists() {
+                eprintln!(
+                    "{name}: {} holds an unfinished run with no checkpoint; starting it again",
+                    dir.display()
+                );
+                std::fs::remove_dir_all(&dir)
+                    .with_context(|| format!("cannot clear {}", dir.display()))?;
+            }
+            eprintln!(
+                "{name}: {} ({} train / {} test), {} clients, scheme {}, {} rounds, {threads} threads -> {}",
+                config.data.dataset,
+                data.train.len(),
+                data.test.len(),
+                config.partition.clients,
+                config.partition.scheme,
+                config.train.rounds,
+                dir.display()
+            );
+            Run::start(config, data, &dir, threads)?
+        };
+        let summary = drive(run)?;
+        print_summary(&name, &summary);
+        done.push((name, summary));
+    }
+    if !single {
+        print_comparison(&done);
+    }
+    Ok(())
+}
+
+/// The summary of a run folder whose run has finished, if it has.
+fn finished_summary(dir: &Path) -> anyhow::Result<Option<Summary>> {
+    let path = dir.join("summary.json");
+    if !path.exists() {
+        return Ok(None);
+    }
+    let text = std::fs::read_to_string(&path)
+        .with_context(|| format!("cannot read {}", path.display()))?;
+    let summary = serde_json::from_str(&text)
+        .with_context(|| format!("{} is not a fedra summary", path.display()))?;
+    Ok(Some(summary))
+}
+
+fn drive(mut run: Run) -> anyhow::Result<Summary> {
+    let total = run.federation.config.train.rounds as u64;
+    let terminal = std::io::stderr().is_terminal();
+    let bar = if terminal {
+        let bar = ProgressBar::new(total);
+        bar.set_style(
+            ProgressStyle::with_template(
+                "round {pos}/{len} [{bar:30}] {elapsed_precise} eta {eta_precise} {msg}",
+            )
+            .expect("valid template")
+            .progress_chars("=> "),
+        );
+        bar.set_position(run.federation.rounds_done as u64);
+        bar
+    } else {
+        ProgressBar::hidden()
+    };
+    while !run.federation.finished() {
+        let row = run.step()?;
+        bar.set_position(run.federation.rounds_done as u64);
+        if let Some(row) = row {
+            bar.set_message(format!("acc {:.2}%", row.test_accuracy * 100.0));
+            let line = describe(&row);
+            if terminal {
+                bar.println(line);
+            } else {
+                eprintln!("{line}");
+            }
+        }
+    }
+    bar.finish_and_clear();
+    Ok(run.finish()?)
+}
+
+fn describe(row: &RoundMetrics) -> String {
+    let mut line = format!(
+        "round {:>4}  lr {:.5}  test acc {:6.2}%  test loss {:.4}",
+        row.round,
+        row.lr,
+        row.test_accuracy * 100.0,
+        row.test_loss
+    );
+    if let Some(loss) = row.train_loss {
+        line.push_str(&format!("  train loss {loss:.4}"));
+    }
+    if let Some(sgd) = row.sgd_test_accuracy {
+        line.push_str(&format!("  sgd acc {:6.2}%", sgd * 100.0));
+    }
+    line.push_str(&format!("  {:.1}s", row.seconds));
+    line
+}
+
+fn print_summary(name: &str, s: &Summary) {
+    println!(
+        "{name}: {} rounds, final test accuracy {:.2}% (best {:.2}% at round {}), mean EMD {:.3}, {:.1}s training, {:.0} samples/s",
+        s.rounds,
+        s.final_accuracy * 100.0,
+        s.best_accuracy * 100.0,
+        s.best_round,
+        s.mean_emd,
+        s.total_seconds,
+        s.samples_per_s
+    );
+}
+
+fn print_comparison(done: &[(String, Summary)]) {
+    let best = done
+        .iter()
+        .map(|(_, s)| s.final_accuracy)
+        .fold(f64::NEG_INFINITY, f64::max);
+    println!();
+    println!(
+        "{:<24} {:>9} {:>10} {:>12}",
+        "experiment", "mean EMD", "final acc", "gap to best"
+    );
+    for (name, s) in done {
+        println!(
+            "{:<24} {:>9.3} {:>9.2}% {:>10.2} pt",
+            name,
+            s.mean_emd,
+            s.final_accuracy * 100.0,
+            (s.final_accuracy - best) * 100.0
+        );
+    }
+}

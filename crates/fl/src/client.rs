@@ -1,0 +1,149 @@
+//! A client's local training: E epochs of mini-batch SGD over its own examples, starting from the
+//! weights the server sent. Everything random (the order of examples, augmentation, dropout) is
+//! drawn from seeds derived from (run seed, round, client, epoch, step), so a client's result does
+//! not depend on which thread ran it or on what ran before.
+
+use rand::SeedableRng;
+use rand::seq::SliceRandom;
+use rand_chacha::ChaCha8Rng;
+
+use fedra_data::Dataset;
+use fedra_nn::{BnPolicy, GradCorrection, Model, SgdConfig, Trainer};
+
+use crate::error::FlError;
+use crate::seed::{Purpose, derive};
+
+/// Client id used for the centralised SGD runs (the baseline and the divergence twin), so their
+/// seeds never collide with a real client's.
+pub const CENTRAL_ID: usize = usize::MAX;
+
+/// How one client trains in one round.
+#[derive(Clone, Debug, PartialEq)]
+pub struct FitConfig {
+    pub round: usize,
+    pub run_seed: u64,
+    pub local_epochs: usize,
+    pub batch_size: usize,
+    pub sgd: SgdConfig,
+    pub bn: BnPolicy,
+    /// FedProx: add mu * (w - w_global) to every gradient.
+    pub prox_mu: Option<f32>,
+}
+
+/// What a client sends back: its new weights and how much data produced them.
+#[derive(Clone, Debug)]
+pub struct FitResult {
+    pub client: usize,
+    pub num_examples: usize,
+    pub params: Vec<f32>,
+    pub buffers: Vec<f32>,
+    /// Mean training loss over the examples of the last local epoch.
+    pub train_loss: f64,
+    /// Examples processed (epochs x examples), for throughput figures.
+    pub examples_seen: usize,
+}
+
+/// FedProx's proximal term as a gradient correction: grad += mu * (w - w_global).
+struct Proximal<'a> {
+    mu: f32,
+    global: &'a [f32],
+}
+
+impl GradCorrection for Proximal<'_> {
+    fn correct(&self, params: &[f32], grads: &mut [f32]) {
+        for ((g, &w), &w0) in grads.iter_mut().zip(params).zip(self.global) {
+            *g += self.mu * (w - w0);
+        }
+    }
+}
+
+/// Train `model` (already holding the start weights) on the examples `indices` of `data`.
+pub fn fit(
+    client: usize,
+    indices: &[usize],
+    data: &Dataset,
+    model: &mut Model,
+    config: &FitConfig,
+    trainer: &mut Trainer,
+) -> Result<FitResult, FlError> {
+    let fail = |message: String| FlError::Client {
+        client,
+        round: config.round,
+        message,
+    };
+    if indices.is_empty() {
+        return Err(fail("has no training examples".into()));
+    }
+    if config.batch_size == 0 {
+        return Err(fail("batch size 0".into()));
+    }
+    let row = data.example_len();
+    let global = config.prox_mu.map(|_| model.params().to_vec());
+    let proximal = match (config.prox_mu, global.as_deref()) {
+        (Some(mu), Some(global)) => Some(Proximal { mu, global }),
+        _ => None,
+    };
+    let correction = proximal.as_ref().map(|p| p as &dyn GradCorrection);
+
+    trainer.reset_optimizer();
+    let mut order = indices.to_vec();
+    let mut x = vec![0f32; config.batch_size.min(indices.len()) * row];
+    let mut y = vec![0u16; config.batch_size.min(indices.len())];
+    let mut last_epoch_loss = 0f64;
+    let mut seen = 0usize;
+    for epoch in 0..config.local_epochs {
+        let shuffle_seed = derive(
+            config.run_seed,
+            Purpose::Shuffle,
+            &[config.round as u64, client as u64, epoch as u64],
+        );
+        order.copy_from_slice(indices);
+        order.shuffle(&mut ChaCha8Rng::seed_from_u64(shuffle_seed));
+        let mut loss_sum = 0f64;
+        for (step, batch) in order.chunks(config.batch_size).enumerate() {
+            let n = batch.len();
+            for (slot, &i) in batch.iter().enumerate() {
+                x[slot * row..(slot + 1) * row].copy_from_slice(data.example(i));
+                y[slot] = data.labels[i];
+            }
+            let step_seed = derive(
+                config.run_seed,
+                Purpose::Step,
+                &[
+                    config.round as u64,
+                    client as u64,
+                    epoch as u64,
+                    step as u64,
+                ],
+            );
+            let stats = trainer
+                .train_step(
+                    model,
+                    &x[..n * row],
+                    &y[..n],
+                    &config.sgd,
+                    config.bn,
+                    step_seed,
+                    correction,
+                )
+                .map_err(|e| fail(e.to_string()))?;
+            if !stats.loss.is_finite() {
+                return Err(fail(format!(
+                    "training loss became {} in epoch {epoch}, step {step}",
+                    stats.loss
+                )));
+            }
+            loss_sum += stats.loss as f64 * n as f64;
+            seen += n;
+        }
+        last_epoch_loss = loss_sum / indices.len() as f64;
+    }
+    Ok(FitResult {
+        client,
+        num_examples: indices.len(),
+        params: model.params().to_vec(),
+        buffers: model.buffers().to_vec(),
+        train_loss: last_epoch_loss,
+        examples_seen: seen,
+    })
+}

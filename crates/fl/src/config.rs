@@ -1,0 +1,375 @@
+//! Experiment configuration: the TOML file a user writes, parsed strictly. Unknown keys are
+//! errors (a typo must not silently fall back to a default), and every value is checked with an
+//! error naming its key, e.g. `train.lr`.
+
+use serde::{Deserialize, Serialize};
+use std::path::PathBuf;
+
+use fedra_nn::BnPolicy;
+
+/// A whole experiment: what data, how it is split, which model, how it trains and is evaluated.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExperimentConfig {
+    pub data: DataConfig,
+    pub partition: PartitionConfig,
+    pub model: ModelConfig,
+    pub train: TrainConfig,
+    #[serde(default)]
+    pub strategy: StrategyConfig,
+    #[serde(default)]
+    pub eval: EvalConfig,
+    #[serde(default)]
+    pub run: RunConfig,
+    /// The study's data-sharing strategy; absent means no sharing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub share: Option<crate::share::ShareConfig>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataConfig {
+    /// `mnist`, `cifar10` or `speech-commands`.
+    pub dataset: fedra_data::DatasetName,
+    /// Folder holding the dataset; `--data-dir` and `FEDRA_DATA` override it. Without any,
+    /// MNIST uses the subset embedded in fedra.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data_dir: Option<PathBuf>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PartitionConfig {
+    /// A partition scheme string as `fedra partition --scheme` takes it (`iid`, `classes:2`, ...).
+    pub scheme: String,
+    pub clients: usize,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelConfig {
+    /// A built-in model name (`mnist-cnn`, `cifar-cnn`, `kws-cnn`, `mlp`, `logreg`, `-bn`/`-gn`
+    /// variants) or a path to a TOML model spec ending in `.toml`.
+    pub name: String,
+    /// What BatchNorm running statistics do: `train`, `frozen` or `local` (FedBN).
+    #[serde(default = "default_bn")]
+    pub bn: BnPolicy,
+    /// Whether the server averages buffers (running statistics) like parameters. Ignored for
+    /// `bn = "local"` (they never leave the client) and `bn = "frozen"` (they never change).
+    #[serde(default = "yes")]
+    pub average_buffers: bool,
+    /// Start from these weights (a safetensors file, e.g. a saved SGD model) instead of a fresh
+    /// seeded initialisation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub init: Option<PathBuf>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainConfig {
+    pub rounds: usize,
+    #[serde(default = "one")]
+    pub local_epochs: usize,
+    pub batch_size: usize,
+    pub lr: f32,
+    /// The learning rate of round r (0-based) is `lr * lr_decay^r`.
+    #[serde(default = "one_f32")]
+    pub lr_decay: f32,
+    #[serde(default)]
+    pub momentum: f32,
+    #[serde(default)]
+    pub weight_decay: f32,
+    /// Fraction C of clients sampled each round (at least one client takes part).
+    #[serde(default = "one_f64")]
+    pub fraction: f64,
+}
+
+/// Which strategy aggregates, and its hyper-parameters (each only valid for the strategies that
+/// use it).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StrategyConfig {
+    /// `fedavg`, `fedprox`, `fedavgm`, `fedadam`, or `sgd` (the centralised baseline: pooled data,
+    /// batch 10 x B, one epoch per round).
+    #[serde(default = "default_strategy")]
+    pub name: String,
+    /// FedProx proximal weight mu.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mu: Option<f32>,
+    /// Server learning rate (FedAvgM, FedAdam).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub server_lr: Option<f32>,
+    /// Server momentum (FedAvgM).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub server_momentum: Option<f32>,
+    /// FedAdam's beta1, beta2 and tau (adaptivity).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub beta1: Option<f32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub beta2: Option<f32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tau: Option<f32>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EvalConfig {
+    /// Evaluate the global model on the test set every N rounds (and after the last).
+    #[serde(default = "one")]
+    pub every: usize,
+    /// Run a centralised SGD twin from the same initial weights and record per-layer weight
+    /// divergence ||w_FedAvg - w_SGD|| / ||w_SGD|| after each evaluated round.
+    #[serde(default)]
+    pub sgd_twin: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RunConfig {
+    #[serde(default)]
+    pub seed: u64,
+    /// Save a checkpoint every N rounds (0: never).
+    #[serde(default = "default_checkpoint_every")]
+    pub checkpoint_every: usize,
+}
+
+fn default_bn() -> BnPolicy {
+    BnPolicy::Train
+}
+fn default_strategy() -> String {
+    "fedavg".to_string()
+}
+fn default_checkpoint_every() -> usize {
+    10
+}
+fn yes() -> bool {
+    true
+}
+fn one() -> usize {
+    1
+}
+fn one_f32() -> f32 {
+    1.0
+}
+fn one_f64() -> f64 {
+    1.0
+}
+
+impl Default for StrategyConfig {
+    fn default() -> Self {
+        StrategyConfig {
+            name: default_strategy(),
+            mu: None,
+            server_lr: None,
+            server_momentum: None,
+            beta1: None,
+            beta2: None,
+            tau: None,
+        }
+    }
+}
+
+impl Default for EvalConfig {
+    fn default() -> Self {
+        EvalConfig {
+            every: 1,
+            sgd_twin: false,
+        }
+    }
+}
+
+impl Default for RunConfig {
+    fn default() -> Self {
+        RunConfig {
+            seed: 0,
+            checkpoint_every: default_checkpoint_every(),
+        }
+    }
+}
+
+/// What is wrong with a configuration.
+#[derive(thiserror::Error, Debug)]
+pub enum ConfigError {
+    #[error("cannot read config {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config {origin}: {message}")]
+    Parse { origin: String, message: String },
+    #[error("config {origin}: `{key}` {message}")]
+    Invalid {
+        origin: String,
+        key: &'static str,
+        message: String,
+    },
+}
+
+/// The strategy names fedra knows.
+pub const STRATEGIES: &[&str] = &["fedavg", "fedprox", "fedavgm", "fedadam", "sgd"];
+
+impl ExperimentConfig {
+    /// Parse and validate a TOML text; `origin` (usually the file name) prefixes every error.
+    pub fn from_toml_str(text: &str, origin: &str) -> Result<ExperimentConfig, ConfigError> {
+        let config: ExperimentConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            origin: origin.to_string(),
+            message: e.to_string(),
+        })?;
+        config.validate(origin)?;
+        Ok(config)
+    }
+
+    /// Read, parse and validate a TOML file.
+    pub fn from_file(path: &std::path::Path) -> Result<ExperimentConfig, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::from_toml_str(&text, &path.display().to_string())
+    }
+
+    /// The resolved configuration as TOML (what a run writes to `config.toml`).
+    pub fn to_toml_string(&self) -> String {
+        toml::to_string_pretty(self).expect("an ExperimentConfig always serialises to TOML")
+    }
+
+    /// Check every value; the error names the offending key.
+    pub fn validate(&self, origin: &str) -> Result<(), ConfigError> {
+        let bad = |key: &'static str, message: String| ConfigError::Invalid {
+            origin: origin.to_string(),
+            key,
+            message,
+        };
+        let t = &self.train;
+        if self.partition.clients == 0 {
+            return Err(bad("partition.clients", "must be at least 1".into()));
+        }
+        if self
+            .partition
+            .scheme
+            .parse::<fedra_data::partition::Scheme>()
+            .is_err()
+        {
+            let e = self
+                .partition
+                .scheme
+                .parse::<fedra_data::partition::Scheme>()
+                .unwrap_err();
+            return Err(bad("partition.scheme", e.to_string()));
+        }
+        if t.rounds == 0 {
+            return Err(bad("train.rounds", "must be at least 1".into()));
+        }
+        if t.local_epochs == 0 {
+            return Err(bad("train.local_epochs", "must be at least 1".into()));
+        }
+        if t.batch_size == 0 {
+            return Err(bad("train.batch_size", "must be at least 1".into()));
+        }
+        if !(t.lr.is_finite() && t.lr > 0.0) {
+            return Err(bad(
+                "train.lr",
+                format!("must be a positive number, got {}", t.lr),
+            ));
+        }
+        if !(t.lr_decay.is_finite() && t.lr_decay > 0.0 && t.lr_decay <= 1.0) {
+            return Err(bad(
+                "train.lr_decay",
+                format!("must be in (0, 1], got {}", t.lr_decay),
+            ));
+        }
+        if !(t.momentum.is_finite() && (0.0..1.0).contains(&t.momentum)) {
+            return Err(bad(
+                "train.momentum",
+                format!("must be in [0, 1), got {}", t.momentum),
+            ));
+        }
+        if !(t.weight_decay.is_finite() && t.weight_decay >= 0.0) {
+            return Err(bad(
+                "train.weight_decay",
+                format!("must be >= 0, got {}", t.weight_decay),
+            ));
+        }
+        if !(t.fraction.is_finite() && t.fraction > 0.0 && t.fraction <= 1.0) {
+            return Err(bad(
+                "train.fraction",
+                format!("must be in (0, 1], got {}", t.fraction),
+            ));
+        }
+        if self.eval.every == 0 {
+            return Err(bad("eval.every", "must be at least 1".into()));
+        }
+        let s = &self.strategy;
+        if !STRATEGIES.contains(&s.name.as_str()) {
+            return Err(bad(
+                "strategy.name",
+                format!(
+                    "unknown strategy {:?}; known: {}",
+                    s.name,
+                    STRATEGIES.join(", ")
+                ),
+            ));
+        }
+        let allowed: &[&str] = match s.name.as_str() {
+            "fedprox" => &["mu"],
+            "fedavgm" => &["server_lr", "server_momentum"],
+            "fedadam" => &["server_lr", "beta1", "beta2", "tau"],
+            _ => &[],
+        };
+        let given = [
+            ("mu", s.mu),
+            ("server_lr", s.server_lr),
+            ("server_momentum", s.server_momentum),
+            ("beta1", s.beta1),
+            ("beta2", s.beta2),
+            ("tau", s.tau),
+        ];
+        for (name, value) in given {
+            if let Some(v) = value {
+                if !allowed.contains(&name) {
+                    return Err(bad(
+                        "strategy",
+                        format!("key `{name}` does not apply to strategy {:?}", s.name),
+                    ));
+                }
+                if !(v.is_finite() && v >= 0.0) {
+                    return Err(bad(
+                        "strategy",
+                        format!("`{name}` must be a finite number >= 0, got {v}"),
+                    ));
+                }
+            }
+        }
+        if s.name == "fedprox" && s.mu.is_none() {
+            return Err(bad("strategy.mu", "is required by fedprox".into()));
+        }
+        for (name, value) in [
+            ("beta1", s.beta1),
+            ("beta2", s.beta2),
+            ("server_momentum", s.server_momentum),
+        ] {
+            if let Some(v) = value
+                && v >= 1.0
+            {
+                return Err(bad("strategy", format!("`{name}` must be < 1, got {v}")));
+            }
+        }
+        if let Some(share) = &self.share
+            && let Err((key, message)) = share.validate()
+        {
+            return Err(bad(key, message));
+        }
+        if s.name == "sgd" && self.eval.sgd_twin {
+            return Err(bad(
+                "eval.sgd_twin",
+                "makes no sense with strategy \"sgd\" (the run is the SGD baseline)".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Learning rate of round `round` (0-based).
+    pub fn lr_at(&self, round: usize) -> f32 {
+        (self.train.lr as f64 * (self.train.lr_decay as f64).powi(round as i32)) as f32
+    }
+}

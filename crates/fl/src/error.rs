@@ -1,0 +1,37 @@
+//! Errors of the federated layer.
+
+/// What can go wrong while configuring or running a federation.
+#[derive(thiserror::Error, Debug)]
+pub enum FlError {
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    #[error(transparent)]
+    Nn(#[from] fedra_nn::NnError),
+    #[error(transparent)]
+    Partition(#[from] fedra_data::partition::PartitionError),
+    #[error("client {client} in round {round}: {message}")]
+    Client {
+        client: usize,
+        round: usize,
+        message: String,
+    },
+    #[error(
+        "round {round}: client {client} sent a non-finite update (NaN or infinity in `{tensor}`); lower the learning rate or check the data"
+    )]
+    NonFiniteUpdate {
+        round: usize,
+        client: usize,
+        tensor: String,
+    },
+    #[error("round {round}: no client results to aggregate")]
+    NoResults { round: usize },
+    #[error("round {round}: client {client} sent {got} values, the model has {expected}")]
+    UpdateShape {
+        round: usize,
+        client: usize,
+        expected: usize,
+        got: usize,
+    },
+    #[error("{0}")]
+    State(String),
+}

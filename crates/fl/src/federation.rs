@@ -1,0 +1,450 @@
+//! The round loop. A [`Federation`] owns the global model, the strategy and the per-client state
+//! that must survive between rounds (FedBN's local normalisation layers); each round it builds
+//! one [`FitJob`] per sampled client (plus one for the SGD twin), hands them to an [`Executor`]
+//! (in-process threads in `fedra-sim`, remote clients over a network elsewhere), aggregates the
+//! results in client-id order and evaluates.
+
+use std::collections::BTreeMap;
+use std::ops::Range;
+use std::time::Instant;
+
+use fedra_data::partition::{Partition, Scheme, partition};
+use fedra_data::{Dataset, TrainTest};
+use fedra_nn::{BnPolicy, Model, ModelSpec, SgdConfig, TensorKind, Trainer};
+
+use crate::client::{CENTRAL_ID, FitConfig, FitResult};
+use crate::config::ExperimentConfig;
+use crate::divergence::{Divergence, weight_divergence};
+use crate::error::FlError;
+use crate::strategy::{AggregationScope, Strategy, from_config};
+
+/// Examples per forward pass when evaluating.
+const EVAL_BATCH: usize = 500;
+
+/// The "round" coordinate of the warm-up's seeds, apart from every real round.
+const WARMUP_ROUND: usize = usize::MAX - 1;
+
+/// One unit of local training: start from `start`, train on `indices` as `config` says.
+#[derive(Clone, Debug)]
+pub struct FitJob<'a> {
+    pub client: usize,
+    pub indices: &'a [usize],
+    pub start: Model,
+    pub config: FitConfig,
+}
+
+/// Runs the local training of a round somewhere.
+pub trait Executor {
+    /// Run every job and return the results in job order. `threads` is the parallelism the
+    /// caller allows in total.
+    fn fit(&self, jobs: Vec<FitJob<'_>>, data: &Dataset) -> Vec<Result<FitResult, FlError>>;
+}
+
+/// Normalisation tensors a FedBN client keeps for itself.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LocalState {
+    pub params: Vec<f32>,
+    pub buffers: Vec<f32>,
+}
+
+/// What one evaluated round measured.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct RoundMetrics {
+    /// Rounds completed (0 = the initial model).
+    pub round: usize,
+    /// Learning rate used in this round (the first round's for round 0).
+    pub lr: f32,
+    pub test_accuracy: f64,
+    pub test_loss: f64,
+    /// Sample-weighted mean of the clients' last-epoch training losses (none at round 0).
+    pub train_loss: Option<f64>,
+    /// Wall time of the rounds since the previous evaluated row, training and evaluation.
+    pub seconds: f64,
+    /// Training examples processed by clients since the previous row.
+    pub examples: usize,
+    pub sgd_test_accuracy: Option<f64>,
+    pub divergence: Vec<Divergence>,
+}
+
+/// A federated run in progress.
+pub struct Federation {
+    pub config: ExperimentConfig,
+    pub spec: ModelSpec,
+    pub partition: Partition,
+    /// With data sharing: the clients' own data before the share of G was mixed in.
+    pub before_share: Option<Partition>,
+    pub global: Model,
+    pub twin: Option<Model>,
+    pub strategy: Box<dyn Strategy>,
+    pub local: BTreeMap<usize, LocalState>,
+    pub history: Vec<RoundMetrics>,
+    pub rounds_done: usize,
+    scope: AggregationScope,
+    local_params: Vec<Range<usize>>,
+    local_buffers: Vec<Range<usize>>,
+    all_indices: Vec<usize>,
+    threads: usize,
+    pending_seconds: f64,
+    pending_examples: usize,
+}
+
+/// The model spec a configuration names: a built-in name, or a TOML spec file.
+pub fn model_spec(config: &ExperimentConfig, train: &Dataset) -> Result<ModelSpec, FlError> {
+    let name = &config.model.name;
+    let spec = if name.ends_with(".toml") {
+        let text = std::fs::read_to_string(name)
+            .map_err(|e| FlError::State(format!("cannot read model spec {name}: {e}")))?;
+        ModelSpec::from_toml_str(&text)?
+    } else {
+        ModelSpec::by_name(name, train.shape, train.num_classes())?
+    };
+    if spec.input != train.shape {
+        return Err(FlError::State(format!(
+            "model {} expects input {:?}, dataset {} has rows of {:?}",
+            spec.name, spec.input, train.name, train.shape
+        )));
+    }
+    Ok(spec)
+}
+
+impl Federation {
+    /// Set up a run: partition the training set, build (or load) the initial model.
+    pub fn new(
+        config: ExperimentConfig,
+        data: &TrainTest,
+        threads: usize,
+    ) -> Result<Self, FlError> {
+        let spec = model_spec(&config, &data.train)?;
+        let scheme: Scheme = config.partition.scheme.parse()?;
+        let labels = &data.train.labels;
+        let classes = data.train.num_classes();
+        let seed = config.run.seed;
+        let mut global = match &config.model.init {
+            Some(path) => Model::load_safetensors(&spec, path)?,
+            None => Model::new(&spec, seed)?,
+        };
+        let (partition, before_share) = match &config.share {
+            None => (
+                partition(labels, classes, config.partition.clients, &scheme, seed)?,
+                None,
+            ),
+            Some(share) => {
+                let split = share.split(labels, classes, seed)?;
+                let pool_labels: Vec<u16> = split.client_pool.iter().map(|&i| labels[i]).collect();
+                let mut own = partition(
+                    &pool_labels,
+                    classes,
+                    config.partition.clients,
+                    &scheme,
+                    seed,
+                )?;
+                for client in &mut own.clients {
+                    for i in client.iter_mut() {
+                        *i = split.client_pool[*i];
+                    }
+                }
+                let mut mixed = own.clone();
+                for (k, client) in mixed.clients.iter_mut().enumerate() {
+                    client.extend(share.client_share(&split.global, k, seed));
+                }
+                if share.warmup_epochs > 0 {
+                    let t = &config.train;
+                    let job = FitJob {
+                        client: CENTRAL_ID,
+                        indices: &split.global,
+                        start: global,
+                        config: FitConfig {
+                            round: WARMUP_ROUND,
+                            run_seed: seed,
+                            local_epochs: share.warmup_epochs,
+                            batch_size: t.batch_size,
+                            sgd: SgdConfig {
+                                lr: t.lr,
+                                momentum: t.momentum,
+                                weight_decay: t.weight_decay,
+                            },
+                            bn: config.model.bn,
+                            prox_mu: None,
+                        },
+                    };
+                    let warmed = run_job(job, &data.train, threads.max(1))?;
+                    global = Model::new(&spec, seed)?;
+                    global.params_mut().copy_from_slice(&warmed.params);
+                    global.buffers_mut().copy_from_slice(&warmed.buffers);
+                }
+                (mixed, Some(own))
+            }
+        };
+        let twin = config.eval.sgd_twin.then(|| global.clone());
+        let strategy = from_config(&config.strategy)?;
+        let scope = AggregationScope::new(&global, config.model.bn, config.model.average_buffers);
+        let (mut local_params, mut local_buffers) = (Vec::new(), Vec::new());
+        if config.model.bn == BnPolicy::Local {
+            for t in global.tensors().iter().filter(|t| t.norm) {
+                let range = t.offset..t.offset + t.len;
+                match t.kind {
+                    TensorKind::Param => local_params.push(range),
+                    TensorKind::Buffer => local_buffers.push(range),
+                }
+            }
+        }
+        Ok(Federation {
+            before_share,
+            all_indices: (0..data.train.len()).collect(),
+            config,
+            spec,
+            partition,
+            global,
+            twin,
+            strategy,
+            local: BTreeMap::new(),
+            history: Vec::new(),
+            rounds_done: 0,
+            scope,
+            local_params,
+            local_buffers,
+            threads: threads.max(1),
+            pending_seconds: 0.0,
+            pending_examples: 0,
+        })
+    }
+
+    /// Whether this run is the centralised SGD baseline rather than a federation.
+    pub fn is_central(&self) -> bool {
+        self.config.strategy.name == "sgd"
+    }
+
+    /// Batch size of centralised runs (the baseline and the twin): 10 x B, as in the study.
+    pub fn central_batch(&self) -> usize {
+        self.config.train.batch_size * 10
+    }
+
+    fn fit_config(&self, round: usize, batch_size: usize) -> FitConfig {
+        let t = &self.config.train;
+        FitConfig {
+            round,
+            run_seed: self.config.run.seed,
+            local_epochs: t.local_epochs,
+            batch_size,
+            sgd: SgdConfig {
+                lr: self.config.lr_at(round),
+                momentum: t.momentum,
+                weight_decay: t.weight_decay,
+            },
+            bn: self.config.model.bn,
+            prox_mu: self.strategy.prox_mu(),
+        }
+    }
+
+    fn with_local_state(&self, client: usize) -> Model {
+        let mut model = self.global.clone();
+        if let Some(state) = self.local.get(&client) {
+            scatter(&state.params, &self.local_params, model.params_mut());
+            scatter(&state.buffers, &self.local_buffers, model.buffers_mut());
+        }
+        model
+    }
+
+    /// Evaluate the initial model (round 0) if it has not been.
+    pub fn evaluate_initial(&mut self, data: &TrainTest) -> Result<(), FlError> {
+        if self.history.is_empty() && self.rounds_done == 0 {
+            let row = self.evaluate(data, None)?;
+            self.history.push(row);
+        }
+        Ok(())
+    }
+
+    /// Run one round; returns the metrics row if the round was evaluated.
+    pub fn run_round(
+        &mut self,
+        data: &TrainTest,
+        executor: &dyn Executor,
+    ) -> Result<Option<RoundMetrics>, FlError> {
+        self.evaluate_initial(data)?;
+        let started = Instant::now();
+        let round = self.rounds_done;
+        let mut jobs = Vec::new();
+        if self.is_central() {
+            jobs.push(FitJob {
+                client: CENTRAL_ID,
+                indices: &self.all_indices,
+                start: self.global.clone(),
+                config: self.fit_config(round, self.central_batch()),
+            });
+        } else {
+            let clients = self.strategy.configure_round(
+                round,
+                self.partition.clients.len(),
+                self.config.train.fraction,
+                self.config.run.seed,
+            );
+            for client in clients {
+                jobs.push(FitJob {
+                    client,
+                    indices: &self.partition.clients[client],
+                    start: self.with_local_state(client),
+                    config: self.fit_config(round, self.config.train.batch_size),
+                });
+            }
+            if let Some(twin) = &self.twin {
+                let mut config = self.fit_config(round, self.central_batch());
+                config.prox_mu = None;
+                jobs.push(FitJob {
+                    client: CENTRAL_ID,
+                    indices: &self.all_indices,
+                    start: twin.clone(),
+                    config,
+                });
+            }
+        }
+        let twin_in_jobs = !self.is_central() && self.twin.is_some();
+        let outcomes = executor.fit(jobs, &data.train);
+        let mut results = Vec::with_capacity(outcomes.len());
+        let mut twin_result = None;
+        for outcome in outcomes {
+            let result = outcome?;
+            if twin_in_jobs && result.client == CENTRAL_ID {
+                twin_result = Some(result);
+            } else {
+                results.push(result);
+            }
+        }
+        let examples: usize = results.iter().map(|r| r.examples_seen).sum();
+        let total: f64 = results.iter().map(|r| r.num_examples as f64).sum();
+        let train_loss = results
+            .iter()
+            .map(|r| r.train_loss * r.num_examples as f64)
+            .sum::<f64>()
+            / total;
+        self.strategy
+            .aggregate(round, &mut self.global, &results, &self.scope)?;
+        if !self.local_params.is_empty() || !self.local_buffers.is_empty() {
+            for r in &results {
+                self.local.insert(
+                    r.client,
+                    LocalState {
+                        params: gather(&r.params, &self.local_params),
+                        buffers: gather(&r.buffers, &self.local_buffers),
+                    },
+                );
+            }
+        }
+        if let (Some(twin), Some(result)) = (self.twin.as_mut(), twin_result) {
+            twin.params_mut().copy_from_slice(&result.params);
+            twin.buffers_mut().copy_from_slice(&result.buffers);
+        }
+        self.rounds_done += 1;
+        self.pending_seconds += started.elapsed().as_secs_f64();
+        self.pending_examples += examples;
+        let last = self.rounds_done == self.config.train.rounds;
+        if self.rounds_done.is_multiple_of(self.config.eval.every) || last {
+            let eval_started = Instant::now();
+            let mut row = self.evaluate(data, Some(train_loss))?;
+            row.seconds = self.pending_seconds + eval_started.elapsed().as_secs_f64();
+            row.examples = self.pending_examples;
+            self.pending_seconds = 0.0;
+            self.pending_examples = 0;
+            self.history.push(row.clone());
+            return Ok(Some(row));
+        }
+        Ok(None)
+    }
+
+    /// Whether every configured round has run.
+    pub fn finished(&self) -> bool {
+        self.rounds_done >= self.config.train.rounds
+    }
+
+    fn eval_trainer(&self) -> Result<Trainer, FlError> {
+        let mut trainer = Trainer::new(&self.spec, EVAL_BATCH)?;
+        trainer.set_threads(self.threads);
+        Ok(trainer)
+    }
+
+    fn evaluate(&self, data: &TrainTest, train_loss: Option<f64>) -> Result<RoundMetrics, FlError> {
+        let mut trainer = self.eval_trainer()?;
+        let test = &data.test;
+        let (test_accuracy, test_loss) = if self.local_params.is_empty()
+            && self.local_buffers.is_empty()
+            || self.local.is_empty()
+        {
+            let stats = trainer.evaluate(&self.global, &test.features, &test.labels)?;
+            (stats.accuracy(), stats.mean_loss())
+        } else {
+            // FedBN: no global normalisation layers exist; report the mean over the clients of
+            // the global weights combined with each client's own normalisation layers.
+            let (mut acc, mut loss) = (0f64, 0f64);
+            for &client in self.local.keys() {
+                let model = self.with_local_state(client);
+                let stats = trainer.evaluate(&model, &test.features, &test.labels)?;
+                acc += stats.accuracy();
+                loss += stats.mean_loss();
+            }
+            let n = self.local.len() as f64;
+            (acc / n, loss / n)
+        };
+        let (sgd_test_accuracy, divergence) = match &self.twin {
+            Some(twin) => {
+                let stats = trainer.evaluate(twin, &test.features, &test.labels)?;
+                (
+                    Some(stats.accuracy()),
+                    weight_divergence(&self.global, twin),
+                )
+            }
+            None => (None, Vec::new()),
+        };
+        Ok(RoundMetrics {
+            round: self.rounds_done,
+            lr: self.config.lr_at(self.rounds_done.saturating_sub(1)),
+            test_accuracy,
+            test_loss,
+            train_loss,
+            seconds: 0.0,
+            examples: 0,
+            sgd_test_accuracy,
+            divergence,
+        })
+    }
+}
+
+fn gather(values: &[f32], ranges: &[Range<usize>]) -> Vec<f32> {
+    ranges
+        .iter()
+        .flat_map(|r| values[r.clone()].iter().copied())
+        .collect()
+}
+
+fn scatter(packed: &[f32], ranges: &[Range<usize>], out: &mut [f32]) {
+    let mut j = 0;
+    for r in ranges {
+        out[r.clone()].copy_from_slice(&packed[j..j + r.len()]);
+        j += r.len();
+    }
+}
+
+/// Run local training for `jobs` one after the other on the calling thread: the reference
+/// executor (the simulation crate runs the same jobs in parallel).
+pub struct SequentialExecutor {
+    pub threads: usize,
+}
+
+impl Executor for SequentialExecutor {
+    fn fit(&self, jobs: Vec<FitJob<'_>>, data: &Dataset) -> Vec<Result<FitResult, FlError>> {
+        jobs.into_iter()
+            .map(|job| run_job(job, data, self.threads))
+            .collect()
+    }
+}
+
+/// Train one job on this thread with a fresh trainer using `threads` GEMM threads.
+pub fn run_job(job: FitJob<'_>, data: &Dataset, threads: usize) -> Result<FitResult, FlError> {
+    let FitJob {
+        client,
+        indices,
+        mut start,
+        config,
+    } = job;
+    let mut trainer = Trainer::new(start.spec(), config.batch_size.min(indices.len()).max(1))?;
+    trainer.set_threads(threads);
+    crate::client::fit(client, indices, data, &mut start, &config, &mut trainer)
+}

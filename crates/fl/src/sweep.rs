@@ -1,0 +1,232 @@
+//! Grids and profiles inside an experiment file.
+//!
+//! A `[sweep]` table maps dotted keys to lists of values; the file stands for every combination
+//! (a *cell*), each run into its own sub-folder. A `[profile.NAME]` table maps dotted keys to
+//! single values applied when the run asks for that profile (e.g. `short`: fewer rounds, so an
+//! artefact of the study regenerates in minutes instead of hours).
+//!
+//! ```toml
+//! [sweep]
+//! "partition.scheme" = ["iid", "classes:2", "classes:1"]
+//! "train.batch_size" = [10, 100]
+//! [profile.short]
+//! "train.rounds" = 20
+//! ```
+
+use toml::{Table, Value};
+
+use crate::config::{ConfigError, ExperimentConfig};
+
+/// One configuration of a grid, with a folder-friendly name (`""` when the file has no sweep).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Cell {
+    pub name: String,
+    pub config: ExperimentConfig,
+}
+
+fn parse_error(origin: &str, message: String) -> ConfigError {
+    ConfigError::Parse {
+        origin: origin.to_string(),
+        message,
+    }
+}
+
+/// Set `dotted` (e.g. `train.rounds`) in `table` to `value`; the key must already be a table
+/// path that makes sense (unknown leaves are caught when the result is parsed).
+fn set_dotted(
+    table: &mut Table,
+    dotted: &str,
+    value: Value,
+    origin: &str,
+) -> Result<(), ConfigError> {
+    let mut parts: Vec<&str> = dotted.split('.').collect();
+    let leaf = parts.pop().filter(|l| !l.is_empty()).ok_or_else(|| {
+        parse_error(
+            origin,
+            format!("bad key {dotted:?} in [sweep] or [profile]"),
+        )
+    })?;
+    let mut here = table;
+    for part in parts {
+        let entry = here
+            .entry(part.to_string())
+            .or_insert_with(|| Value::Table(Table::new()));
+        here = entry.as_table_mut().ok_or_else(|| {
+            parse_error(origin, format!("key {dotted:?}: `{part}` is not a table"))
+        })?;
+    }
+    here.insert(leaf.to_string(), value);
+    Ok(())
+}
+
+fn short(value: &Value) -> String {
+    let text = match value {
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    };
+    text.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '.' || c == '-' {
+                c
+            } else {
+                '-'
+            }
+        })
+        .collect()
+}
+
+/// Expand an experiment file into its cells, applying `profile` first when given.
+pub fn expand(text: &str, origin: &str, profile: Option<&str>) -> Result<Vec<Cell>, ConfigError> {
+    let mut table: Table = text
+        .parse()
+        .map_err(|e: toml::de::Error| parse_error(origin, e.to_string()))?;
+    let sweep = match table.remove("sweep") {
+        None => Table::new(),
+        Some(Value::Table(t)) => t,
+        Some(_) => return Err(parse_error(origin, "[sweep] must be a table".into())),
+    };
+    let profiles = match table.remove("profile") {
+        None => Table::new(),
+        Some(Value::Table(t)) => t,
+        Some(_) => return Err(parse_error(origin, "[profile] must be a table".into())),
+    };
+    if let Some(name) = profile {
+        let overrides = match profiles.get(name) {
+            Some(Value::Table(t)) => t.clone(),
+            _ => {
+                let known: Vec<&String> = profiles.keys().collect();
+                return Err(parse_error(
+                    origin,
+                    format!("no [profile.{name}] in this file (it has: {known:?})"),
+                ));
+            }
+        };
+        for (key, value) in overrides {
+            set_dotted(&mut table, &key, value, origin)?;
+        }
+    }
+    let mut axes: Vec<(String, Vec<Value>)> = Vec::new();
+    for (key, values) in sweep {
+        match values {
+            Value::Array(list) if !list.is_empty() => axes.push((key, list)),
+            _ => {
+                return Err(parse_error(
+                    origin,
+                    format!("[sweep] \"{key}\" must be a non-empty list of values"),
+                ));
+            }
+        }
+    }
+    let mut cells = vec![(String::new(), table)];
+    for (key, values) in &axes {
+        let label = key.rsplit('.').next().unwrap_or(key);
+        let mut next = Vec::with_capacity(cells.len() * values.len());
+        for (name, base) in &cells {
+            for value in values {
+                let mut t = base.clone();
+                set_dotted(&mut t, key, value.clone(), origin)?;
+                let part = format!("{label}-{}", short(value));
+                let name = if name.is_empty() {
+                    part
+                } else {
+                    format!("{name}_{part}")
+                };
+                next.push((name, t));
+            }
+        }
+        cells = next;
+    }
+    cells
+        .into_iter()
+        .map(|(name, t)| {
+            let origin = if name.is_empty() {
+                origin.to_string()
+            } else {
+                format!("{origin} [{name}]")
+            };
+            let text = toml::to_string(&t).map_err(|e| parse_error(&origin, e.to_string()))?;
+            Ok(Cell {
+                config: ExperimentConfig::from_toml_str(&text, &origin)?,
+                name: name.trim_start_matches('_').to_string(),
+            })
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BASE: &str = r#"
+[data]
+dataset = "mnist"
+[partition]
+scheme = "iid"
+clients = 10
+[model]
+name = "mnist-cnn"
+[train]
+rounds = 500
+batch_size = 10
+lr = 0.01
+[sweep]
+"partition.scheme" = ["iid", "classes:1"]
+"train.batch_size" = [10, 100]
+[profile.short]
+"train.rounds" = 3
+"#;
+
+    #[test]
+    fn a_grid_expands_to_every_combination_with_readable_names() {
+        let cells = expand(BASE, "t.toml", None).unwrap();
+        let names: Vec<&str> = cells.iter().map(|c| c.name.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "scheme-iid_batch_size-10",
+                "scheme-iid_batch_size-100",
+                "scheme-classes-1_batch_size-10",
+                "scheme-classes-1_batch_size-100"
+            ]
+        );
+        assert_eq!(cells[3].config.partition.scheme, "classes:1");
+        assert_eq!(cells[3].config.train.batch_size, 100);
+        assert!(cells.iter().all(|c| c.config.train.rounds == 500));
+    }
+
+    #[test]
+    fn a_profile_overrides_values_and_an_unknown_one_is_an_error() {
+        let cells = expand(BASE, "t.toml", Some("short")).unwrap();
+        assert!(cells.iter().all(|c| c.config.train.rounds == 3));
+        let e = expand(BASE, "t.toml", Some("long"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("profile.long"), "{e}");
+    }
+
+    #[test]
+    fn bad_sweep_keys_and_values_are_named() {
+        let e = expand(
+            &BASE.replace(
+                "\"train.batch_size\" = [10, 100]",
+                "\"train.batch_sise\" = [10]",
+            ),
+            "t.toml",
+            None,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("batch_sise"), "{e}");
+        let e = expand(&BASE.replace("[10, 100]", "[0, 100]"), "t.toml", None)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("train.batch_size") && e.contains("batch_size-0"),
+            "{e}"
+        );
+        let without = BASE.split("[sweep]").next().unwrap();
+        let cells = expand(without, "t.toml", None).unwrap();
+        assert_eq!(cells.len(), 1);
+        assert_eq!(cells[0].name, "");
+    }
+}

@@ -1,0 +1,217 @@
+//! Aggregation facts: FedAvg is an exact sample-weighted mean, averaging identical weights is the
+//! identity bit for bit, bad updates are rejected by name, and FedBN's scope leaves every
+//! normalisation tensor out.
+
+use fedra_fl::strategy::{FedAvg, from_config};
+use fedra_fl::{AggregationScope, FitResult, FlError, Strategy, sample_clients, weighted_mean};
+use fedra_nn::{BnPolicy, Model, ModelSpec, TensorKind};
+
+fn result(client: usize, n: usize, params: Vec<f32>, buffers: Vec<f32>) -> FitResult {
+    FitResult {
+        client,
+        num_examples: n,
+        params,
+        buffers,
+        train_loss: 0.0,
+        examples_seen: n,
+    }
+}
+
+fn cnn_bn() -> Model {
+    let spec = ModelSpec::by_name("mnist-cnn-bn", [1, 28, 28], 10).unwrap();
+    Model::new(&spec, 7).unwrap()
+}
+
+#[test]
+fn weighted_mean_is_exact_on_hand_made_tensors() {
+    let results = vec![
+        result(0, 1, vec![1.0, 2.0, -4.0], vec![]),
+        result(1, 3, vec![3.0, 4.0, 0.0], vec![]),
+    ];
+    let mut out = vec![9.0; 3];
+    weighted_mean(
+        &results,
+        |r| &r.params,
+        std::slice::from_ref(&(0..3)),
+        &mut out,
+    );
+    assert_eq!(out, vec![2.5, 3.5, -1.0]);
+    // Only the given ranges are touched.
+    let mut out = vec![9.0; 3];
+    weighted_mean(
+        &results,
+        |r| &r.params,
+        std::slice::from_ref(&(1..2)),
+        &mut out,
+    );
+    assert_eq!(out, vec![9.0, 3.5, 9.0]);
+}
+
+#[test]
+fn fedavg_of_identical_weights_is_the_identity() {
+    let mut global = cnn_bn();
+    let before = global.clone();
+    // Client sizes that do not divide evenly, so a naive float mean would drift.
+    let results: Vec<FitResult> = [7usize, 1, 13, 600]
+        .iter()
+        .enumerate()
+        .map(|(i, &n)| result(i, n, before.params().to_vec(), before.buffers().to_vec()))
+        .collect();
+    let scope = AggregationScope::everything(&global);
+    FedAvg.aggregate(0, &mut global, &results, &scope).unwrap();
+    assert!(global.params() == before.params(), "parameters changed");
+    assert!(global.buffers() == before.buffers(), "buffers changed");
+}
+
+#[test]
+fn fedavg_weights_clients_by_sample_count() {
+    let mut global = cnn_bn();
+    let len = global.params().len();
+    let blen = global.buffers().len();
+    let results = vec![
+        result(0, 100, vec![1.0; len], vec![2.0; blen]),
+        result(1, 300, vec![5.0; len], vec![6.0; blen]),
+    ];
+    let scope = AggregationScope::new(&global, BnPolicy::Train, true);
+    FedAvg.aggregate(3, &mut global, &results, &scope).unwrap();
+    assert!(global.params().iter().all(|&w| w == 4.0));
+    assert!(global.buffers().iter().all(|&w| w == 5.0));
+}
+
+#[test]
+fn nan_update_is_rejected_naming_client_and_tensor() {
+    let mut global = cnn_bn();
+    let mut params = global.params().to_vec();
+    let fc1 = global
+        .tensors()
+        .iter()
+        .find(|t| t.name == "fc1.weight")
+        .unwrap()
+        .clone();
+    params[fc1.offset + 5] = f32::NAN;
+    let results = vec![
+        result(0, 10, global.params().to_vec(), global.buffers().to_vec()),
+        result(4, 10, params, global.buffers().to_vec()),
+    ];
+    let scope = AggregationScope::everything(&global);
+    let before = global.params().to_vec();
+    let err = FedAvg
+        .aggregate(2, &mut global, &results, &scope)
+        .unwrap_err();
+    assert!(matches!(
+        err,
+        FlError::NonFiniteUpdate {
+            client: 4,
+            round: 2,
+            ..
+        }
+    ));
+    assert!(err.to_string().contains("fc1.weight"), "{err}");
+    assert!(
+        global.params() == before.as_slice(),
+        "a rejected round must not change the model"
+    );
+}
+
+#[test]
+fn wrong_length_update_is_rejected() {
+    let mut global = cnn_bn();
+    let results = vec![result(1, 10, vec![0.0; 3], global.buffers().to_vec())];
+    let scope = AggregationScope::everything(&global);
+    let err = FedAvg
+        .aggregate(0, &mut global, &results, &scope)
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            FlError::UpdateShape {
+                client: 1,
+                got: 3,
+                ..
+            }
+        ),
+        "{err}"
+    );
+}
+
+#[test]
+fn fedbn_scope_keeps_normalisation_local_and_train_scope_follows_average_buffers() {
+    let model = cnn_bn();
+    let covered = |ranges: &[std::ops::Range<usize>], offset: usize| {
+        ranges.iter().any(|r| r.contains(&offset))
+    };
+    let local = AggregationScope::new(&model, BnPolicy::Local, true);
+    let train = AggregationScope::new(&model, BnPolicy::Train, true);
+    let train_no_buffers = AggregationScope::new(&model, BnPolicy::Train, false);
+    let frozen = AggregationScope::new(&model, BnPolicy::Frozen, true);
+    let mut saw_norm = false;
+    for t in model.tensors() {
+        match t.kind {
+            TensorKind::Param => {
+                assert_eq!(covered(&local.params, t.offset), !t.norm, "{}", t.name);
+                assert!(covered(&train.params, t.offset), "{}", t.name);
+                saw_norm |= t.norm;
+            }
+            TensorKind::Buffer => {
+                assert!(!covered(&local.buffers, t.offset), "{}", t.name);
+                assert!(covered(&train.buffers, t.offset), "{}", t.name);
+                assert!(!covered(&train_no_buffers.buffers, t.offset), "{}", t.name);
+                assert!(!covered(&frozen.buffers, t.offset), "{}", t.name);
+            }
+        }
+    }
+    assert!(saw_norm, "mnist-cnn-bn must have BatchNorm parameters");
+}
+
+#[test]
+fn client_sampling_is_seeded_sorted_and_never_empty() {
+    let a = sample_clients(3, 1000, 0.01, 42);
+    assert_eq!(a.len(), 10);
+    assert!(a.windows(2).all(|w| w[0] < w[1]));
+    assert_eq!(a, sample_clients(3, 1000, 0.01, 42));
+    assert_ne!(a, sample_clients(4, 1000, 0.01, 42));
+    assert_ne!(a, sample_clients(3, 1000, 0.01, 43));
+    assert_eq!(sample_clients(0, 10, 0.001, 0).len(), 1);
+    assert_eq!(sample_clients(0, 10, 1.0, 0), (0..10).collect::<Vec<_>>());
+}
+
+#[test]
+fn fedavgm_with_zero_momentum_and_unit_lr_equals_fedavg() {
+    let base = cnn_bn();
+    let len = base.params().len();
+    let results = vec![
+        result(
+            0,
+            2,
+            base.params().iter().map(|w| w + 0.5).collect(),
+            base.buffers().to_vec(),
+        ),
+        result(
+            1,
+            2,
+            base.params().iter().map(|w| w - 0.25).collect(),
+            base.buffers().to_vec(),
+        ),
+    ];
+    let scope = AggregationScope::new(&base, BnPolicy::Train, true);
+    let mut avg = base.clone();
+    FedAvg.aggregate(0, &mut avg, &results, &scope).unwrap();
+    let config = fedra_fl::config::StrategyConfig {
+        name: "fedavgm".into(),
+        server_lr: Some(1.0),
+        server_momentum: Some(0.0),
+        ..Default::default()
+    };
+    let mut m = from_config(&config).unwrap();
+    let mut with_m = base.clone();
+    m.aggregate(0, &mut with_m, &results, &scope).unwrap();
+    let max_diff = (0..len)
+        .map(|i| (avg.params()[i] - with_m.params()[i]).abs())
+        .fold(0f32, f32::max);
+    assert!(max_diff < 1e-6, "max diff {max_diff}");
+    // And its state round-trips for checkpoints.
+    let state = m.state();
+    assert_eq!(state[0].1.len(), len);
+    let mut fresh = from_config(&config).unwrap();
+    fresh.restore(state).unwrap();
+}

@@ -1,0 +1,92 @@
+//! Configuration parsing: the documented example parses, unknown keys and bad values are errors
+//! that name the key.
+
+use fedra_fl::ExperimentConfig;
+
+const EXAMPLE: &str = r#"
+[data]
+dataset = "mnist"
+[partition]
+scheme = "classes:2"
+clients = 10
+[model]
+name = "mnist-cnn"
+bn = "train"
+[train]
+rounds = 500
+local_epochs = 1
+batch_size = 10
+lr = 0.01
+lr_decay = 0.995
+fraction = 1.0
+[strategy]
+name = "fedavg"
+[eval]
+every = 1
+sgd_twin = false
+[run]
+seed = 0
+checkpoint_every = 10
+"#;
+
+fn error_of(text: &str) -> String {
+    ExperimentConfig::from_toml_str(text, "test.toml")
+        .unwrap_err()
+        .to_string()
+}
+
+#[test]
+fn documented_example_parses_and_round_trips() {
+    let config = ExperimentConfig::from_toml_str(EXAMPLE, "example").unwrap();
+    assert_eq!(config.train.rounds, 500);
+    assert_eq!(config.partition.scheme, "classes:2");
+    let again = ExperimentConfig::from_toml_str(&config.to_toml_string(), "again").unwrap();
+    assert_eq!(config, again);
+    assert!((config.lr_at(2) - 0.01 * 0.995f32 * 0.995).abs() < 1e-9);
+}
+
+#[test]
+fn unknown_keys_are_rejected_by_name() {
+    let text = EXAMPLE.replace("lr_decay = 0.995", "lr_decay = 0.995\nlearning_rate = 0.1");
+    let e = error_of(&text);
+    assert!(e.contains("learning_rate"), "{e}");
+    let text = EXAMPLE.replace("[run]", "[runn]");
+    assert!(error_of(&text).contains("runn"));
+}
+
+#[test]
+fn bad_values_are_rejected_naming_the_key() {
+    for (from, to, key) in [
+        ("lr = 0.01", "lr = -1.0", "train.lr"),
+        ("lr = 0.01", "lr = nan", "train.lr"),
+        ("rounds = 500", "rounds = 0", "train.rounds"),
+        ("batch_size = 10", "batch_size = 0", "train.batch_size"),
+        ("fraction = 1.0", "fraction = 1.5", "train.fraction"),
+        ("lr_decay = 0.995", "lr_decay = 1.5", "train.lr_decay"),
+        ("clients = 10", "clients = 0", "partition.clients"),
+        (
+            "scheme = \"classes:2\"",
+            "scheme = \"klasses:2\"",
+            "partition.scheme",
+        ),
+        (
+            "name = \"fedavg\"",
+            "name = \"fedsomething\"",
+            "strategy.name",
+        ),
+        ("\nevery = 1", "\nevery = 0", "eval.every"),
+    ] {
+        let e = error_of(&EXAMPLE.replace(from, to));
+        assert!(e.contains(key), "{to}: {e}");
+        assert!(e.contains("test.toml"), "{e}");
+    }
+    // Wrong type: toml/serde names the field.
+    let e = error_of(&EXAMPLE.replace("rounds = 500", "rounds = \"many\""));
+    assert!(e.contains("rounds"), "{e}");
+    // A strategy key that does not apply.
+    let e = error_of(&EXAMPLE.replace("name = \"fedavg\"", "name = \"fedavg\"\nmu = 0.1"));
+    assert!(e.contains("mu"), "{e}");
+    // A bad BN policy.
+    let e = error_of(&EXAMPLE.replace("bn = \"train\"", "bn = \"sometimes\""));
+    assert!(e.contains("sometimes") || e.contains("bn"), "{e}");
+}

@@ -1,0 +1,232 @@
+//! A run folder: what `fedra run` writes and `fedra run --resume` reads back.
+//!
+//! `config.toml` (the resolved configuration), `partition.json` (as `fedra partition` writes it),
+//! `metrics.csv` (one row per evaluated round), `summary.json`, `final.safetensors`, and
+//! `checkpoint/` while the run is in progress. Files are replaced atomically (written beside,
+//! then renamed), so a run killed at any moment never leaves a half-written file.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use serde::{Deserialize, Serialize};
+
+use fedra_data::TrainTest;
+use fedra_data::stats::partition_stats;
+use fedra_fl::{ExperimentConfig, Federation, RoundMetrics};
+
+use crate::checkpoint;
+use crate::error::{SimError, io};
+use crate::executor::ParallelExecutor;
+
+/// What a finished run reports in `summary.json`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Summary {
+    pub rounds: usize,
+    pub final_accuracy: f64,
+    pub best_accuracy: f64,
+    pub best_round: usize,
+    pub final_sgd_accuracy: Option<f64>,
+    pub mean_emd: f64,
+    /// With data sharing: the clients' mean EMD before their share of G was mixed in.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mean_emd_before_share: Option<f64>,
+    pub total_seconds: f64,
+    pub samples_per_s: f64,
+    pub threads: usize,
+}
+
+/// A run in progress, bound to its folder.
+pub struct Run {
+    pub federation: Federation,
+    pub data: TrainTest,
+    pub dir: PathBuf,
+    executor: ParallelExecutor,
+    mean_emd: f64,
+    started: Instant,
+}
+
+/// Write `bytes` to `path` through a temporary file and a rename.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), SimError> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, bytes).map_err(io(&tmp))?;
+    std::fs::rename(&tmp, path).map_err(io(path))
+}
+
+impl Run {
+    /// Start a new run in `dir` (created if missing; an existing checkpoint there is an error,
+    /// so a finished or running experiment is never overwritten by accident).
+    pub fn start(
+        config: ExperimentConfig,
+        data: TrainTest,
+        dir: &Path,
+        threads: usize,
+    ) -> Result<Run, SimError> {
+        if checkpoint::checkpoint_dir(dir).exists() || dir.join("metrics.csv").exists() {
+            return Err(SimError::Checkpoint {
+                path: dir.to_path_buf(),
+                message: "already holds a run; use --resume to continue it or choose another --out"
+                    .into(),
+            });
+        }
+        std::fs::create_dir_all(dir).map_err(io(dir))?;
+        let federation = Federation::new(config, &data, threads)?;
+        let run = Run::assemble(federation, data, dir, threads)?;
+        write_atomic(
+            &dir.join("config.toml"),
+            run.federation.config.to_toml_string().as_bytes(),
+        )?;
+        let stats = partition_stats(&run.data.train.labels, &run.federation.partition);
+        let json = serde_json::to_string_pretty(&stats).expect("partition stats serialise");
+        write_atomic(&dir.join("partition.json"), json.as_bytes())?;
+        if let Some(before) = &run.federation.before_share {
+            let stats = partition_stats(&run.data.train.labels, before);
+            let json = serde_json::to_string_pretty(&stats).expect("partition stats serialise");
+            write_atomic(&dir.join("partition_before_share.json"), json.as_bytes())?;
+        }
+        Ok(run)
+    }
+
+    /// Continue the run in `dir` from its last checkpoint, with the configuration it recorded.
+    pub fn resume(dir: &Path, data: TrainTest, threads: usize) -> Result<Run, SimError> {
+        let config = ExperimentConfig::from_file(&dir.join("config.toml"))?;
+        let mut federation = Federation::new(config, &data, threads)?;
+        checkpoint::restore(dir, &mut federation)?;
+        let run = Run::assemble(federation, data, dir, threads)?;
+        run.write_metrics()?;
+        Ok(run)
+    }
+
+    fn assemble(
+        federation: Federation,
+        data: TrainTest,
+        dir: &Path,
+        threads: usize,
+    ) -> Result<Run, SimError> {
+        let mean_emd = partition_stats(&data.train.labels, &federation.partition).mean_emd;
+        Ok(Run {
+            federation,
+            data,
+            dir: dir.to_path_buf(),
+            executor: ParallelExecutor::new(threads)?,
+            mean_emd,
+            started: Instant::now(),
+        })
+    }
+
+    /// Evaluate the initial model (if not yet) and run one round, checkpointing when due.
+    pub fn step(&mut self) -> Result<Option<RoundMetrics>, SimError> {
+        let fresh = self.federation.history.is_empty();
+        self.federation.evaluate_initial(&self.data)?;
+        if fresh {
+            self.write_metrics()?;
+        }
+        let row = self.federation.run_round(&self.data, &self.executor)?;
+        if row.is_some() {
+            self.write_metrics()?;
+        }
+        let every = self.federation.config.run.checkpoint_every;
+        if every > 0
+            && self.federation.rounds_done.is_multiple_of(every)
+            && !self.federation.finished()
+        {
+            checkpoint::save(&self.dir, &self.federation)?;
+        }
+        Ok(row)
+    }
+
+    /// Write the final weights and `summary.json`; remove the checkpoint.
+    pub fn finish(self) -> Result<Summary, SimError> {
+        let fed = &self.federation;
+        fed.global
+            .save_safetensors(&self.dir.join("final.safetensors"))?;
+        let last = fed.history.last();
+        let best = fed
+            .history
+            .iter()
+            .max_by(|a, b| a.test_accuracy.total_cmp(&b.test_accuracy));
+        let seconds: f64 = fed.history.iter().map(|r| r.seconds).sum();
+        let examples: usize = fed.history.iter().map(|r| r.examples).sum();
+        let summary = Summary {
+            rounds: fed.rounds_done,
+            final_accuracy: last.map_or(f64::NAN, |r| r.test_accuracy),
+            best_accuracy: best.map_or(f64::NAN, |r| r.test_accuracy),
+            best_round: best.map_or(0, |r| r.round),
+            final_sgd_accuracy: last.and_then(|r| r.sgd_test_accuracy),
+            mean_emd: self.mean_emd,
+            mean_emd_before_share: fed
+                .before_share
+                .as_ref()
+                .map(|p| partition_stats(&self.data.train.labels, p).mean_emd),
+            total_seconds: seconds,
+            samples_per_s: if seconds > 0.0 {
+                examples as f64 / seconds
+            } else {
+                0.0
+            },
+            threads: self.executor.threads(),
+        };
+        let json = serde_json::to_string_pretty(&summary).expect("summary serialises");
+        write_atomic(&self.dir.join("summary.json"), json.as_bytes())?;
+        let ckpt = checkpoint::checkpoint_dir(&self.dir);
+        if ckpt.exists() {
+            std::fs::remove_dir_all(&ckpt).map_err(io(&ckpt))?;
+        }
+        Ok(summary)
+    }
+
+    /// Seconds since this process started or resumed the run.
+    pub fn elapsed(&self) -> f64 {
+        self.started.elapsed().as_secs_f64()
+    }
+
+    fn write_metrics(&self) -> Result<(), SimError> {
+        write_atomic(
+            &self.dir.join("metrics.csv"),
+            metrics_csv(&self.federation.history).as_bytes(),
+        )
+    }
+}
+
+/// The metrics table as CSV: `round,lr,test_accuracy,test_loss,train_loss,seconds`, then
+/// `sgd_test_accuracy` and one `wd_<tensor or layer>` column per divergence figure when the SGD
+/// twin runs. Empty cells where a value does not exist (train loss of round 0).
+pub fn metrics_csv(history: &[RoundMetrics]) -> String {
+    let mut out = String::from("round,lr,test_accuracy,test_loss,train_loss,seconds");
+    let twin = history.iter().any(|r| r.sgd_test_accuracy.is_some());
+    let wd_names: Vec<String> = history
+        .first()
+        .map(|r| r.divergence.iter().map(|d| d.name.clone()).collect())
+        .unwrap_or_default();
+    if twin {
+        out.push_str(",sgd_test_accuracy");
+        for name in &wd_names {
+            out.push_str(&format!(",wd_{name}"));
+        }
+    }
+    out.push('\n');
+    for r in history {
+        let train_loss = r.train_loss.map(|v| format!("{v:.6}")).unwrap_or_default();
+        out.push_str(&format!(
+            "{},{},{:.6},{:.6},{},{:.3}",
+            r.round, r.lr, r.test_accuracy, r.test_loss, train_loss, r.seconds
+        ));
+        if twin {
+            let sgd = r
+                .sgd_test_accuracy
+                .map(|v| format!("{v:.6}"))
+                .unwrap_or_default();
+            out.push_str(&format!(",{sgd}"));
+            for name in &wd_names {
+                let value = r
+                    .divergence
+                    .iter()
+                    .find(|d| &d.name == name)
+                    .map(|d| format!("{:.8}", d.value))
+                    .unwrap_or_default();
+                out.push_str(&format!(",{value}"));
+            }
+        }
+        out.push('\n');
+    }
+    out
+}

@@ -1,0 +1,174 @@
+//! The simulation's promises, on the MNIST subset embedded in fedra: bit-identical results for
+//! any thread count, a resumed run equal to an uninterrupted one, and the SGD twin's divergence
+//! columns present and zero at round 0.
+
+use fedra_data::embedded_mnist;
+use fedra_fl::{ExperimentConfig, RoundMetrics};
+use fedra_sim::Run;
+
+fn config(
+    extra: &str,
+    model: &str,
+    scheme: &str,
+    fraction: f64,
+    rounds: usize,
+) -> ExperimentConfig {
+    let text = format!(
+        r#"
+[data]
+dataset = "mnist"
+[partition]
+scheme = "{scheme}"
+clients = 10
+[model]
+name = "{model}"
+[train]
+rounds = {rounds}
+batch_size = 10
+lr = 0.05
+lr_decay = 0.99
+fraction = {fraction}
+[run]
+seed = 11
+checkpoint_every = 2
+{extra}
+"#
+    );
+    ExperimentConfig::from_toml_str(&text, "test").unwrap()
+}
+
+fn run_to_end(config: ExperimentConfig, threads: usize) -> (Vec<f32>, Vec<f32>, Vec<RoundMetrics>) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut run = Run::start(config, embedded_mnist().unwrap(), dir.path(), threads).unwrap();
+    while !run.federation.finished() {
+        run.step().unwrap();
+    }
+    let out = (
+        run.federation.global.params().to_vec(),
+        run.federation.global.buffers().to_vec(),
+        run.federation.history.clone(),
+    );
+    let summary = run.finish().unwrap();
+    assert!(dir.path().join("final.safetensors").exists());
+    assert!(dir.path().join("summary.json").exists());
+    assert!(
+        !dir.path().join("checkpoint").exists(),
+        "checkpoint removed at the end"
+    );
+    assert_eq!(summary.rounds, out.2.last().unwrap().round);
+    out
+}
+
+fn without_timings(history: &[RoundMetrics]) -> Vec<RoundMetrics> {
+    history
+        .iter()
+        .cloned()
+        .map(|mut r| {
+            r.seconds = 0.0;
+            r
+        })
+        .collect()
+}
+
+#[test]
+fn results_are_bit_identical_for_one_and_two_threads() {
+    // A CNN with BatchNorm (buffers averaged) on 3 of 10 non-IID clients per round.
+    let config = config("", "mnist-cnn-bn", "classes:2", 0.3, 2);
+    let (p1, b1, h1) = run_to_end(config.clone(), 1);
+    let (p2, b2, h2) = run_to_end(config, 2);
+    assert!(p1 == p2, "parameters differ between 1 and 2 threads");
+    assert!(b1 == b2, "buffers differ between 1 and 2 threads");
+    assert_eq!(without_timings(&h1), without_timings(&h2));
+    // It learned something: better than chance after two rounds.
+    assert!(h1.last().unwrap().test_accuracy > 0.3, "{:?}", h1.last());
+}
+
+#[test]
+fn resumed_run_equals_uninterrupted_run() {
+    let config = config("[eval]\nsgd_twin = true", "mlp", "dirichlet:0.5", 0.5, 5);
+    let (p_ref, b_ref, h_ref) = run_to_end(config.clone(), 2);
+
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let mut run = Run::start(config, embedded_mnist().unwrap(), dir.path(), 2).unwrap();
+        // Three rounds: a checkpoint after round 2, then one more round whose work is lost
+        // when the process "dies" here.
+        for _ in 0..3 {
+            run.step().unwrap();
+        }
+        assert_eq!(run.federation.rounds_done, 3);
+    }
+    let mut run = Run::resume(dir.path(), embedded_mnist().unwrap(), 1).unwrap();
+    assert_eq!(
+        run.federation.rounds_done, 2,
+        "resumes from the round-2 checkpoint"
+    );
+    while !run.federation.finished() {
+        run.step().unwrap();
+    }
+    assert!(run.federation.global.params() == p_ref.as_slice());
+    assert!(run.federation.global.buffers() == b_ref.as_slice());
+    assert_eq!(
+        without_timings(&run.federation.history),
+        without_timings(&h_ref)
+    );
+    let csv = std::fs::read_to_string(dir.path().join("metrics.csv")).unwrap();
+    assert_eq!(csv.lines().count(), 1 + 6, "header + rounds 0..=5:\n{csv}");
+}
+
+#[test]
+fn sgd_twin_divergence_is_reported_and_zero_at_round_zero() {
+    let config = config("[eval]\nsgd_twin = true", "mlp", "classes:1", 1.0, 2);
+    let dir = tempfile::tempdir().unwrap();
+    let mut run = Run::start(config, embedded_mnist().unwrap(), dir.path(), 2).unwrap();
+    while !run.federation.finished() {
+        run.step().unwrap();
+    }
+    let history = run.federation.history.clone();
+    run.finish().unwrap();
+    let first = &history[0];
+    assert_eq!(first.round, 0);
+    assert!(!first.divergence.is_empty());
+    assert!(
+        first.divergence.iter().all(|d| d.value == 0.0),
+        "{:?}",
+        first.divergence
+    );
+    let last = history.last().unwrap();
+    assert!(
+        last.divergence.iter().all(|d| d.value > 0.0),
+        "{:?}",
+        last.divergence
+    );
+    assert!(last.sgd_test_accuracy.unwrap() > 0.5);
+    let csv = std::fs::read_to_string(dir.path().join("metrics.csv")).unwrap();
+    let header = csv.lines().next().unwrap();
+    assert!(
+        header.starts_with(
+            "round,lr,test_accuracy,test_loss,train_loss,seconds,sgd_test_accuracy,wd_"
+        ),
+        "{header}"
+    );
+    assert!(
+        header.contains("wd_fc1.weight") && header.contains(",wd_fc1,"),
+        "{header}"
+    );
+    let row0: Vec<&str> = csv.lines().nth(1).unwrap().split(',').collect();
+    assert!(
+        row0[7..].iter().all(|v| v.parse::<f64>().unwrap() == 0.0),
+        "{row0:?}"
+    );
+}
+
+#[test]
+fn an_existing_run_folder_is_not_overwritten() {
+    let config = config("", "logreg", "iid", 1.0, 1);
+    let dir = tempfile::tempdir().unwrap();
+    let mut run = Run::start(config.clone(), embedded_mnist().unwrap(), dir.path(), 1).unwrap();
+    run.step().unwrap();
+    run.finish().unwrap();
+    let err = Run::start(config, embedded_mnist().unwrap(), dir.path(), 1)
+        .err()
+        .expect("second start must fail");
+    assert!(err.to_string().contains("--resume"), "{err}");
+}
