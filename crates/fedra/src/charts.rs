@@ -59,6 +59,19 @@ fn padded(lo: f64, hi: f64) -> (f64, f64) {
     (lo - pad, hi + pad)
 }
 
+/// A tick label: whole numbers without decimals (rounds, percentages), others with as few
+/// decimals as tell neighbouring ticks apart.
+fn tick(v: f64) -> String {
+    if (v - v.round()).abs() < 1e-9 {
+        format!("{}", v.round() as i64)
+    } else if v.abs() >= 10.0 {
+        format!("{v:.1}")
+    } else {
+        let s = format!("{v:.3}");
+        s.trim_end_matches('0').to_string()
+    }
+}
+
 /// One line (with markers) per series.
 pub fn lines(
     dir: &Path,
@@ -104,6 +117,8 @@ pub fn lines(
             .x_desc(x_label)
             .y_desc(y_label)
             .label_style(("sans-serif", 15))
+            .x_label_formatter(&|v| tick(*v))
+            .y_label_formatter(&|v| tick(*v))
             .axis_desc_style(("sans-serif", 17))
             .draw()
             .map_err(err)?;

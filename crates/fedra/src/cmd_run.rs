@@ -232,6 +232,9 @@ fn print_summary(name: &str, s: &Summary) {
         s.total_seconds,
         s.samples_per_s
     );
+    if let Some(mib) = s.peak_rss_mib {
+        println!("{name}: peak memory (RSS) of this process so far {mib:.0} MiB");
+    }
 }
 
 fn print_comparison(done: &[(String, Summary)]) {

@@ -8,4 +8,4 @@ pub mod run;
 
 pub use error::SimError;
 pub use executor::ParallelExecutor;
-pub use run::{Run, Summary, metrics_csv, write_atomic};
+pub use run::{Run, Summary, metrics_csv, peak_rss_mib, write_atomic};

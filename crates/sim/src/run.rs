@@ -33,6 +33,18 @@ pub struct Summary {
     pub total_seconds: f64,
     pub samples_per_s: f64,
     pub threads: usize,
+    /// Peak resident memory of the process so far, in MiB (Linux `VmHWM`; absent elsewhere).
+    /// With several runs in one process it is the peak over all of them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peak_rss_mib: Option<f64>,
+}
+
+/// The process's peak resident set size in MiB, from `/proc/self/status` (Linux only).
+pub fn peak_rss_mib() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024.0)
 }
 
 /// A run in progress, bound to its folder.
@@ -164,6 +176,7 @@ impl Run {
                 0.0
             },
             threads: self.executor.threads(),
+            peak_rss_mib: peak_rss_mib(),
         };
         let json = serde_json::to_string_pretty(&summary).expect("summary serialises");
         write_atomic(&self.dir.join("summary.json"), json.as_bytes())?;
