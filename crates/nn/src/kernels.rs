@@ -102,15 +102,18 @@ impl Geom {
     }
 }
 
-/// Unfolds one example `x` [c,h,w] into `col` [c*kh*kw, ho*wo] (zero where the window hits padding).
-pub(crate) fn im2col(g: &Geom, x: &[f32], col: &mut [f32]) {
+/// Unfolds one example `x` [c,h,w] into the `ho*wo` columns starting at `col[0]` of a
+/// [c*kh*kw, ld] matrix (row stride `ld`; zero where the window hits padding), so several examples
+/// can sit side by side.
+#[inline(always)]
+pub(crate) fn im2col(g: &Geom, x: &[f32], col: &mut [f32], ld: usize) {
     let hw_out = g.ho * g.wo;
     for c in 0..g.c {
         let plane = &x[c * g.h * g.w..(c + 1) * g.h * g.w];
         for ki in 0..g.kh {
             for kj in 0..g.kw {
                 let row = (c * g.kh + ki) * g.kw + kj;
-                let dst = &mut col[row * hw_out..(row + 1) * hw_out];
+                let dst = &mut col[row * ld..row * ld + hw_out];
                 let (lo, hi) = g.valid_cols(kj);
                 for oh in 0..g.ho {
                     let out = &mut dst[oh * g.wo..(oh + 1) * g.wo];
@@ -143,9 +146,10 @@ pub(crate) fn im2col(g: &Geom, x: &[f32], col: &mut [f32]) {
     }
 }
 
-/// Folds `col` [c*kh*kw, ho*wo] back into `dx` [c,h,w], summing overlapping windows; `dx` is
-/// overwritten.
-pub(crate) fn col2im(g: &Geom, col: &[f32], dx: &mut [f32]) {
+/// Folds the `ho*wo` columns starting at `col[0]` of a [c*kh*kw, ld] matrix back into `dx` [c,h,w],
+/// summing overlapping windows; `dx` is overwritten.
+#[inline(always)]
+pub(crate) fn col2im(g: &Geom, col: &[f32], ld: usize, dx: &mut [f32]) {
     dx[..g.c * g.h * g.w].fill(0.0);
     let hw_out = g.ho * g.wo;
     for c in 0..g.c {
@@ -153,7 +157,7 @@ pub(crate) fn col2im(g: &Geom, col: &[f32], dx: &mut [f32]) {
         for ki in 0..g.kh {
             for kj in 0..g.kw {
                 let row = (c * g.kh + ki) * g.kw + kj;
-                let src = &col[row * hw_out..(row + 1) * hw_out];
+                let src = &col[row * ld..row * ld + hw_out];
                 let (lo, hi) = g.valid_cols(kj);
                 for oh in 0..g.ho {
                     let ih = (oh * g.sh + ki) as isize - g.pt as isize;

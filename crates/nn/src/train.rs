@@ -1,7 +1,9 @@
 //! The training engine: a per-client [`Trainer`] workspace that runs forward, softmax
 //! cross-entropy, backward and the SGD update on a [`Model`], and evaluation. All activation,
 //! gradient and scratch buffers are sized for `max_batch` at construction, so a step allocates
-//! nothing. Convolutions are im2col + one GEMM per example; linear layers one GEMM per batch.
+//! nothing. Convolutions unfold a chunk of examples side by side (im2col) and run one GEMM per
+//! chunk and pass; the last chunk's unfolded input is kept from forward for the weight gradient.
+//! Linear layers are one GEMM per batch.
 //!
 //! Determinism: the only randomness (augmentation, dropout) comes from the step's `seed`; GEMMs
 //! never split their reduction dimension across threads, so results do not depend on
@@ -18,7 +20,7 @@ use serde::{Deserialize, Serialize};
 use crate::error::NnError;
 use crate::kernels::{Geom, col2im, im2col, matmul};
 use crate::model::Model;
-use crate::spec::{ConvOp, ModelSpec, Op, Plan};
+use crate::spec::{ConvOp, ModelSpec, Op, Plan, PoolOp};
 
 /// BatchNorm policy for training.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -82,6 +84,8 @@ impl EvalStats {
 const BN_EPS: f32 = 1e-5;
 const BN_MOMENTUM: f32 = 0.1;
 const GN_EPS: f32 = 1e-5;
+/// Floats of unfolded input kept per conv layer: bounds the examples per conv GEMM chunk.
+const COL_BUDGET: usize = 4 << 20;
 
 /// Per-op saved state between forward and backward.
 #[derive(Debug)]
@@ -128,7 +132,11 @@ pub struct Trainer {
     /// Gradients w.r.t. acts (gacts[0] is never computed).
     gacts: Vec<Vec<f32>>,
     scratch: Vec<Scratch>,
-    col: Vec<f32>,
+    /// Per op: a conv's unfolded input for one chunk of `chunk[i]` examples (empty otherwise).
+    cols: Vec<Vec<f32>>,
+    chunk: Vec<usize>,
+    /// A conv's output (forward) or masked output gradient (backward) for one chunk, [cout, m*hw].
+    tmp: Vec<f32>,
     grads: Vec<f32>,
     momentum: Vec<f32>,
     momentum_started: bool,
@@ -151,11 +159,28 @@ impl Trainer {
         let plan = Plan::build(spec)?;
         let in_len = in_len_of(&plan);
         let mut lens = vec![in_len];
-        let mut col = 0;
+        let mut cols = Vec::new();
+        let mut chunk = Vec::new();
+        let mut tmp = 0;
         let mut scratch = Vec::new();
         for op in &plan.ops {
             let prev = *lens.last().unwrap_or(&0);
             let out = op.out_len();
+            let (col_len, ch) = match op {
+                Op::Conv(c) => {
+                    let per = c.k() * c.hout * c.wout;
+                    let ch = (COL_BUDGET / per).clamp(1, max_batch);
+                    tmp = tmp.max(c.cout * c.hout * c.wout * ch);
+                    (per * ch, ch)
+                }
+                Op::Linear(l) => {
+                    tmp = tmp.max(l.fout * max_batch);
+                    (0, 0)
+                }
+                _ => (0, 0),
+            };
+            cols.push(vec![0.0; col_len]);
+            chunk.push(ch);
             scratch.push(match op {
                 Op::Pool(_) => Scratch::Pool(vec![0; max_batch * out]),
                 Op::Lrn { .. } => Scratch::Lrn {
@@ -174,10 +199,6 @@ impl Trainer {
                     invstd: vec![0.0; max_batch * g.groups],
                 },
                 Op::Dropout { .. } => Scratch::Drop(vec![0.0; max_batch * prev]),
-                Op::Conv(c) => {
-                    col = col.max(c.k() * c.hout * c.wout);
-                    Scratch::None
-                }
                 _ => Scratch::None,
             });
             lens.push(out);
@@ -192,7 +213,9 @@ impl Trainer {
             acts,
             gacts,
             scratch,
-            col: vec![0.0; col],
+            cols,
+            chunk,
+            tmp: vec![0.0; tmp],
             grads: vec![0.0; plan.num_params],
             momentum: vec![0.0; plan.num_params],
             momentum_started: false,
@@ -235,7 +258,8 @@ impl Trainer {
                 Scratch::Drop(v) => v.len(),
             })
             .sum();
-        f * (vecs + scratch + self.col.len() + self.grads.len() + self.momentum.len())
+        let cols: usize = self.cols.iter().map(Vec::len).sum();
+        f * (vecs + scratch + cols + self.tmp.len() + self.grads.len() + self.momentum.len())
     }
 
     /// The gradient of the last `train_step` or `loss_and_grad` (same layout as `params()`).
@@ -453,6 +477,25 @@ impl Trainer {
     }
 
     fn forward(&mut self, p: &[f32], buf: &[f32], n: usize, mode: Mode, rng: &mut ChaCha8Rng) {
+        #[cfg(target_arch = "x86_64")]
+        if std::is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU supports AVX2 (checked just above).
+            return unsafe { self.forward_avx2(p, buf, n, mode, rng) };
+        }
+        self.forward_impl(p, buf, n, mode, rng);
+    }
+
+    /// `forward_impl` compiled for AVX2. Only the code generation changes: Rust never contracts
+    /// a*b+c into an FMA and LLVM keeps the order of float reductions, so results are bit-identical
+    /// to the baseline build.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2")]
+    fn forward_avx2(&mut self, p: &[f32], buf: &[f32], n: usize, mode: Mode, rng: &mut ChaCha8Rng) {
+        self.forward_impl(p, buf, n, mode, rng);
+    }
+
+    #[inline(always)]
+    fn forward_impl(&mut self, p: &[f32], buf: &[f32], n: usize, mode: Mode, rng: &mut ChaCha8Rng) {
         let par = self.par();
         for (i, op) in self.plan.ops.iter().enumerate() {
             let (lo, hi) = self.acts.split_at_mut(i + 1);
@@ -460,7 +503,17 @@ impl Trainer {
             let y = &mut hi[0];
             let out_len = op.out_len();
             match op {
-                Op::Conv(c) => conv_forward(par, c, p, x, y, &mut self.col, n),
+                Op::Conv(c) => conv_forward(
+                    par,
+                    c,
+                    p,
+                    x,
+                    y,
+                    &mut self.cols[i],
+                    &mut self.tmp,
+                    self.chunk[i],
+                    n,
+                ),
                 Op::Pool(pl) => {
                     let Scratch::Pool(arg) = &mut self.scratch[i] else {
                         unreachable!()
@@ -469,31 +522,7 @@ impl Trainer {
                     if (pl.kh, pl.kw, pl.sh, pl.sw, pl.pt, pl.pl) == (2, 2, 2, 2, 0, 0) {
                         // The common 2x2/2 unpadded pool: no bounds checks; ties go to the first
                         // element in row-major window order, as in the general path.
-                        let out_plane = pl.hout * pl.wout;
-                        for sc in 0..n * pl.c {
-                            let xs = &x[sc * in_plane..(sc + 1) * in_plane];
-                            for oh in 0..pl.hout {
-                                let r0 = 2 * oh * pl.win;
-                                let r1 = r0 + pl.win;
-                                for ow in 0..pl.wout {
-                                    let cands = [
-                                        r0 + 2 * ow,
-                                        r0 + 2 * ow + 1,
-                                        r1 + 2 * ow,
-                                        r1 + 2 * ow + 1,
-                                    ];
-                                    let mut at = cands[0];
-                                    for &c in &cands[1..] {
-                                        if xs[c] > xs[at] || xs[c].is_nan() {
-                                            at = c;
-                                        }
-                                    }
-                                    let o = sc * out_plane + oh * pl.wout + ow;
-                                    y[o] = xs[at];
-                                    arg[o] = (sc * in_plane + at) as u32;
-                                }
-                            }
-                        }
+                        pool2x2_forward(pl, x, y, arg, n);
                         continue;
                     }
                     for sc in 0..n * pl.c {
@@ -546,19 +575,16 @@ impl Trainer {
                     }
                 }
                 Op::Linear(l) => {
-                    let y = &mut y[..n * l.fout];
+                    // y^T [fout, n] = W x^T: in this orientation gemm streams W as it is stored
+                    // instead of repacking all of it for a handful of rows.
+                    let yt = &mut self.tmp[..l.fout * n];
                     let w = &p[l.w..l.w + l.fout * l.fin];
-                    matmul(par, n, l.fout, l.fin, y, false, x, l.fin, 1, w, 1, l.fin);
+                    matmul(par, l.fout, n, l.fin, yt, false, w, l.fin, 1, x, 1, l.fin);
                     let b = &p[l.b..l.b + l.fout];
-                    for row in y.chunks_exact_mut(l.fout) {
-                        if l.relu {
-                            for (v, bb) in row.iter_mut().zip(b) {
-                                *v = (*v + bb).max(0.0);
-                            }
-                        } else {
-                            for (v, bb) in row.iter_mut().zip(b) {
-                                *v += bb;
-                            }
+                    for (s, row) in y[..n * l.fout].chunks_exact_mut(l.fout).enumerate() {
+                        for (j, (v, bb)) in row.iter_mut().zip(b).enumerate() {
+                            let t = yt[j * n + s] + bb;
+                            *v = if l.relu { t.max(0.0) } else { t };
                         }
                     }
                 }
@@ -701,6 +727,23 @@ impl Trainer {
     }
 
     fn backward(&mut self, p: &[f32], n: usize, bn: BnPolicy) {
+        #[cfg(target_arch = "x86_64")]
+        if std::is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU supports AVX2 (checked just above).
+            return unsafe { self.backward_avx2(p, n, bn) };
+        }
+        self.backward_impl(p, n, bn);
+    }
+
+    /// `backward_impl` compiled for AVX2 (bit-identical results, see `forward_avx2`).
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2")]
+    fn backward_avx2(&mut self, p: &[f32], n: usize, bn: BnPolicy) {
+        self.backward_impl(p, n, bn);
+    }
+
+    #[inline(always)]
+    fn backward_impl(&mut self, p: &[f32], n: usize, bn: BnPolicy) {
         let par = self.par();
         let grads = &mut self.grads;
         for i in (0..self.plan.ops.len()).rev() {
@@ -708,26 +751,32 @@ impl Trainer {
             let need_dx = i > 0;
             let (glo, ghi) = self.gacts.split_at_mut(i + 1);
             let yv = &self.acts[i + 1];
-            let fused_relu = match op {
-                Op::Conv(c) => c.relu,
-                Op::Linear(l) => l.relu,
-                _ => false,
-            };
-            if fused_relu {
+            // A conv masks its fused ReLU while gathering its output gradient.
+            if matches!(op, Op::Linear(l) if l.relu) {
                 let len = n * op.out_len();
                 for (d, o) in ghi[0][..len].iter_mut().zip(&yv[..len]) {
-                    if *o <= 0.0 {
-                        *d = 0.0;
-                    }
+                    *d = if *o <= 0.0 { 0.0 } else { *d };
                 }
             }
             let dy = &ghi[0];
             let dx = &mut glo[i];
             let x = &self.acts[i];
             match op {
-                Op::Conv(c) => {
-                    conv_backward(par, c, p, grads, x, dy, dx, &mut self.col, n, need_dx)
-                }
+                Op::Conv(c) => conv_backward(
+                    par,
+                    c,
+                    p,
+                    grads,
+                    x,
+                    yv,
+                    dy,
+                    dx,
+                    &mut self.cols[i],
+                    &mut self.tmp,
+                    self.chunk[i],
+                    n,
+                    need_dx,
+                ),
                 Op::Pool(pl) => {
                     if need_dx {
                         let Scratch::Pool(arg) = &self.scratch[i] else {
@@ -739,19 +788,7 @@ impl Trainer {
                         if tiles && pl.hin % 2 == 0 && pl.win % 2 == 0 {
                             // 2x2/2 windows tile the input exactly: write every input gradient
                             // once, no zero fill, no scatter.
-                            let (hin, win) = (pl.hin, pl.win);
-                            for sc in 0..n * pl.c {
-                                for oh in 0..pl.hout {
-                                    for ow in 0..pl.wout {
-                                        let o = sc * pl.hout * pl.wout + oh * pl.wout + ow;
-                                        let a = arg[o] as usize;
-                                        let base = sc * hin * win + 2 * oh * win + 2 * ow;
-                                        for cell in [base, base + 1, base + win, base + win + 1] {
-                                            dx[cell] = if cell == a { dy[o] } else { 0.0 };
-                                        }
-                                    }
-                                }
-                            }
+                            pool2x2_backward(pl, dy, arg, dx, n);
                         } else {
                             dx[..n * pl.c * pl.hin * pl.win].fill(0.0);
                             for (a, g) in arg[..out].iter().zip(&dy[..out]) {
@@ -931,6 +968,7 @@ impl Trainer {
 }
 
 /// Sum in eight interleaved lanes (vectorisable; a fixed order, so still deterministic).
+#[inline(always)]
 fn lane_sum(v: &[f32]) -> f32 {
     let mut lanes = [0f32; 8];
     let chunks = v.chunks_exact(8);
@@ -978,6 +1016,69 @@ fn geom(c: &ConvOp) -> Geom {
     }
 }
 
+/// The common 2x2/2 unpadded max-pool; ties go to the first element in row-major window order,
+/// as in the general path. Kept out of line: inlined into the big forward, its loop state spills.
+#[inline(never)]
+fn pool2x2_forward(pl: &PoolOp, x: &[f32], y: &mut [f32], arg: &mut [u32], n: usize) {
+    let (win, wout) = (pl.win, pl.wout);
+    let in_plane = pl.hin * win;
+    let out_plane = pl.hout * wout;
+    // Candidates after the first, in row-major window order (offsets from the window's corner).
+    let offs = [1u32, win as u32, win as u32 + 1];
+    for sc in 0..n * pl.c {
+        let xs = &x[sc * in_plane..(sc + 1) * in_plane];
+        for oh in 0..pl.hout {
+            let r0 = &xs[2 * oh * win..][..2 * wout];
+            let r1 = &xs[(2 * oh + 1) * win..][..2 * wout];
+            let o = sc * out_plane + oh * wout;
+            let yrow = &mut y[o..o + wout];
+            let arow = &mut arg[o..o + wout];
+            let base = (sc * in_plane + 2 * oh * win) as u32;
+            for ow in 0..wout {
+                let (mut best, mut at) = (r0[2 * ow], 0u32);
+                for (v, off) in [r0[2 * ow + 1], r1[2 * ow], r1[2 * ow + 1]]
+                    .into_iter()
+                    .zip(offs)
+                {
+                    // All-ones mask when v wins (ties keep the first; NaN wins); integer blends
+                    // keep LLVM from turning the selects into unpredictable branches.
+                    let take = (((v > best) | v.is_nan()) as u32).wrapping_neg();
+                    best = f32::from_bits((v.to_bits() & take) | (best.to_bits() & !take));
+                    at = (off & take) | (at & !take);
+                }
+                yrow[ow] = best;
+                arow[ow] = base + 2 * ow as u32 + at;
+            }
+        }
+    }
+}
+
+/// Backward of [`pool2x2_forward`] when the windows tile the input exactly: every input gradient
+/// is written once, no zero fill, no scatter.
+#[inline(never)]
+fn pool2x2_backward(pl: &PoolOp, dy: &[f32], arg: &[u32], dx: &mut [f32], n: usize) {
+    let (hin, win, wout) = (pl.hin, pl.win, pl.wout);
+    for sc in 0..n * pl.c {
+        for oh in 0..pl.hout {
+            let o = sc * pl.hout * wout + oh * wout;
+            let base = sc * hin * win + 2 * oh * win;
+            let (r0, r1) = dx[base..base + 2 * win].split_at_mut(win);
+            let (r0, r1) = (&mut r0[..2 * wout], &mut r1[..2 * wout]);
+            let (grow, arow) = (&dy[o..o + wout], &arg[o..o + wout]);
+            for ow in 0..wout {
+                let g = grow[ow];
+                let rel = (arow[ow] as usize).wrapping_sub(base + 2 * ow);
+                r0[2 * ow] = if rel == 0 { g } else { 0.0 };
+                r0[2 * ow + 1] = if rel == 1 { g } else { 0.0 };
+                r1[2 * ow] = if rel == win { g } else { 0.0 };
+                r1[2 * ow + 1] = if rel == win + 1 { g } else { 0.0 };
+            }
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
 fn conv_forward(
     par: Parallelism,
     c: &ConvOp,
@@ -985,77 +1086,122 @@ fn conv_forward(
     x: &[f32],
     y: &mut [f32],
     col: &mut [f32],
+    tmp: &mut [f32],
+    chunk: usize,
     n: usize,
 ) {
     let g = geom(c);
     let (k, hw) = (c.k(), c.hout * c.wout);
     let in_len = c.cin * c.hin * c.win;
+    let out_len = c.cout * hw;
     let w = &p[c.w..c.w + c.cout * k];
     let b = &p[c.b..c.b + c.cout];
-    for s in 0..n {
-        let ys = &mut y[s * c.cout * hw..(s + 1) * c.cout * hw];
-        for (row, bb) in ys.chunks_exact_mut(hw).zip(b) {
-            row.fill(*bb);
+    for start in (0..n).step_by(chunk) {
+        let m = chunk.min(n - start);
+        let ld = m * hw;
+        for s in 0..m {
+            let xs = &x[(start + s) * in_len..(start + s + 1) * in_len];
+            im2col(&g, xs, &mut col[s * hw..], ld);
         }
-        im2col(&g, &x[s * in_len..(s + 1) * in_len], col);
-        matmul(par, c.cout, hw, k, ys, true, w, k, 1, col, hw, 1);
-        if c.relu {
-            for v in ys.iter_mut() {
-                *v = v.max(0.0);
+        matmul(par, c.cout, ld, k, tmp, false, w, k, 1, col, ld, 1);
+        // Scatter [cout, m*hw] to [m, cout, hw], adding the bias (and the fused ReLU).
+        for s in 0..m {
+            let ys = &mut y[(start + s) * out_len..(start + s + 1) * out_len];
+            for (co, (row, bb)) in ys.chunks_exact_mut(hw).zip(b).enumerate() {
+                let src = &tmp[co * ld + s * hw..co * ld + (s + 1) * hw];
+                if c.relu {
+                    for (o, v) in row.iter_mut().zip(src) {
+                        *o = (v + bb).max(0.0);
+                    }
+                } else {
+                    for (o, v) in row.iter_mut().zip(src) {
+                        *o = v + bb;
+                    }
+                }
             }
         }
     }
 }
 
+/// Backward of a conv over chunks in reverse order: the last chunk's unfolded input is still in
+/// `col` from forward, earlier chunks are unfolded again. `y` is the layer's output (for the fused
+/// ReLU's mask).
 #[allow(clippy::too_many_arguments)]
+#[inline(always)]
 fn conv_backward(
     par: Parallelism,
     c: &ConvOp,
     p: &[f32],
     grads: &mut [f32],
     x: &[f32],
+    y: &[f32],
     dy: &[f32],
     dx: &mut [f32],
     col: &mut [f32],
+    tmp: &mut [f32],
+    chunk: usize,
     n: usize,
     need_dx: bool,
 ) {
     let g = geom(c);
     let (k, hw) = (c.k(), c.hout * c.wout);
     let in_len = c.cin * c.hin * c.win;
+    let out_len = c.cout * hw;
     let w = &p[c.w..c.w + c.cout * k];
     grads[c.b..c.b + c.cout].fill(0.0);
-    for s in 0..n {
-        let dys = &dy[s * c.cout * hw..(s + 1) * c.cout * hw];
-        for (d, row) in grads[c.b..c.b + c.cout]
-            .iter_mut()
-            .zip(dys.chunks_exact(hw))
-        {
-            *d += lane_sum(row);
+    let last = (n - 1) / chunk * chunk;
+    for start in (0..n).step_by(chunk).rev() {
+        let m = chunk.min(n - start);
+        let ld = m * hw;
+        if start != last {
+            for s in 0..m {
+                let xs = &x[(start + s) * in_len..(start + s + 1) * in_len];
+                im2col(&g, xs, &mut col[s * hw..], ld);
+            }
         }
-        im2col(&g, &x[s * in_len..(s + 1) * in_len], col);
+        // Gather dy [m, cout, hw] into [cout, m*hw], masking the fused ReLU; bias gradient.
+        for s in 0..m {
+            let off = (start + s) * out_len;
+            let dys = &dy[off..off + out_len];
+            let ys = &y[off..off + out_len];
+            for (co, (drow, yrow)) in dys.chunks_exact(hw).zip(ys.chunks_exact(hw)).enumerate() {
+                let dst = &mut tmp[co * ld + s * hw..co * ld + (s + 1) * hw];
+                if c.relu {
+                    for ((d, v), o) in dst.iter_mut().zip(drow).zip(yrow) {
+                        *d = if *o <= 0.0 { 0.0 } else { *v };
+                    }
+                } else {
+                    dst.copy_from_slice(drow);
+                }
+                grads[c.b + co] += lane_sum(dst);
+            }
+        }
         matmul(
             par,
             c.cout,
             k,
-            hw,
+            ld,
             &mut grads[c.w..c.w + c.cout * k],
-            s > 0,
-            dys,
-            hw,
+            start != last,
+            tmp,
+            ld,
             1,
             col,
             1,
-            hw,
+            ld,
         );
         if need_dx {
-            matmul(par, k, hw, c.cout, col, false, w, 1, k, dys, hw, 1);
-            col2im(&g, col, &mut dx[s * in_len..(s + 1) * in_len]);
+            matmul(par, k, ld, c.cout, col, false, w, 1, k, tmp, ld, 1);
+            for s in 0..m {
+                let dxs = &mut dx[(start + s) * in_len..(start + s + 1) * in_len];
+                col2im(&g, &col[s * hw..], ld, dxs);
+            }
         }
     }
 }
 
 #[allow(clippy::too_many_arguments)]
+#[inline(always)]
 fn lrn_forward(
     x: &[f32],
     y: &mut [f32],
@@ -1098,6 +1244,7 @@ fn lrn_forward(
 }
 
 #[allow(clippy::too_many_arguments)]
+#[inline(always)]
 fn lrn_backward(
     x: &[f32],
     dy: &[f32],
