@@ -102,6 +102,29 @@ impl Geom {
     }
 }
 
+/// `dst.copy_from_slice(src)` for short rows (tens of values), where a memcpy call costs more
+/// than the copy: whole 8-float blocks, the last one overlapping the previous when the length is
+/// not a multiple of 8 (rewriting a few values with the same data).
+#[inline(always)]
+fn copy_short(src: &[f32], dst: &mut [f32]) {
+    let n = src.len();
+    assert_eq!(n, dst.len(), "copy_short: length mismatch");
+    if n < 8 {
+        for (d, s) in dst.iter_mut().zip(src) {
+            *d = *s;
+        }
+        return;
+    }
+    let mut i = 0;
+    while i + 8 <= n {
+        dst[i..i + 8].copy_from_slice(&src[i..i + 8]);
+        i += 8;
+    }
+    if i < n {
+        dst[n - 8..].copy_from_slice(&src[n - 8..]);
+    }
+}
+
 /// Unfolds one example `x` [c,h,w] into the `ho*wo` columns starting at `col[0]` of a
 /// [c*kh*kw, ld] matrix (row stride `ld`; zero where the window hits padding), so several examples
 /// can sit side by side.
@@ -130,11 +153,8 @@ pub(crate) fn im2col(g: &Geom, x: &[f32], col: &mut [f32], ld: usize) {
                         *o = 0.0;
                     }
                     if g.sw == 1 {
-                        // Rows are short (tens of values): an element loop beats a memcpy call.
                         let start = lo + kj - g.pl;
-                        for (o, s) in out[lo..hi].iter_mut().zip(&src[start..start + (hi - lo)]) {
-                            *o = *s;
-                        }
+                        copy_short(&src[start..start + (hi - lo)], &mut out[lo..hi]);
                     } else {
                         for (ow, o) in out.iter_mut().enumerate().take(hi).skip(lo) {
                             *o = src[ow * g.sw + kj - g.pl];

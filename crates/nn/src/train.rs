@@ -135,7 +135,9 @@ pub struct Trainer {
     /// Per op: a conv's unfolded input for one chunk of `chunk[i]` examples (empty otherwise).
     cols: Vec<Vec<f32>>,
     chunk: Vec<usize>,
-    /// A conv's output (forward) or masked output gradient (backward) for one chunk, [cout, m*hw].
+    /// A conv's output (forward) or masked output gradient (backward) for one chunk, [cout, m*hw],
+    /// followed in backward by its transposed weight gradient [k, cout]; a linear layer's
+    /// transposed output [fout, n].
     tmp: Vec<f32>,
     grads: Vec<f32>,
     momentum: Vec<f32>,
@@ -170,7 +172,7 @@ impl Trainer {
                 Op::Conv(c) => {
                     let per = c.k() * c.hout * c.wout;
                     let ch = (COL_BUDGET / per).clamp(1, max_batch);
-                    tmp = tmp.max(c.cout * c.hout * c.wout * ch);
+                    tmp = tmp.max(c.cout * (c.hout * c.wout * ch + c.k()));
                     (per * ch, ch)
                 }
                 Op::Linear(l) => {
@@ -1176,26 +1178,35 @@ fn conv_backward(
                 grads[c.b + co] += lane_sum(dst);
             }
         }
+        // dW^T [k, cout] = col dy^T: in this orientation gemm reads the unfolded input in place
+        // instead of repacking it.
+        let (dyc, wgt) = tmp.split_at_mut(c.cout * chunk.min(n) * hw);
         matmul(
             par,
-            c.cout,
             k,
+            c.cout,
             ld,
-            &mut grads[c.w..c.w + c.cout * k],
+            wgt,
             start != last,
-            tmp,
+            col,
             ld,
             1,
-            col,
+            dyc,
             1,
             ld,
         );
         if need_dx {
-            matmul(par, k, ld, c.cout, col, false, w, 1, k, tmp, ld, 1);
+            matmul(par, k, ld, c.cout, col, false, w, 1, k, dyc, ld, 1);
             for s in 0..m {
                 let dxs = &mut dx[(start + s) * in_len..(start + s + 1) * in_len];
                 col2im(&g, &col[s * hw..], ld, dxs);
             }
+        }
+    }
+    let wgt = &tmp[c.cout * chunk.min(n) * hw..][..k * c.cout];
+    for (co, row) in grads[c.w..c.w + c.cout * k].chunks_exact_mut(k).enumerate() {
+        for (kk, v) in row.iter_mut().enumerate() {
+            *v = wgt[kk * c.cout + co];
         }
     }
 }
