@@ -449,6 +449,18 @@ pub(crate) enum Op {
 }
 
 impl Op {
+    /// (offset, length) of this op's weight and bias in the parameter vector; (0, 0) twice for
+    /// ops without parameters.
+    pub fn param_ranges(&self) -> [(usize, usize); 2] {
+        match self {
+            Op::Conv(c) => [(c.w, c.cout * c.k()), (c.b, c.cout)],
+            Op::Linear(l) => [(l.w, l.fout * l.fin), (l.b, l.fout)],
+            Op::BatchNorm(b) => [(b.w, b.c), (b.b, b.c)],
+            Op::GroupNorm(g) => [(g.w, g.c), (g.b, g.c)],
+            Op::Pool(_) | Op::Lrn { .. } | Op::Relu { .. } | Op::Dropout { .. } => [(0, 0); 2],
+        }
+    }
+
     /// Values per example of this op's output.
     pub fn out_len(&self) -> usize {
         match self {

@@ -142,6 +142,8 @@ pub struct Trainer {
     grads: Vec<f32>,
     momentum: Vec<f32>,
     momentum_started: bool,
+    /// The ops' parameter ranges cover every parameter, so backward can apply SGD layer by layer.
+    fused_sgd: bool,
     row_len: usize,
     in_len: usize,
 }
@@ -221,6 +223,13 @@ impl Trainer {
             grads: vec![0.0; plan.num_params],
             momentum: vec![0.0; plan.num_params],
             momentum_started: false,
+            fused_sgd: plan
+                .ops
+                .iter()
+                .flat_map(Op::param_ranges)
+                .map(|(_, len)| len)
+                .sum::<usize>()
+                == plan.num_params,
             row_len: spec.input.iter().product(),
             in_len,
             plan,
@@ -325,6 +334,20 @@ impl Trainer {
         bn: BnPolicy,
         seed: u64,
     ) -> Result<StepStats, NnError> {
+        self.step(model, x, y, bn, seed, None)
+    }
+
+    /// `loss_and_grad`; with `sgd`, also the SGD update, each layer's parameters updated as soon as
+    /// backward has its gradient (still cache-warm) and no later layer needs its weights.
+    fn step(
+        &mut self,
+        model: &mut Model,
+        x: &[f32],
+        y: &[u16],
+        bn: BnPolicy,
+        seed: u64,
+        sgd: Option<&SgdConfig>,
+    ) -> Result<StepStats, NnError> {
         self.check_inputs(model, x, y)?;
         let n = y.len();
         if n == 0 {
@@ -370,7 +393,10 @@ impl Trainer {
                 what: format!("training loss {loss_sum} (diverged or non-finite weights/inputs)"),
             });
         }
-        self.backward(model.params(), n, bn);
+        self.backward(model.params_mut(), n, bn, sgd);
+        if sgd.is_some_and(|s| s.momentum != 0.0) {
+            self.momentum_started = true;
+        }
         if matches!(bn, BnPolicy::Train | BnPolicy::Local) {
             self.update_running_stats(model.buffers_mut(), n);
         }
@@ -394,23 +420,23 @@ impl Trainer {
         correction: Option<&dyn GradCorrection>,
     ) -> Result<StepStats, NnError> {
         check_sgd(sgd)?;
+        if correction.is_none() && self.fused_sgd {
+            // No hook between backward and update: backward applies the update layer by layer.
+            return self.step(model, x, y, bn, seed, Some(sgd));
+        }
         let stats = self.loss_and_grad(model, x, y, bn, seed)?;
         if let Some(c) = correction {
             c.correct(model.params(), &mut self.grads);
         }
-        let params = model.params_mut();
-        let (lr, mom, wd) = (sgd.lr, sgd.momentum, sgd.weight_decay);
-        if mom == 0.0 {
-            for (w, g) in params.iter_mut().zip(&self.grads) {
-                *w -= lr * (g + wd * *w);
-            }
-        } else {
-            let first = !self.momentum_started;
-            for ((w, g), b) in params.iter_mut().zip(&self.grads).zip(&mut self.momentum) {
-                let d = g + wd * *w;
-                *b = if first { d } else { mom * *b + d };
-                *w -= lr * *b;
-            }
+        let first = !self.momentum_started;
+        sgd_update(
+            model.params_mut(),
+            &self.grads,
+            &mut self.momentum,
+            sgd,
+            first,
+        );
+        if sgd.momentum != 0.0 {
             self.momentum_started = true;
         }
         Ok(stats)
@@ -728,28 +754,47 @@ impl Trainer {
         (loss, correct)
     }
 
-    fn backward(&mut self, p: &[f32], n: usize, bn: BnPolicy) {
+    /// Backward into `self.grads`; with `sgd`, each op's parameters are updated right after its
+    /// gradients and input gradient are computed (nothing later in backward reads them).
+    fn backward(&mut self, p: &mut [f32], n: usize, bn: BnPolicy, sgd: Option<&SgdConfig>) {
         #[cfg(target_arch = "x86_64")]
         if std::is_x86_feature_detected!("avx2") {
             // SAFETY: the CPU supports AVX2 (checked just above).
-            return unsafe { self.backward_avx2(p, n, bn) };
+            return unsafe { self.backward_avx2(p, n, bn, sgd) };
         }
-        self.backward_impl(p, n, bn);
+        self.backward_impl(p, n, bn, sgd);
     }
 
     /// `backward_impl` compiled for AVX2 (bit-identical results, see `forward_avx2`).
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2")]
-    fn backward_avx2(&mut self, p: &[f32], n: usize, bn: BnPolicy) {
-        self.backward_impl(p, n, bn);
+    fn backward_avx2(&mut self, p: &mut [f32], n: usize, bn: BnPolicy, sgd: Option<&SgdConfig>) {
+        self.backward_impl(p, n, bn, sgd);
     }
 
     #[inline(always)]
-    fn backward_impl(&mut self, p: &[f32], n: usize, bn: BnPolicy) {
+    fn backward_impl(&mut self, pm: &mut [f32], n: usize, bn: BnPolicy, sgd: Option<&SgdConfig>) {
         let par = self.par();
         let grads = &mut self.grads;
+        let first = !self.momentum_started;
         for i in (0..self.plan.ops.len()).rev() {
             let op = &self.plan.ops[i];
+            if let Some(sgd) = sgd {
+                // The update of op i+1 (whose backward has just finished) before op i runs.
+                if let Some(next) = self.plan.ops.get(i + 1) {
+                    for (off, len) in next.param_ranges() {
+                        let r = off..off + len;
+                        sgd_update(
+                            &mut pm[r.clone()],
+                            &grads[r.clone()],
+                            &mut self.momentum[r],
+                            sgd,
+                            first,
+                        );
+                    }
+                }
+            }
+            let p: &[f32] = pm;
             let need_dx = i > 0;
             let (glo, ghi) = self.gacts.split_at_mut(i + 1);
             let yv = &self.acts[i + 1];
@@ -950,6 +995,18 @@ impl Trainer {
                 }
             }
         }
+        if let (Some(sgd), Some(op)) = (sgd, self.plan.ops.first()) {
+            for (off, len) in op.param_ranges() {
+                let r = off..off + len;
+                sgd_update(
+                    &mut pm[r.clone()],
+                    &grads[r.clone()],
+                    &mut self.momentum[r],
+                    sgd,
+                    first,
+                );
+            }
+        }
     }
 
     fn update_running_stats(&self, buf: &mut [f32], n: usize) {
@@ -981,6 +1038,23 @@ fn lane_sum(v: &[f32]) -> f32 {
         }
     }
     lanes.iter().sum::<f32>() + tail
+}
+
+/// PyTorch SGD on one slice of parameters (see [`SgdConfig`]); `first` starts the momentum buffer.
+#[inline(always)]
+fn sgd_update(w: &mut [f32], g: &[f32], buf: &mut [f32], sgd: &SgdConfig, first: bool) {
+    let (lr, mom, wd) = (sgd.lr, sgd.momentum, sgd.weight_decay);
+    if mom == 0.0 {
+        for (w, g) in w.iter_mut().zip(g) {
+            *w -= lr * (g + wd * *w);
+        }
+    } else {
+        for ((w, g), b) in w.iter_mut().zip(g).zip(buf) {
+            let d = g + wd * *w;
+            *b = if first { d } else { mom * *b + d };
+            *w -= lr * *b;
+        }
+    }
 }
 
 fn check_sgd(sgd: &SgdConfig) -> Result<(), NnError> {

@@ -445,3 +445,32 @@ fn safetensors_round_trip_and_errors() {
     let missing = Model::load_safetensors(&spec, &dir.path().join("nope.safetensors")).unwrap_err();
     assert!(matches!(missing, NnError::Io { .. }));
 }
+
+#[test]
+fn layerwise_sgd_equals_update_after_backward() {
+    // Without a hook, train_step updates each layer inside backward; with one (here a no-op) it
+    // updates after the whole backward. Both must give the same bits, gradients included.
+    struct Noop;
+    impl GradCorrection for Noop {
+        fn correct(&self, _params: &[f32], _grads: &mut [f32]) {}
+    }
+    for name in ["mnist-cnn-bn", "cifar-cnn-gn", "kws-cnn"] {
+        let spec = ModelSpec::by_name(name, input_of(name), 10).unwrap();
+        let mut a = Model::new(&spec, 7).unwrap();
+        let mut b = a.clone();
+        let mut ta = Trainer::new(&spec, 4).unwrap();
+        let mut tb = Trainer::new(&spec, 4).unwrap();
+        for step in 0..3 {
+            let (x, y) = batch(&spec, 4, step);
+            let sa = ta
+                .train_step(&mut a, &x, &y, &SGD, BnPolicy::Train, step, None)
+                .unwrap();
+            let sb = tb
+                .train_step(&mut b, &x, &y, &SGD, BnPolicy::Train, step, Some(&Noop))
+                .unwrap();
+            assert_eq!(sa, sb, "{name} step {step}: stats");
+            assert_eq!(bits(ta.grads()), bits(tb.grads()), "{name} step {step}");
+            assert_eq!(bits(a.params()), bits(b.params()), "{name} step {step}");
+        }
+    }
+}
