@@ -137,8 +137,8 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
             eprintln!(
                 "{name}: {} ({} train / {} test), {} clients, scheme {}, {} rounds, {threads} threads -> {}",
                 config.data.dataset,
-                data.train.len(),
-                data.test.len(),
+                config.data.train_examples.unwrap_or(data.train.len()),
+                config.data.test_examples.unwrap_or(data.test.len()),
                 config.partition.clients,
                 config.partition.scheme,
                 config.train.rounds,
