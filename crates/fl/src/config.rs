@@ -395,6 +395,29 @@ impl ExperimentConfig {
         {
             return Err(bad(key, message));
         }
+        if s.tau == Some(0.0) {
+            return Err(bad(
+                "strategy.tau",
+                "must be > 0 (FedAdam divides by sqrt(v) + tau)".into(),
+            ));
+        }
+        if s.name == "sgd" && self.train.local_epochs != 1 {
+            return Err(bad(
+                "train.local_epochs",
+                "must be 1 with strategy \"sgd\": the baseline trains one epoch of the pooled \
+                 data per round"
+                    .into(),
+            ));
+        }
+        if self.model.bn == BnPolicy::Train && !self.model.average_buffers {
+            return Err(bad(
+                "model.average_buffers",
+                "= false with bn = \"train\" would leave the global running statistics at their \
+                 initial values (mean 0, variance 1) for evaluation and every round; use \
+                 bn = \"local\" (FedBN) to keep statistics on the clients"
+                    .into(),
+            ));
+        }
         if s.name == "sgd" && self.eval.sgd_twin {
             return Err(bad(
                 "eval.sgd_twin",
