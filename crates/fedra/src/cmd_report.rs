@@ -45,6 +45,40 @@ struct RunInfo {
     partition: PartitionStats,
 }
 
+/// Compare names with their numbers as numbers, so `emd-0.36` sorts after `emd-0` and
+/// `emd-1.764` before `emd-1.8`.
+fn natural_cmp(a: &str, b: &str) -> std::cmp::Ordering {
+    fn chunks(s: &str) -> Vec<(String, f64)> {
+        let mut out = Vec::new();
+        let mut rest = s;
+        while !rest.is_empty() {
+            let digits = rest
+                .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+                .unwrap_or(rest.len());
+            if digits > 0 {
+                let (number, tail) = rest.split_at(digits);
+                let value = number.trim_end_matches('.').parse().unwrap_or(f64::MAX);
+                out.push((String::new(), value));
+                rest = tail;
+            } else {
+                let text = rest.find(|c: char| c.is_ascii_digit()).unwrap_or(rest.len());
+                let (word, tail) = rest.split_at(text);
+                out.push((word.to_string(), f64::MIN));
+                rest = tail;
+            }
+        }
+        out
+    }
+    let (ca, cb) = (chunks(a), chunks(b));
+    for (x, y) in ca.iter().zip(&cb) {
+        let order = x.0.cmp(&y.0).then(x.1.total_cmp(&y.1));
+        if order.is_ne() {
+            return order;
+        }
+    }
+    ca.len().cmp(&cb.len()).then_with(|| a.cmp(b))
+}
+
 fn find_runs(path: &Path, found: &mut Vec<PathBuf>) -> anyhow::Result<()> {
     if path.join("summary.json").exists() {
         found.push(path.to_path_buf());
@@ -61,7 +95,7 @@ fn find_runs(path: &Path, found: &mut Vec<PathBuf>) -> anyhow::Result<()> {
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| p.is_dir())
         .collect();
-    entries.sort();
+    entries.sort_by(|a, b| natural_cmp(&a.to_string_lossy(), &b.to_string_lossy()));
     for entry in entries {
         find_runs(&entry, found)?;
     }
@@ -545,4 +579,33 @@ fn write_heatmaps(md: &mut String, runs: &[RunInfo], out: &Path) -> anyhow::Resu
         seen.push(key);
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::natural_cmp;
+
+    #[test]
+    fn run_names_sort_with_numbers_as_numbers() {
+        let mut names = vec![
+            "scheme-emd-1.8_seed-0",
+            "scheme-emd-0.36_seed-0",
+            "scheme-emd-1.764_seed-0",
+            "scheme-emd-0_seed-0",
+            "batch_size-100",
+            "batch_size-10",
+        ];
+        names.sort_by(|a, b| natural_cmp(a, b));
+        assert_eq!(
+            names,
+            [
+                "batch_size-10",
+                "batch_size-100",
+                "scheme-emd-0_seed-0",
+                "scheme-emd-0.36_seed-0",
+                "scheme-emd-1.764_seed-0",
+                "scheme-emd-1.8_seed-0",
+            ]
+        );
+    }
 }

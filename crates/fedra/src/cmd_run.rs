@@ -116,6 +116,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
             (Some(out), false) => out.join(&name),
             (None, _) => PathBuf::from("runs").join(&name),
         };
+        check_same_experiment(&dir, &config)?;
         if let Some(summary) = finished_summary(&dir)? {
             eprintln!("{name}: already finished in {}, skipped", dir.display());
             done.push((name, summary));
@@ -131,14 +132,20 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
                     "{name}: {} holds an unfinished run with no checkpoint; starting it again",
                     dir.display()
                 );
-                std::fs::remove_dir_all(&dir)
-                    .with_context(|| format!("cannot clear {}", dir.display()))?;
+                // Only what fedra itself writes: --out may be a folder holding other things.
+                for file in RUN_FILES {
+                    let path = dir.join(file);
+                    if path.exists() {
+                        std::fs::remove_file(&path)
+                            .with_context(|| format!("cannot clear {}", path.display()))?;
+                    }
+                }
             }
             eprintln!(
                 "{name}: {} ({} train / {} test), {} clients, scheme {}, {} rounds, {threads} threads -> {}",
                 config.data.dataset,
-                data.train.len(),
-                data.test.len(),
+                config.data.train_examples.unwrap_or(data.train.len()),
+                config.data.test_examples.unwrap_or(data.test.len()),
                 config.partition.clients,
                 config.partition.scheme,
                 config.train.rounds,
@@ -152,6 +159,44 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     }
     if !single {
         print_comparison(&done);
+    }
+    Ok(())
+}
+
+/// The files a run writes into its folder (besides `checkpoint/`).
+const RUN_FILES: &[&str] = &[
+    "config.toml",
+    "metrics.csv",
+    "partition.json",
+    "partition_before_share.json",
+    "summary.json",
+    "final.safetensors",
+];
+
+/// A run folder that already holds a run must hold this very experiment: skipping or resuming a
+/// run made with other settings (another profile, seed, round count, an edited file) would
+/// silently report the wrong thing. The data folder may differ (data can move).
+fn check_same_experiment(dir: &Path, config: &ExperimentConfig) -> anyhow::Result<()> {
+    let path = dir.join("config.toml");
+    if !path.exists() {
+        return Ok(());
+    }
+    let mut recorded = ExperimentConfig::from_file(&path)?;
+    recorded.data.data_dir = config.data.data_dir.clone();
+    if &recorded != config {
+        let (ours, theirs) = (config.to_toml_string(), recorded.to_toml_string());
+        let differences: Vec<String> = ours
+            .lines()
+            .zip(theirs.lines())
+            .filter(|(a, b)| a != b)
+            .map(|(a, b)| format!("  now: {a}\n  was: {b}"))
+            .take(5)
+            .collect();
+        bail!(
+            "{} holds a run of a different experiment:\n{}\nchoose another --out, or delete the folder to start over",
+            dir.display(),
+            differences.join("\n")
+        );
     }
     Ok(())
 }

@@ -5,6 +5,7 @@
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
 
+use fedra_data::{Dataset, TrainTest};
 use fedra_nn::BnPolicy;
 
 /// A whole experiment: what data, how it is split, which model, how it trains and is evaluated.
@@ -35,6 +36,39 @@ pub struct DataConfig {
     /// MNIST uses the subset embedded in fedra.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub data_dir: Option<PathBuf>,
+    /// Use only the first N training examples (file order), for quick runs at reduced size.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub train_examples: Option<usize>,
+    /// Use only the first N test examples (file order).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub test_examples: Option<usize>,
+}
+
+impl DataConfig {
+    /// The loaded data cut to `train_examples` / `test_examples`; asking for more examples than
+    /// the dataset has is an error naming the key, never a silent truncation.
+    pub fn select(&self, data: TrainTest) -> Result<TrainTest, ConfigError> {
+        fn cut(
+            set: Dataset,
+            limit: Option<usize>,
+            key: &'static str,
+        ) -> Result<Dataset, ConfigError> {
+            match limit {
+                None => Ok(set),
+                Some(n) if n > set.len() => Err(ConfigError::Invalid {
+                    origin: "experiment".into(),
+                    key,
+                    message: format!("is {n} but {} has only {} examples", set.name, set.len()),
+                }),
+                Some(n) if n == set.len() => Ok(set),
+                Some(n) => Ok(set.subset(&(0..n).collect::<Vec<_>>())),
+            }
+        }
+        Ok(TrainTest {
+            train: cut(data.train, self.train_examples, "data.train_examples")?,
+            test: cut(data.test, self.test_examples, "data.test_examples")?,
+        })
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -244,18 +278,20 @@ impl ExperimentConfig {
         if self.partition.clients == 0 {
             return Err(bad("partition.clients", "must be at least 1".into()));
         }
-        if self
+        if let Err(e) = self
             .partition
             .scheme
             .parse::<fedra_data::partition::Scheme>()
-            .is_err()
         {
-            let e = self
-                .partition
-                .scheme
-                .parse::<fedra_data::partition::Scheme>()
-                .unwrap_err();
             return Err(bad("partition.scheme", e.to_string()));
+        }
+        for (key, limit) in [
+            ("data.train_examples", self.data.train_examples),
+            ("data.test_examples", self.data.test_examples),
+        ] {
+            if limit == Some(0) {
+                return Err(bad(key, "must be at least 1".into()));
+            }
         }
         if t.rounds == 0 {
             return Err(bad("train.rounds", "must be at least 1".into()));
@@ -358,6 +394,29 @@ impl ExperimentConfig {
             && let Err((key, message)) = share.validate()
         {
             return Err(bad(key, message));
+        }
+        if s.tau == Some(0.0) {
+            return Err(bad(
+                "strategy.tau",
+                "must be > 0 (FedAdam divides by sqrt(v) + tau)".into(),
+            ));
+        }
+        if s.name == "sgd" && self.train.local_epochs != 1 {
+            return Err(bad(
+                "train.local_epochs",
+                "must be 1 with strategy \"sgd\": the baseline trains one epoch of the pooled \
+                 data per round"
+                    .into(),
+            ));
+        }
+        if self.model.bn == BnPolicy::Train && !self.model.average_buffers {
+            return Err(bad(
+                "model.average_buffers",
+                "= false with bn = \"train\" would leave the global running statistics at their \
+                 initial values (mean 0, variance 1) for evaluation and every round; use \
+                 bn = \"local\" (FedBN) to keep statistics on the clients"
+                    .into(),
+            ));
         }
         if s.name == "sgd" && self.eval.sgd_twin {
             return Err(bad(

@@ -23,6 +23,14 @@ pub enum FlError {
         client: usize,
         tensor: String,
     },
+    #[error(
+        "round {round}: strategy {strategy} produced a non-finite global model (NaN or infinity in `{tensor}`); lower its server learning rate"
+    )]
+    NonFiniteGlobal {
+        round: usize,
+        strategy: String,
+        tensor: String,
+    },
     #[error("round {round}: no client results to aggregate")]
     NoResults { round: usize },
     #[error("round {round}: client {client} sent {got} values, the model has {expected}")]

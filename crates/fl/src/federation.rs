@@ -188,9 +188,15 @@ impl Federation {
                 }
             }
         }
+        // The pooled data of the baseline and the twin: exactly what the clients hold together
+        // (with sharing, D and G but not the rest of the holdout; with a partition that leaves
+        // examples out, not those).
+        let mut all_indices: Vec<usize> = partition.clients.iter().flatten().copied().collect();
+        all_indices.sort_unstable();
+        all_indices.dedup();
         Ok(Federation {
             before_share,
-            all_indices: (0..data.train.len()).collect(),
+            all_indices,
             config,
             spec,
             partition,
@@ -207,6 +213,12 @@ impl Federation {
             pending_seconds: 0.0,
             pending_examples: 0,
         })
+    }
+
+    /// Lengths of one client's packed local (FedBN) parameters and buffers.
+    pub fn local_lengths(&self) -> (usize, usize) {
+        let len = |ranges: &[Range<usize>]| ranges.iter().map(|r| r.len()).sum();
+        (len(&self.local_params), len(&self.local_buffers))
     }
 
     /// Whether this run is the centralised SGD baseline rather than a federation.
@@ -318,6 +330,23 @@ impl Federation {
             / total;
         self.strategy
             .aggregate(round, &mut self.global, &results, &self.scope)?;
+        // Client updates were checked finite; a server step (FedAvgM, FedAdam) can still
+        // overflow, and the error must name the strategy, not next round's clients.
+        if let Some(t) = self.global.tensors().iter().find(|t| {
+            let values = match t.kind {
+                TensorKind::Param => self.global.params(),
+                TensorKind::Buffer => self.global.buffers(),
+            };
+            values[t.offset..t.offset + t.len]
+                .iter()
+                .any(|v| !v.is_finite())
+        }) {
+            return Err(FlError::NonFiniteGlobal {
+                round,
+                strategy: self.config.strategy.name.clone(),
+                tensor: t.name.clone(),
+            });
+        }
         if !self.local_params.is_empty() || !self.local_buffers.is_empty() {
             for r in &results {
                 self.local.insert(

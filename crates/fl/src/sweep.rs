@@ -80,7 +80,7 @@ pub fn expand(text: &str, origin: &str, profile: Option<&str>) -> Result<Vec<Cel
     let mut table: Table = text
         .parse()
         .map_err(|e: toml::de::Error| parse_error(origin, e.to_string()))?;
-    let sweep = match table.remove("sweep") {
+    let mut sweep = match table.remove("sweep") {
         None => Table::new(),
         Some(Value::Table(t)) => t,
         Some(_) => return Err(parse_error(origin, "[sweep] must be a table".into())),
@@ -102,7 +102,15 @@ pub fn expand(text: &str, origin: &str, profile: Option<&str>) -> Result<Vec<Cel
             }
         };
         for (key, value) in overrides {
-            set_dotted(&mut table, &key, value, origin)?;
+            // A profile may narrow or replace a sweep axis (e.g. one seed instead of five).
+            if let Some(axis) = sweep.get_mut(&key) {
+                *axis = match value {
+                    Value::Array(list) => Value::Array(list),
+                    scalar => Value::Array(vec![scalar]),
+                };
+            } else {
+                set_dotted(&mut table, &key, value, origin)?;
+            }
         }
     }
     let mut axes: Vec<(String, Vec<Value>)> = Vec::new();
@@ -198,6 +206,21 @@ lr = 0.01
     fn a_profile_overrides_values_and_an_unknown_one_is_an_error() {
         let cells = expand(BASE, "t.toml", Some("short")).unwrap();
         assert!(cells.iter().all(|c| c.config.train.rounds == 3));
+        assert_eq!(cells.len(), 4);
+        // A profile value for a swept key narrows that axis.
+        let narrowed = BASE.replace(
+            "\"train.rounds\" = 3",
+            "\"train.rounds\" = 3\n\"train.batch_size\" = 100",
+        );
+        let cells = expand(&narrowed, "t.toml", Some("short")).unwrap();
+        let names: Vec<&str> = cells.iter().map(|c| c.name.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "scheme-iid_batch_size-100",
+                "scheme-classes-1_batch_size-100"
+            ]
+        );
         let e = expand(BASE, "t.toml", Some("long"))
             .unwrap_err()
             .to_string();

@@ -75,6 +75,11 @@ fn bad_values_are_rejected_naming_the_key() {
             "strategy.name",
         ),
         ("\nevery = 1", "\nevery = 0", "eval.every"),
+        (
+            "dataset = \"mnist\"",
+            "dataset = \"mnist\"\ntrain_examples = 0",
+            "data.train_examples",
+        ),
     ] {
         let e = error_of(&EXAMPLE.replace(from, to));
         assert!(e.contains(key), "{to}: {e}");
@@ -89,4 +94,29 @@ fn bad_values_are_rejected_naming_the_key() {
     // A bad BN policy.
     let e = error_of(&EXAMPLE.replace("bn = \"train\"", "bn = \"sometimes\""));
     assert!(e.contains("sometimes") || e.contains("bn"), "{e}");
+}
+
+#[test]
+fn data_limits_cut_in_file_order_and_never_truncate_silently() {
+    let text = EXAMPLE.replace(
+        "dataset = \"mnist\"",
+        "dataset = \"mnist\"\ntrain_examples = 500\ntest_examples = 200",
+    );
+    let config = ExperimentConfig::from_toml_str(&text, "test.toml").unwrap();
+    let full = fedra_data::embedded_mnist().unwrap();
+    let cut = config.data.select(full.clone()).unwrap();
+    assert_eq!((cut.train.len(), cut.test.len()), (500, 200));
+    assert_eq!(cut.train.labels[..], full.train.labels[..500]);
+    assert_eq!(cut.test.example(199), full.test.example(199));
+
+    let text = EXAMPLE.replace(
+        "dataset = \"mnist\"",
+        "dataset = \"mnist\"\ntrain_examples = 10001",
+    );
+    let config = ExperimentConfig::from_toml_str(&text, "test.toml").unwrap();
+    let e = config.data.select(full).unwrap_err().to_string();
+    assert!(
+        e.contains("data.train_examples") && e.contains("10000"),
+        "{e}"
+    );
 }

@@ -49,6 +49,14 @@ pub fn save(run_dir: &Path, fed: &Federation) -> Result<(), SimError> {
         twin.save_safetensors(&tmp.join("twin.safetensors"))?;
     }
     let mut named: Vec<(String, Vec<u8>, usize)> = Vec::new();
+    // Buffers again as raw f32: the model files store integer counters (`num_batches_tracked`)
+    // as i64, and an averaged counter is fractional, so only this copy restores bit for bit.
+    let buffers = fed.global.buffers();
+    named.push(("global.buffers".into(), to_bytes(buffers), buffers.len()));
+    if let Some(twin) = &fed.twin {
+        let buffers = twin.buffers();
+        named.push(("twin.buffers".into(), to_bytes(buffers), buffers.len()));
+    }
     for (name, values) in fed.strategy.state() {
         named.push((format!("strategy.{name}"), to_bytes(&values), values.len()));
     }
@@ -142,7 +150,27 @@ pub fn restore(run_dir: &Path, fed: &mut Federation) -> Result<(), SimError> {
             .chunks_exact(4)
             .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
             .collect();
-        if let Some(key) = name.strip_prefix("strategy.") {
+        if name == "global.buffers" || name == "twin.buffers" {
+            let model = if name == "global.buffers" {
+                Some(&mut fed.global)
+            } else {
+                fed.twin.as_mut()
+            };
+            let Some(model) = model else {
+                return Err(bad(&server_path, format!("unexpected tensor {name}")));
+            };
+            if values.len() != model.buffers().len() {
+                return Err(bad(
+                    &server_path,
+                    format!(
+                        "{name} holds {} values, the model has {}",
+                        values.len(),
+                        model.buffers().len()
+                    ),
+                ));
+            }
+            model.buffers_mut().copy_from_slice(&values);
+        } else if let Some(key) = name.strip_prefix("strategy.") {
             strategy_state.push((key.to_string(), values));
         } else if let Some(rest) = name.strip_prefix("local.") {
             let (client, part) = rest
@@ -170,6 +198,21 @@ pub fn restore(run_dir: &Path, fed: &mut Federation) -> Result<(), SimError> {
                 format!("client {client}: local state is incomplete"),
             ));
         };
+        let expected = fed.local_lengths();
+        if client >= fed.config.partition.clients || (params.len(), buffers.len()) != expected {
+            return Err(bad(
+                &server_path,
+                format!(
+                    "local state of client {client}: {} parameters and {} buffer values, \
+                     expected {} and {} for one of {} clients",
+                    params.len(),
+                    buffers.len(),
+                    expected.0,
+                    expected.1,
+                    fed.config.partition.clients
+                ),
+            ));
+        }
         fed.local.insert(client, LocalState { params, buffers });
     }
     fed.history = state.history;

@@ -66,7 +66,8 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), SimError> {
 
 impl Run {
     /// Start a new run in `dir` (created if missing; an existing checkpoint there is an error,
-    /// so a finished or running experiment is never overwritten by accident).
+    /// so a finished or running experiment is never overwritten by accident). `data` is the
+    /// whole dataset; the run keeps what `data.train_examples` / `data.test_examples` select.
     pub fn start(
         config: ExperimentConfig,
         data: TrainTest,
@@ -80,6 +81,7 @@ impl Run {
                     .into(),
             });
         }
+        let data = config.data.select(data)?;
         std::fs::create_dir_all(dir).map_err(io(dir))?;
         let federation = Federation::new(config, &data, threads)?;
         let run = Run::assemble(federation, data, dir, threads)?;
@@ -101,6 +103,7 @@ impl Run {
     /// Continue the run in `dir` from its last checkpoint, with the configuration it recorded.
     pub fn resume(dir: &Path, data: TrainTest, threads: usize) -> Result<Run, SimError> {
         let config = ExperimentConfig::from_file(&dir.join("config.toml"))?;
+        let data = config.data.select(data)?;
         let mut federation = Federation::new(config, &data, threads)?;
         checkpoint::restore(dir, &mut federation)?;
         let run = Run::assemble(federation, data, dir, threads)?;

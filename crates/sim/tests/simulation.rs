@@ -172,3 +172,80 @@ fn an_existing_run_folder_is_not_overwritten() {
         .expect("second start must fail");
     assert!(err.to_string().contains("--resume"), "{err}");
 }
+
+/// Resume must be exact for every kind of server and client state, not only FedAvg's: server
+/// momentum (FedAvgM), Adam moments (FedAdam), BatchNorm buffers averaged with fractional
+/// counters, and FedBN's per-client normalisation layers, plus data sharing with warm-up.
+#[test]
+fn resume_is_exact_for_stateful_strategies_batchnorm_and_sharing() {
+    let cases = [
+        (
+            "fedavgm",
+            "server_lr = 1.0\nserver_momentum = 0.9",
+            "train",
+            "",
+        ),
+        (
+            "fedadam",
+            "server_lr = 0.01\nbeta1 = 0.9\nbeta2 = 0.99\ntau = 0.001",
+            "local",
+            "[share]\nholdout = 400\nbeta = 0.1\nalpha = 0.5\nwarmup_epochs = 1",
+        ),
+    ];
+    for (strategy, keys, bn, share) in cases {
+        let text = format!(
+            r#"
+[data]
+dataset = "mnist"
+train_examples = 2000
+test_examples = 500
+[partition]
+scheme = "dirichlet:0.5"
+clients = 6
+[model]
+name = "mnist-cnn-bn"
+bn = "{bn}"
+[train]
+rounds = 3
+batch_size = 32
+lr = 0.05
+fraction = 0.5
+[strategy]
+name = "{strategy}"
+{keys}
+[eval]
+sgd_twin = true
+[run]
+seed = 5
+checkpoint_every = 1
+{share}
+"#
+        );
+        let config = ExperimentConfig::from_toml_str(&text, strategy).unwrap();
+        let (p_ref, b_ref, h_ref) = run_to_end(config.clone(), 2);
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let mut run = Run::start(config, embedded_mnist().unwrap(), dir.path(), 2).unwrap();
+            run.step().unwrap();
+            run.step().unwrap();
+        }
+        let mut run = Run::resume(dir.path(), embedded_mnist().unwrap(), 1).unwrap();
+        assert_eq!(run.federation.rounds_done, 2, "{strategy}");
+        while !run.federation.finished() {
+            run.step().unwrap();
+        }
+        assert!(
+            run.federation.global.params() == p_ref.as_slice(),
+            "{strategy}: parameters"
+        );
+        assert!(
+            run.federation.global.buffers() == b_ref.as_slice(),
+            "{strategy}: buffers"
+        );
+        assert_eq!(
+            without_timings(&run.federation.history),
+            without_timings(&h_ref),
+            "{strategy}"
+        );
+    }
+}
