@@ -93,6 +93,18 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         }
     }
     let single = cells.len() == 1;
+    // Two cells writing one folder would make the second "already finished": refuse up front.
+    let mut seen = std::collections::HashMap::new();
+    for (path, cell) in &cells {
+        let name = run_name(path, &cell.name);
+        if let Some(other) = seen.insert(name.clone(), path.clone()) {
+            bail!(
+                "{} and {} both name a run {name}; give the files different names",
+                other.display(),
+                path.display()
+            );
+        }
+    }
     let mut done: Vec<(String, Summary)> = Vec::new();
     for (path, cell) in cells {
         let mut config = cell.config;
@@ -106,11 +118,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
             config.data.data_dir = args.data_dir.clone();
         }
         config.validate(&path.display().to_string())?;
-        let name = if cell.name.is_empty() {
-            stem(&path)
-        } else {
-            format!("{}/{}", stem(&path), cell.name)
-        };
+        let name = run_name(&path, &cell.name);
         let dir = match (&args.out, single) {
             (Some(out), true) => out.clone(),
             (Some(out), false) => out.join(&name),
@@ -161,6 +169,15 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         print_comparison(&done);
     }
     Ok(())
+}
+
+/// A cell's run name: the file's stem, then the sweep cell's name.
+fn run_name(path: &Path, cell: &str) -> String {
+    if cell.is_empty() {
+        stem(path)
+    } else {
+        format!("{}/{cell}", stem(path))
+    }
 }
 
 /// The files a run writes into its folder (besides `checkpoint/`).
