@@ -61,7 +61,9 @@ fn natural_cmp(a: &str, b: &str) -> std::cmp::Ordering {
                 out.push((String::new(), value));
                 rest = tail;
             } else {
-                let text = rest.find(|c: char| c.is_ascii_digit()).unwrap_or(rest.len());
+                let text = rest
+                    .find(|c: char| c.is_ascii_digit())
+                    .unwrap_or(rest.len());
                 let (word, tail) = rest.split_at(text);
                 out.push((word.to_string(), f64::MIN));
                 rest = tail;
@@ -552,31 +554,42 @@ fn write_sharing(md: &mut String, runs: &[RunInfo], out: &Path) -> anyhow::Resul
 
 fn write_heatmaps(md: &mut String, runs: &[RunInfo], out: &Path) -> anyhow::Result<()> {
     writeln!(md, "## Client x class matrices\n")?;
-    let mut seen = Vec::new();
+    // One picture per distinct client x class matrix (runs of a sweep often share one); a
+    // name used twice (same scheme, other seed or sharing) gets a counter.
+    let mut seen: Vec<(String, Vec<Vec<usize>>)> = Vec::new();
+    let mut stems: Vec<String> = Vec::new();
     for r in runs {
-        let key = (
-            r.config.data.dataset.to_string(),
-            r.partition.scheme.clone(),
-            r.partition.clients.len(),
-            r.partition.seed,
-        );
+        let dataset = r.config.data.dataset.to_string();
+        let matrix: Vec<Vec<usize>> = r
+            .partition
+            .clients
+            .iter()
+            .map(|c| c.class_counts.clone())
+            .collect();
+        let key = (dataset.clone(), matrix);
         if seen.contains(&key) {
             continue;
         }
-        let stem = format!(
-            "partition-{}-{}",
-            key.0,
-            key.1.replace([':', '/', '.'], "-")
+        let base = format!(
+            "partition-{dataset}-{}",
+            r.partition.scheme.replace([':', '/', '.'], "-")
         );
+        let mut stem = base.clone();
+        let mut n = 1;
+        while stems.contains(&stem) {
+            n += 1;
+            stem = format!("{base}-{n}");
+        }
         plot::partition_heatmap(out, &stem, &r.partition)?;
         writeln!(
             md,
-            "![{stem}]({stem}.png) ({}, {} from {})\n",
-            key.0,
-            key.1,
+            "![{stem}]({stem}.png) ({dataset}, {}, seed {} from {})\n",
+            r.partition.scheme,
+            r.partition.seed,
             r.dir.display()
         )?;
         seen.push(key);
+        stems.push(stem);
     }
     Ok(())
 }

@@ -76,6 +76,14 @@ impl ShareConfig {
         client_pool.sort_unstable();
         let size = (self.beta * client_pool.len() as f64).round() as usize;
         let per_class = size / classes.max(1);
+        if per_class * classes != size {
+            // Class balance wins over the exact size: say so rather than drop examples silently.
+            tracing::info!(
+                requested = size,
+                used = per_class * classes,
+                "share: |G| rounded down to a multiple of the {classes} classes"
+            );
+        }
         let mut by_class: Vec<Vec<usize>> = vec![Vec::new(); classes];
         for &i in holdout {
             by_class[labels[i] as usize].push(i);
