@@ -533,6 +533,7 @@ fn write_sharing(md: &mut String, runs: &[RunInfo], out: &Path) -> anyhow::Resul
             .or_default()
             .push((s.alpha * 100.0, r.summary.final_accuracy * 100.0));
     }
+    writeln!(md)?;
     for (stem, title, x, map) in [
         ("sharing-beta", "test accuracy vs beta", "beta (%)", by_beta),
         (
@@ -545,6 +546,10 @@ fn write_sharing(md: &mut String, runs: &[RunInfo], out: &Path) -> anyhow::Resul
         let mut series: Vec<(String, Vec<(f64, f64)>)> = map.into_iter().collect();
         for s in &mut series {
             s.1.sort_by(|a, b| a.0.total_cmp(&b.0));
+        }
+        // A sweep curve needs two x values somewhere; a lone point per line says nothing.
+        if series.iter().all(|s| s.1.len() < 2) {
+            continue;
         }
         charts::lines(out, stem, title, x, "test accuracy (%)", &series)?;
         writeln!(md, "![{stem}]({stem}.png)\n")?;
