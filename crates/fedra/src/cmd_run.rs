@@ -38,6 +38,10 @@ pub struct RunArgs {
     /// Apply the `[profile.NAME]` overrides of the experiment files (e.g. `short`).
     #[arg(long)]
     profile: Option<String>,
+    /// Run only the grid cells whose name contains every one of these texts (e.g.
+    /// `--only batch_size-100 --only classes-1`); the others are left for a later call.
+    #[arg(long)]
+    only: Vec<String>,
     /// Continue the run in this folder from its last checkpoint.
     #[arg(long, conflicts_with = "configs")]
     resume: Option<PathBuf>,
@@ -92,7 +96,17 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
             cells.push((path.clone(), cell));
         }
     }
-    let single = cells.len() == 1;
+    if !args.only.is_empty() {
+        let before = cells.len();
+        cells.retain(|(path, cell)| {
+            let name = run_name(path, &cell.name);
+            args.only.iter().all(|part| name.contains(part.as_str()))
+        });
+        if cells.is_empty() {
+            bail!("--only {:?} matches none of the {before} runs", args.only);
+        }
+    }
+    let single = cells.len() == 1 && args.only.is_empty();
     // Two cells writing one folder would make the second "already finished": refuse up front.
     let mut seen = std::collections::HashMap::new();
     for (path, cell) in &cells {
