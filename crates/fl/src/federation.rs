@@ -221,6 +221,12 @@ impl Federation {
         (len(&self.local_params), len(&self.local_buffers))
     }
 
+    /// Give the strategy back its server-optimiser state (from a checkpoint); state sized for
+    /// another model than this run's aggregation scope is an error.
+    pub fn restore_strategy(&mut self, state: Vec<(String, Vec<f32>)>) -> Result<(), FlError> {
+        self.strategy.restore(state, &self.scope)
+    }
+
     /// Whether this run is the centralised SGD baseline rather than a federation.
     pub fn is_central(&self) -> bool {
         self.config.strategy.name == "sgd"

@@ -110,8 +110,13 @@ pub trait Strategy: Send {
         Vec::new()
     }
 
-    /// Restore what [`Strategy::state`] returned.
-    fn restore(&mut self, state: Vec<(String, Vec<f32>)>) -> Result<(), FlError> {
+    /// Restore what [`Strategy::state`] returned. `scope` is the run's aggregation scope: state
+    /// missing, or sized for another model, is an error, never silently reset.
+    fn restore(
+        &mut self,
+        state: Vec<(String, Vec<f32>)>,
+        _scope: &AggregationScope,
+    ) -> Result<(), FlError> {
         if state.is_empty() {
             Ok(())
         } else {
@@ -305,20 +310,51 @@ fn apply_server_step(global: &mut Model, scope: &AggregationScope, change: &[f32
     }
 }
 
+/// Put checkpointed server-optimiser vectors back into `slots`: every slot must be present, with
+/// one value per aggregated parameter (`len`).
 fn restore_vectors(
     name: &str,
     state: Vec<(String, Vec<f32>)>,
     slots: &mut [(&str, &mut Vec<f32>)],
+    len: usize,
 ) -> Result<(), FlError> {
+    let mut restored = vec![false; slots.len()];
     for (key, values) in state {
-        match slots.iter_mut().find(|(k, _)| *k == key) {
-            Some((_, slot)) => **slot = values,
-            None => {
-                return Err(FlError::State(format!(
-                    "checkpoint has tensor {key:?}, which strategy {name} does not keep"
-                )));
-            }
+        let Some(i) = slots.iter().position(|(k, _)| *k == key) else {
+            return Err(FlError::State(format!(
+                "checkpoint has tensor {key:?}, which strategy {name} does not keep"
+            )));
+        };
+        if values.len() != len {
+            return Err(FlError::State(format!(
+                "server-optimiser state `{key}` of strategy {name} holds {} values, the model \
+                 has {len} aggregated parameters",
+                values.len()
+            )));
         }
+        *slots[i].1 = values;
+        restored[i] = true;
+    }
+    if let Some(i) = restored.iter().position(|done| !done) {
+        return Err(FlError::State(format!(
+            "server-optimiser state `{}` of strategy {name} is missing",
+            slots[i].0
+        )));
+    }
+    Ok(())
+}
+
+/// Server state of the scope's length: zeros before the first round, an error (never a silent
+/// reset) if it was sized for another model.
+fn ensure_len(name: &str, key: &str, state: &mut Vec<f32>, len: usize) -> Result<(), FlError> {
+    if state.is_empty() {
+        *state = vec![0.0; len];
+    } else if state.len() != len {
+        return Err(FlError::State(format!(
+            "server-optimiser state `{key}` of strategy {name} holds {} values, the model has \
+             {len} aggregated parameters",
+            state.len()
+        )));
     }
     Ok(())
 }
@@ -343,9 +379,7 @@ impl Strategy for FedAvgM {
         scope: &AggregationScope,
     ) -> Result<(), FlError> {
         let delta = mean_update(round, global, results, scope)?;
-        if self.velocity.len() != scope_len(scope) {
-            self.velocity = vec![0.0; scope_len(scope)];
-        }
+        ensure_len("fedavgm", "velocity", &mut self.velocity, scope_len(scope))?;
         for (v, d) in self.velocity.iter_mut().zip(&delta) {
             *v = self.momentum * *v + d;
         }
@@ -358,8 +392,17 @@ impl Strategy for FedAvgM {
         vec![("velocity".into(), self.velocity.clone())]
     }
 
-    fn restore(&mut self, state: Vec<(String, Vec<f32>)>) -> Result<(), FlError> {
-        restore_vectors("fedavgm", state, &mut [("velocity", &mut self.velocity)])
+    fn restore(
+        &mut self,
+        state: Vec<(String, Vec<f32>)>,
+        scope: &AggregationScope,
+    ) -> Result<(), FlError> {
+        restore_vectors(
+            "fedavgm",
+            state,
+            &mut [("velocity", &mut self.velocity)],
+            scope_len(scope),
+        )
     }
 }
 
@@ -387,10 +430,8 @@ impl Strategy for FedAdam {
     ) -> Result<(), FlError> {
         let delta = mean_update(round, global, results, scope)?;
         let n = scope_len(scope);
-        if self.m.len() != n || self.v.len() != n {
-            self.m = vec![0.0; n];
-            self.v = vec![0.0; n];
-        }
+        ensure_len("fedadam", "m", &mut self.m, n)?;
+        ensure_len("fedadam", "v", &mut self.v, n)?;
         let mut change = vec![0f32; n];
         for j in 0..n {
             let d = delta[j];
@@ -406,11 +447,16 @@ impl Strategy for FedAdam {
         vec![("m".into(), self.m.clone()), ("v".into(), self.v.clone())]
     }
 
-    fn restore(&mut self, state: Vec<(String, Vec<f32>)>) -> Result<(), FlError> {
+    fn restore(
+        &mut self,
+        state: Vec<(String, Vec<f32>)>,
+        scope: &AggregationScope,
+    ) -> Result<(), FlError> {
         restore_vectors(
             "fedadam",
             state,
             &mut [("m", &mut self.m), ("v", &mut self.v)],
+            scope_len(scope),
         )
     }
 }

@@ -213,5 +213,13 @@ fn fedavgm_with_zero_momentum_and_unit_lr_equals_fedavg() {
     let state = m.state();
     assert_eq!(state[0].1.len(), len);
     let mut fresh = from_config(&config).unwrap();
-    fresh.restore(state).unwrap();
+    fresh.restore(state.clone(), &scope).unwrap();
+    assert_eq!(fresh.state(), state);
+    // State sized for another model, or missing, is rejected by name, never reset to zeros.
+    let mut short = state.clone();
+    short[0].1.pop();
+    let e = fresh.restore(short, &scope).unwrap_err().to_string();
+    assert!(e.contains("`velocity`") && e.contains("fedavgm"), "{e}");
+    let e = fresh.restore(Vec::new(), &scope).unwrap_err().to_string();
+    assert!(e.contains("`velocity`") && e.contains("missing"), "{e}");
 }

@@ -188,7 +188,8 @@ pub fn restore(run_dir: &Path, fed: &mut Federation) -> Result<(), SimError> {
         }
     }
     strategy_state.sort_by(|a, b| a.0.cmp(&b.0));
-    fed.strategy.restore(strategy_state)?;
+    fed.restore_strategy(strategy_state)
+        .map_err(|e| bad(&server_path, e.to_string()))?;
     fed.local.clear();
     for (client, mut parts) in local {
         let (Some(params), Some(buffers)) = (parts.remove("params"), parts.remove("buffers"))

@@ -249,3 +249,93 @@ checkpoint_every = 1
         );
     }
 }
+
+/// Rewrite the server-state file of the checkpoint in `dir`, letting `edit` change its tensors.
+fn edit_server_state(dir: &std::path::Path, edit: impl FnOnce(&mut Vec<(String, Vec<f32>)>)) {
+    use safetensors::tensor::{Dtype, TensorView};
+    let path = dir.join("checkpoint").join("server.safetensors");
+    let bytes = std::fs::read(&path).unwrap();
+    let tensors = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut named: Vec<(String, Vec<f32>)> = tensors
+        .tensors()
+        .into_iter()
+        .map(|(name, view)| {
+            let values = view
+                .data()
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect();
+            (name, values)
+        })
+        .collect();
+    edit(&mut named);
+    let raw: Vec<(String, Vec<u8>, usize)> = named
+        .iter()
+        .map(|(name, values)| {
+            let bytes = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+            (name.clone(), bytes, values.len())
+        })
+        .collect();
+    let views: Vec<(String, TensorView<'_>)> = raw
+        .iter()
+        .map(|(name, bytes, len)| {
+            (
+                name.clone(),
+                TensorView::new(Dtype::F32, vec![*len], bytes).unwrap(),
+            )
+        })
+        .collect();
+    std::fs::write(&path, safetensors::serialize(views, None).unwrap()).unwrap();
+}
+
+/// Server-optimiser state that does not fit the model (a damaged or foreign checkpoint) is an
+/// error naming the file and the state, never silently replaced by zeros.
+#[test]
+fn resume_rejects_server_optimiser_state_of_the_wrong_length() {
+    type Edit = fn(&mut Vec<(String, Vec<f32>)>);
+    let cases: [(&str, &str, &str, Edit); 3] = [
+        (
+            "fedavgm",
+            "server_lr = 1.0\nserver_momentum = 0.9",
+            "`velocity`",
+            |named| {
+                let t = named
+                    .iter_mut()
+                    .find(|(n, _)| n == "strategy.velocity")
+                    .unwrap();
+                t.1.truncate(t.1.len() - 1);
+            },
+        ),
+        ("fedadam", "server_lr = 0.01", "`v`", |named| {
+            let t = named.iter_mut().find(|(n, _)| n == "strategy.v").unwrap();
+            t.1.push(0.5);
+        }),
+        ("fedadam", "server_lr = 0.01", "`m`", |named| {
+            named.retain(|(n, _)| n != "strategy.m")
+        }),
+    ];
+    for (strategy, keys, named_in_error, edit) in cases {
+        let config = config(
+            &format!("[strategy]\nname = \"{strategy}\"\n{keys}"),
+            "logreg",
+            "iid",
+            1.0,
+            3,
+        );
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let mut run = Run::start(config, embedded_mnist().unwrap(), dir.path(), 1).unwrap();
+            run.step().unwrap();
+            run.step().unwrap();
+        }
+        edit_server_state(dir.path(), edit);
+        let err = Run::resume(dir.path(), embedded_mnist().unwrap(), 1)
+            .err()
+            .unwrap_or_else(|| panic!("{strategy}: a damaged {named_in_error} must be rejected"))
+            .to_string();
+        assert!(
+            err.contains("server.safetensors") && err.contains(named_in_error),
+            "{strategy}: {err}"
+        );
+    }
+}
