@@ -84,8 +84,11 @@ pub struct Federation {
     local_buffers: Vec<Range<usize>>,
     all_indices: Vec<usize>,
     threads: usize,
-    pending_seconds: f64,
-    pending_examples: usize,
+    /// Wall time of the rounds run since the last evaluated row (it goes into the next row's
+    /// `seconds`); a checkpoint carries it.
+    pub pending_seconds: f64,
+    /// Training examples processed since the last evaluated row (the next row's `examples`).
+    pub pending_examples: usize,
 }
 
 /// The model spec a configuration names: a built-in name, or a TOML spec file.

@@ -1,7 +1,8 @@
 //! Checkpoints: everything a run needs to continue bit-identically after a stop. Global (and SGD
 //! twin) weights go to safetensors files, server-optimiser and FedBN client state to a third, the
-//! round count and metrics so far to `state.json`. No generator state is saved because there is
-//! none: every random draw derives from (seed, round, client).
+//! round count, metrics so far and the time and examples of rounds not yet in a metrics row to
+//! `state.json`. No generator state is saved because there is none: every random draw derives
+//! from (seed, round, client).
 //!
 //! A checkpoint is written to `checkpoint.tmp/` and renamed into place, so a run killed while
 //! writing leaves the previous checkpoint intact.
@@ -24,6 +25,12 @@ struct State {
     seed: u64,
     rng: String,
     history: Vec<RoundMetrics>,
+    /// Seconds and examples of rounds run since the last evaluated row (absent in checkpoints
+    /// written before fedra saved them: then 0).
+    #[serde(default)]
+    pending_seconds: f64,
+    #[serde(default)]
+    pending_examples: usize,
 }
 
 /// Folder of the checkpoint inside a run folder.
@@ -91,6 +98,8 @@ pub fn save(run_dir: &Path, fed: &Federation) -> Result<(), SimError> {
         seed: fed.config.run.seed,
         rng: "none: every draw derives from (seed, round, client)".into(),
         history: fed.history.clone(),
+        pending_seconds: fed.pending_seconds,
+        pending_examples: fed.pending_examples,
     };
     let state_path = tmp.join("state.json");
     let json = serde_json::to_string_pretty(&state).expect("checkpoint state serialises");
@@ -218,5 +227,7 @@ pub fn restore(run_dir: &Path, fed: &mut Federation) -> Result<(), SimError> {
     }
     fed.history = state.history;
     fed.rounds_done = state.rounds_done;
+    fed.pending_seconds = state.pending_seconds;
+    fed.pending_examples = state.pending_examples;
     Ok(())
 }

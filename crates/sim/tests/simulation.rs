@@ -339,3 +339,56 @@ fn resume_rejects_server_optimiser_state_of_the_wrong_length() {
         );
     }
 }
+
+/// Seconds and examples accumulate over rounds that are not evaluated; a checkpoint taken
+/// between evaluations must carry them, so the next row after a resume counts the same.
+#[test]
+fn resume_between_evaluations_keeps_the_pending_accounting() {
+    let config = config("[eval]\nevery = 2", "logreg", "dirichlet:0.5", 0.5, 4);
+    let mut config = config;
+    config.run.checkpoint_every = 1;
+    let (p_ref, _, h_ref) = run_to_end(config.clone(), 1);
+    let dir = tempfile::tempdir().unwrap();
+    let pending = {
+        let mut run = Run::start(config, embedded_mnist().unwrap(), dir.path(), 1).unwrap();
+        for _ in 0..3 {
+            run.step().unwrap();
+        }
+        (
+            run.federation.pending_seconds,
+            run.federation.pending_examples,
+        )
+    };
+    assert!(pending.0 > 0.0 && pending.1 > 0, "{pending:?}");
+    let state_path = dir.path().join("checkpoint").join("state.json");
+    let state = std::fs::read_to_string(&state_path).unwrap();
+    let mut run = Run::resume(dir.path(), embedded_mnist().unwrap(), 1).unwrap();
+    assert_eq!(run.federation.rounds_done, 3);
+    assert_eq!(
+        (
+            run.federation.pending_seconds,
+            run.federation.pending_examples
+        ),
+        pending
+    );
+    while !run.federation.finished() {
+        run.step().unwrap();
+    }
+    assert!(run.federation.global.params() == p_ref.as_slice());
+    assert_eq!(
+        without_timings(&run.federation.history),
+        without_timings(&h_ref),
+        "examples of the row after the resume"
+    );
+    drop(run);
+
+    // A checkpoint written before these fields existed still loads, with nothing pending.
+    let mut old: serde_json::Value = serde_json::from_str(&state).unwrap();
+    let fields = old.as_object_mut().unwrap();
+    assert!(fields.remove("pending_seconds").is_some());
+    assert!(fields.remove("pending_examples").is_some());
+    std::fs::write(&state_path, old.to_string()).unwrap();
+    let run = Run::resume(dir.path(), embedded_mnist().unwrap(), 1).unwrap();
+    assert_eq!(run.federation.rounds_done, 3);
+    assert_eq!(run.federation.pending_examples, 0);
+}
