@@ -111,20 +111,54 @@ pub fn model_spec(config: &ExperimentConfig, train: &Dataset) -> Result<ModelSpe
 }
 
 impl Federation {
-    /// Set up a run: partition the training set, build (or load) the initial model.
+    /// Set up a run: partition the training set, build (or load, from `model.init`) the initial
+    /// model and, with data sharing, warm it up on the global set.
     pub fn new(
         config: ExperimentConfig,
         data: &TrainTest,
         threads: usize,
     ) -> Result<Self, FlError> {
+        Self::build(config, data, threads, None)
+    }
+
+    /// Set up a run whose global model is already known, as when resuming from a checkpoint:
+    /// the partition is built as [`Federation::new`] builds it, but `model.init` is not read and
+    /// the data-sharing warm-up does not run. The SGD twin, if any, starts as a copy of `global`
+    /// (a checkpoint then restores its own).
+    pub fn with_global(
+        config: ExperimentConfig,
+        data: &TrainTest,
+        threads: usize,
+        global: Model,
+    ) -> Result<Self, FlError> {
+        Self::build(config, data, threads, Some(global))
+    }
+
+    fn build(
+        config: ExperimentConfig,
+        data: &TrainTest,
+        threads: usize,
+        given: Option<Model>,
+    ) -> Result<Self, FlError> {
         let spec = model_spec(&config, &data.train)?;
+        if let Some(model) = &given
+            && model.spec() != &spec
+        {
+            return Err(FlError::State(format!(
+                "the given global model is a {}, the configuration's model is {}",
+                model.spec().name,
+                spec.name
+            )));
+        }
+        let warm_up = given.is_none();
         let scheme: Scheme = config.partition.scheme.parse()?;
         let labels = &data.train.labels;
         let classes = data.train.num_classes();
         let seed = config.run.seed;
-        let mut global = match &config.model.init {
-            Some(path) => Model::load_safetensors(&spec, path)?,
-            None => Model::new(&spec, seed)?,
+        let mut global = match (given, &config.model.init) {
+            (Some(model), _) => model,
+            (None, Some(path)) => Model::load_safetensors(&spec, path)?,
+            (None, None) => Model::new(&spec, seed)?,
         };
         let (partition, before_share) = match &config.share {
             None => (
@@ -150,7 +184,7 @@ impl Federation {
                 for (k, client) in mixed.clients.iter_mut().enumerate() {
                     client.extend(share.client_share(&split.global, k, seed));
                 }
-                if share.warmup_epochs > 0 {
+                if warm_up && share.warmup_epochs > 0 {
                     let t = &config.train;
                     let job = FitJob {
                         client: CENTRAL_ID,

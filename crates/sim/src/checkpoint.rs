@@ -13,7 +13,9 @@ use std::path::{Path, PathBuf};
 use safetensors::tensor::{Dtype, TensorView};
 use serde::{Deserialize, Serialize};
 
-use fedra_fl::{Federation, LocalState, RoundMetrics};
+use fedra_data::TrainTest;
+use fedra_fl::federation::model_spec;
+use fedra_fl::{ExperimentConfig, Federation, LocalState, RoundMetrics};
 use fedra_nn::Model;
 
 use crate::error::{SimError, io};
@@ -118,26 +120,58 @@ pub fn save(run_dir: &Path, fed: &Federation) -> Result<(), SimError> {
     Ok(())
 }
 
-/// Load a checkpoint into a freshly built federation of the same configuration.
-pub fn restore(run_dir: &Path, fed: &mut Federation) -> Result<(), SimError> {
-    let dir = checkpoint_dir(run_dir);
-    let bad = |path: &Path, message: String| SimError::Checkpoint {
+fn bad(path: &Path, message: String) -> SimError {
+    SimError::Checkpoint {
         path: path.to_path_buf(),
         message,
-    };
+    }
+}
+
+/// `state.json` of the checkpoint in `dir`, checked against the run's seed.
+fn read_state(dir: &Path, seed: u64) -> Result<State, SimError> {
     let state_path = dir.join("state.json");
     let text = std::fs::read_to_string(&state_path).map_err(io(&state_path))?;
     let state: State = serde_json::from_str(&text).map_err(|e| bad(&state_path, e.to_string()))?;
-    if state.seed != fed.config.run.seed {
+    if state.seed != seed {
         return Err(bad(
             &state_path,
             format!(
                 "was written with seed {}, the configuration says {}",
-                state.seed, fed.config.run.seed
+                state.seed, seed
             ),
         ));
     }
+    Ok(state)
+}
+
+/// Build the federation of `config` from the checkpoint in `run_dir`. The global model comes from
+/// the checkpoint, so `model.init` is not read (it may be gone) and the data-sharing warm-up does
+/// not run again.
+pub fn load(
+    run_dir: &Path,
+    config: ExperimentConfig,
+    data: &TrainTest,
+    threads: usize,
+) -> Result<Federation, SimError> {
+    let dir = checkpoint_dir(run_dir);
+    let state = read_state(&dir, config.run.seed)?;
+    let spec = model_spec(&config, &data.train)?;
+    let global = Model::load_safetensors(&spec, &dir.join("global.safetensors"))?;
+    let mut fed = Federation::with_global(config, data, threads, global)?;
+    restore_rest(&dir, &mut fed, state)?;
+    Ok(fed)
+}
+
+/// Load a checkpoint into a federation of the same configuration, replacing its global model.
+pub fn restore(run_dir: &Path, fed: &mut Federation) -> Result<(), SimError> {
+    let dir = checkpoint_dir(run_dir);
+    let state = read_state(&dir, fed.config.run.seed)?;
     fed.global = Model::load_safetensors(&fed.spec, &dir.join("global.safetensors"))?;
+    restore_rest(&dir, fed, state)
+}
+
+/// Everything of a checkpoint but `state.json`'s check and the global weights.
+fn restore_rest(dir: &Path, fed: &mut Federation, state: State) -> Result<(), SimError> {
     if fed.twin.is_some() {
         fed.twin = Some(Model::load_safetensors(
             &fed.spec,

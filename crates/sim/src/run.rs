@@ -101,11 +101,12 @@ impl Run {
     }
 
     /// Continue the run in `dir` from its last checkpoint, with the configuration it recorded.
+    /// The global model comes from the checkpoint: `model.init` is not read and the
+    /// data-sharing warm-up does not run again.
     pub fn resume(dir: &Path, data: TrainTest, threads: usize) -> Result<Run, SimError> {
         let config = ExperimentConfig::from_file(&dir.join("config.toml"))?;
         let data = config.data.select(data)?;
-        let mut federation = Federation::new(config, &data, threads)?;
-        checkpoint::restore(dir, &mut federation)?;
+        let federation = checkpoint::load(dir, config, &data, threads)?;
         let run = Run::assemble(federation, data, dir, threads)?;
         run.write_metrics()?;
         Ok(run)

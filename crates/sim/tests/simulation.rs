@@ -392,3 +392,74 @@ fn resume_between_evaluations_keeps_the_pending_accounting() {
     assert_eq!(run.federation.rounds_done, 3);
     assert_eq!(run.federation.pending_examples, 0);
 }
+
+/// The checkpoint holds the global model: resuming must neither read `model.init` again (it
+/// may be gone) nor repeat the data-sharing warm-up, and still end bit-identical.
+#[test]
+fn resume_needs_neither_the_init_file_nor_the_warmup() {
+    let init_dir = tempfile::tempdir().unwrap();
+    let init = init_dir.path().join("init.safetensors");
+    let spec = fedra_nn::ModelSpec::by_name("mlp", [1, 28, 28], 10).unwrap();
+    fedra_nn::Model::new(&spec, 99)
+        .unwrap()
+        .save_safetensors(&init)
+        .unwrap();
+    let text = format!(
+        r#"
+[data]
+dataset = "mnist"
+train_examples = 2000
+test_examples = 500
+[partition]
+scheme = "classes:2"
+clients = 5
+[model]
+name = "mlp"
+init = "{}"
+[train]
+rounds = 3
+batch_size = 32
+lr = 0.05
+[strategy]
+name = "fedadam"
+server_lr = 0.01
+[eval]
+sgd_twin = true
+[run]
+seed = 3
+checkpoint_every = 1
+[share]
+holdout = 400
+beta = 0.1
+alpha = 0.5
+warmup_epochs = 1
+"#,
+        init.display()
+    );
+    let config = ExperimentConfig::from_toml_str(&text, "init").unwrap();
+    let (p_ref, b_ref, h_ref) = run_to_end(config.clone(), 2);
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let mut run = Run::start(config.clone(), embedded_mnist().unwrap(), dir.path(), 2).unwrap();
+        run.step().unwrap();
+        run.step().unwrap();
+    }
+    std::fs::remove_file(&init).unwrap();
+    // What resume builds on: a federation given its global model keeps it as it is (no init
+    // file read, no warm-up on G).
+    let start = fedra_nn::Model::new(&spec, 7).unwrap();
+    let data = config.data.select(embedded_mnist().unwrap()).unwrap();
+    let fed = fedra_fl::Federation::with_global(config.clone(), &data, 1, start.clone()).unwrap();
+    assert!(fed.global.params() == start.params());
+    let mut run = Run::resume(dir.path(), embedded_mnist().unwrap(), 1).unwrap();
+    assert_eq!(run.federation.rounds_done, 2);
+    while !run.federation.finished() {
+        run.step().unwrap();
+    }
+    assert!(run.federation.global.params() == p_ref.as_slice());
+    assert!(run.federation.global.buffers() == b_ref.as_slice());
+    assert_eq!(
+        without_timings(&run.federation.history),
+        without_timings(&h_ref)
+    );
+}
