@@ -189,9 +189,21 @@ fn read_run(dir: &Path, root: &Path) -> anyhow::Result<RunInfo> {
     })
 }
 
-/// What the study calls this run in Table 1, if anything.
+/// What the study calls this run in Table 1, if anything: only a run with the study's model and
+/// learning-rate settings for its dataset (plain SGD, the study's lr and decay) is set beside the
+/// study's number.
 fn table1_kind(c: &ExperimentConfig) -> Option<&'static str> {
     if c.share.is_some() {
+        return None;
+    }
+    let (model, lr, lr_decay) = paper::setup(&c.data.dataset.to_string())?;
+    let t = &c.train;
+    if c.model.name != model
+        || t.lr != lr
+        || t.lr_decay != lr_decay
+        || t.momentum != 0.0
+        || t.weight_decay != 0.0
+    {
         return None;
     }
     if c.strategy.name == "sgd" {
@@ -296,7 +308,9 @@ fn write_runs_table(md: &mut String, runs: &[RunInfo]) -> anyhow::Result<()> {
     }
     writeln!(
         md,
-        "\nThe study ran 500 rounds; a run with fewer rounds is not expected to reach its number.\n"
+        "\nThe study ran 500 rounds; a run with fewer rounds is not expected to reach its number. \
+         A study number is shown only for runs with the study's model, learning rate and decay \
+         (plain SGD).\n"
     )?;
     Ok(())
 }
@@ -601,7 +615,73 @@ fn write_heatmaps(md: &mut String, runs: &[RunInfo], out: &Path) -> anyhow::Resu
 
 #[cfg(test)]
 mod tests {
-    use super::natural_cmp;
+    use super::{natural_cmp, table1_kind};
+    use fedra_fl::ExperimentConfig;
+    use fedra_fl::sweep::expand;
+
+    fn table1_cells() -> Vec<(String, ExperimentConfig)> {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../experiments");
+        let mut cells = Vec::new();
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            let name = path.file_name().unwrap().to_string_lossy().into_owned();
+            if !(name.starts_with("table1-") && name.ends_with(".toml")) {
+                continue;
+            }
+            let text = std::fs::read_to_string(&path).unwrap();
+            for cell in expand(&text, &name, None).unwrap() {
+                cells.push((format!("{name} {}", cell.name), cell.config));
+            }
+        }
+        assert!(cells.len() >= 30, "{} cells", cells.len());
+        cells
+    }
+
+    #[test]
+    fn every_table1_experiment_is_a_table1_row() {
+        for (name, config) in table1_cells() {
+            let kind = table1_kind(&config);
+            assert!(kind.is_some(), "{name}");
+            let study = crate::paper::table1(
+                &config.data.dataset.to_string(),
+                kind.unwrap(),
+                config.train.batch_size,
+                config.train.local_epochs,
+            );
+            assert!(study.is_some(), "{name}: {kind:?}");
+        }
+    }
+
+    #[test]
+    fn another_model_or_learning_rate_is_not_the_studys_row() {
+        for (name, config) in table1_cells() {
+            type Change = fn(&mut ExperimentConfig);
+            let changes: [(&str, Change); 6] = [
+                ("model", |c| c.model.name = "mlp".into()),
+                ("bn model", |c| {
+                    c.model.name = format!("{}-bn", c.model.name)
+                }),
+                ("lr", |c| c.train.lr *= 2.0),
+                ("lr_decay", |c| c.train.lr_decay = 1.0),
+                ("momentum", |c| c.train.momentum = 0.9),
+                ("weight_decay", |c| c.train.weight_decay = 1e-4),
+            ];
+            for (what, change) in changes {
+                let mut other = config.clone();
+                change(&mut other);
+                assert_eq!(table1_kind(&other), None, "{name} with another {what}");
+            }
+        }
+        // Another dataset's settings: MNIST trained at CIFAR-10's lr and decay.
+        let (_, mut mnist) = table1_cells()
+            .into_iter()
+            .find(|(n, c)| n.starts_with("table1-mnist.toml") && c.partition.scheme == "iid")
+            .unwrap();
+        assert_eq!(table1_kind(&mnist), Some("iid"));
+        mnist.train.lr = 0.1;
+        mnist.train.lr_decay = 0.992;
+        assert_eq!(table1_kind(&mnist), None);
+    }
 
     #[test]
     fn run_names_sort_with_numbers_as_numbers() {

@@ -1,6 +1,23 @@
 //! The reference study's numbers (Zhao et al. 2018, as summarised in `shared/docs/PAPER.md`), so
 //! a report can print each measured figure beside the one it reproduces.
 
+/// The study's set-up per dataset (PAPER.md, "Federated setup" and "Models"): fedra's name for
+/// its model, the initial learning rate and its decay per round. Clients and the SGD baseline
+/// train with plain SGD: no momentum, no weight decay.
+pub const SETUP: &[(&str, &str, f32, f32)] = &[
+    ("mnist", "mnist-cnn", 0.01, 0.995),
+    ("cifar10", "cifar-cnn", 0.1, 0.992),
+    ("speech-commands", "kws-cnn", 0.05, 0.992),
+];
+
+/// The study's (model, lr, lr decay) for a dataset.
+pub fn setup(dataset: &str) -> Option<(&'static str, f32, f32)> {
+    SETUP
+        .iter()
+        .find(|row| row.0 == dataset)
+        .map(|row| (row.1, row.2, row.3))
+}
+
 /// Test accuracy (%) of Table 1/3, by dataset, training kind, batch ("small"/"large") and E.
 /// Kinds: `sgd`, `iid`, `classes:2`, `classes:1`, `pretrained` (pre-trained, then 1-class).
 pub const TABLE1: &[(&str, &str, &str, usize, f64)] = &[
