@@ -2,6 +2,12 @@
 //! weights the server sent. Everything random (the order of examples, augmentation, dropout) is
 //! drawn from seeds derived from (run seed, round, client, epoch, step), so a client's result does
 //! not depend on which thread ran it or on what ran before.
+//!
+//! One batch is skipped: a last mini-batch of exactly one example when the model has BatchNorm
+//! over a single value per channel (BatchNorm1d after a Linear layer) in train mode (`bn` =
+//! `train` or `local`). Its batch variance is zero and the step undefined (PyTorch raises), so it
+//! is dropped, as `drop_last` would, for that case only; every other batch, seed and step number
+//! stays as it is.
 
 use rand::SeedableRng;
 use rand::seq::SliceRandom;
@@ -37,9 +43,10 @@ pub struct FitResult {
     pub num_examples: usize,
     pub params: Vec<f32>,
     pub buffers: Vec<f32>,
-    /// Mean training loss over the examples of the last local epoch.
+    /// Mean training loss over the examples trained in the last local epoch.
     pub train_loss: f64,
-    /// Examples processed (epochs x examples), for throughput figures.
+    /// Examples processed (epochs x examples, less a skipped last batch of one), for throughput
+    /// figures.
     pub examples_seen: usize,
 }
 
@@ -77,6 +84,16 @@ pub fn fit(
     if config.batch_size == 0 {
         return Err(fail("batch size 0".into()));
     }
+    let skip_single = trainer.single_example_batch_undefined(config.bn);
+    if skip_single && (indices.len() == 1 || config.batch_size == 1) {
+        return Err(fail(format!(
+            "every training batch would hold one example ({} examples, batch size {}), and \
+             BatchNorm after a Linear layer in train mode needs at least 2 per batch; use a \
+             larger batch, more data or bn = \"frozen\"",
+            indices.len(),
+            config.batch_size
+        )));
+    }
     let row = data.example_len();
     let global = config.prox_mu.map(|_| model.params().to_vec());
     let proximal = match (config.prox_mu, global.as_deref()) {
@@ -100,8 +117,13 @@ pub fn fit(
         order.copy_from_slice(indices);
         order.shuffle(&mut ChaCha8Rng::seed_from_u64(shuffle_seed));
         let mut loss_sum = 0f64;
+        let mut trained = 0usize;
         for (step, batch) in order.chunks(config.batch_size).enumerate() {
             let n = batch.len();
+            if n == 1 && skip_single {
+                // Only the last batch can be this short (batch size >= 2, checked above).
+                continue;
+            }
             for (slot, &i) in batch.iter().enumerate() {
                 x[slot * row..(slot + 1) * row].copy_from_slice(data.example(i));
                 y[slot] = data.labels[i];
@@ -134,9 +156,10 @@ pub fn fit(
                 )));
             }
             loss_sum += stats.loss as f64 * n as f64;
-            seen += n;
+            trained += n;
         }
-        last_epoch_loss = loss_sum / indices.len() as f64;
+        seen += trained;
+        last_epoch_loss = loss_sum / trained as f64;
     }
     Ok(FitResult {
         client,

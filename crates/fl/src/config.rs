@@ -104,6 +104,9 @@ pub struct TrainConfig {
     pub rounds: usize,
     #[serde(default = "one")]
     pub local_epochs: usize,
+    /// Mini-batch size B. With BatchNorm after a Linear layer in train mode (`bn` = `train` or
+    /// `local`) a client's last batch of exactly one example is skipped: its batch variance is
+    /// undefined.
     pub batch_size: usize,
     pub lr: f32,
     /// The learning rate of round r (0-based) is `lr * lr_decay^r`.

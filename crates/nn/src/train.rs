@@ -287,6 +287,19 @@ impl Trainer {
         }
     }
 
+    /// Whether a training batch of one example is undefined for this model under `bn`:
+    /// BatchNorm over a single value per channel (BatchNorm1d after a Linear layer, or on 1x1
+    /// maps) in train mode has zero batch variance, and PyTorch raises there. Such a step is an
+    /// error; callers that split data into mini-batches should skip a last batch of one.
+    pub fn single_example_batch_undefined(&self, bn: BnPolicy) -> bool {
+        matches!(bn, BnPolicy::Train | BnPolicy::Local)
+            && self
+                .plan
+                .ops
+                .iter()
+                .any(|o| matches!(o, Op::BatchNorm(b) if b.hw == 1))
+    }
+
     fn check_inputs(&self, model: &Model, x: &[f32], y: &[u16]) -> Result<(), NnError> {
         if model.spec() != &self.spec {
             return Err(NnError::SpecMismatch {
@@ -364,14 +377,7 @@ impl Trainer {
                 max: self.max_batch,
             });
         }
-        if n == 1
-            && matches!(bn, BnPolicy::Train | BnPolicy::Local)
-            && self
-                .plan
-                .ops
-                .iter()
-                .any(|o| matches!(o, Op::BatchNorm(b) if b.hw == 1))
-        {
+        if n == 1 && self.single_example_batch_undefined(bn) {
             return Err(NnError::Shape {
                 what: "batch for BatchNorm1d in train mode (needs more than 1 value per channel)"
                     .into(),
