@@ -116,7 +116,8 @@ pub struct TrainConfig {
     pub momentum: f32,
     #[serde(default)]
     pub weight_decay: f32,
-    /// Fraction C of clients sampled each round (at least one client takes part).
+    /// Fraction C of clients sampled each round: round(C x K) of the K clients, at least one
+    /// (Flower takes floor(C x K)).
     #[serde(default = "one_f64")]
     pub fraction: f64,
 }
