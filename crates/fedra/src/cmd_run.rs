@@ -9,8 +9,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use fedra_data::{LoadOptions, TrainTest, load};
 use fedra_fl::sweep::expand;
 use fedra_fl::{ExperimentConfig, RoundMetrics};
-use fedra_sim::checkpoint::checkpoint_dir;
-use fedra_sim::{Run, Summary};
+use fedra_sim::{Run, RunFolder, Summary, clear_run_files};
 
 #[derive(clap::Args)]
 pub struct RunArgs {
@@ -138,30 +137,24 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
             (Some(out), false) => out.join(&name),
             (None, _) => PathBuf::from("runs").join(&name),
         };
-        check_same_experiment(&dir, &config)?;
-        if let Some(summary) = finished_summary(&dir)? {
+        let folder = Run::inspect(&dir, &config)?;
+        if let RunFolder::Finished(summary) = folder {
             eprintln!("{name}: already finished in {}, skipped", dir.display());
             done.push((name, summary));
             continue;
         }
         let data = load_data(&config)?;
-        let run = if checkpoint_dir(&dir).exists() {
+        let run = if matches!(folder, RunFolder::Checkpointed) {
             eprintln!("{name}: resuming {} from its checkpoint", dir.display());
             Run::resume(&dir, data, threads)?
         } else {
-            if dir.join("metrics.csv").exists() {
+            if matches!(folder, RunFolder::Unfinished) {
                 eprintln!(
                     "{name}: {} holds an unfinished run with no checkpoint; starting it again",
                     dir.display()
                 );
                 // Only what fedra itself writes: --out may be a folder holding other things.
-                for file in RUN_FILES {
-                    let path = dir.join(file);
-                    if path.exists() {
-                        std::fs::remove_file(&path)
-                            .with_context(|| format!("cannot clear {}", path.display()))?;
-                    }
-                }
+                clear_run_files(&dir).with_context(|| format!("cannot clear {}", dir.display()))?;
             }
             eprintln!(
                 "{name}: {} ({} train / {} test), {} clients, scheme {}, {} rounds, {threads} threads -> {}",
@@ -192,57 +185,6 @@ fn run_name(path: &Path, cell: &str) -> String {
     } else {
         format!("{}/{cell}", stem(path))
     }
-}
-
-/// The files a run writes into its folder (besides `checkpoint/`).
-const RUN_FILES: &[&str] = &[
-    "config.toml",
-    "metrics.csv",
-    "partition.json",
-    "partition_before_share.json",
-    "summary.json",
-    "final.safetensors",
-];
-
-/// A run folder that already holds a run must hold this very experiment: skipping or resuming a
-/// run made with other settings (another profile, seed, round count, an edited file) would
-/// silently report the wrong thing. The data folder may differ (data can move).
-fn check_same_experiment(dir: &Path, config: &ExperimentConfig) -> anyhow::Result<()> {
-    let path = dir.join("config.toml");
-    if !path.exists() {
-        return Ok(());
-    }
-    let mut recorded = ExperimentConfig::from_file(&path)?;
-    recorded.data.data_dir = config.data.data_dir.clone();
-    if &recorded != config {
-        let (ours, theirs) = (config.to_toml_string(), recorded.to_toml_string());
-        let differences: Vec<String> = ours
-            .lines()
-            .zip(theirs.lines())
-            .filter(|(a, b)| a != b)
-            .map(|(a, b)| format!("  now: {a}\n  was: {b}"))
-            .take(5)
-            .collect();
-        bail!(
-            "{} holds a run of a different experiment:\n{}\nchoose another --out, or delete the folder to start over",
-            dir.display(),
-            differences.join("\n")
-        );
-    }
-    Ok(())
-}
-
-/// The summary of a run folder whose run has finished, if it has.
-fn finished_summary(dir: &Path) -> anyhow::Result<Option<Summary>> {
-    let path = dir.join("summary.json");
-    if !path.exists() {
-        return Ok(None);
-    }
-    let text = std::fs::read_to_string(&path)
-        .with_context(|| format!("cannot read {}", path.display()))?;
-    let summary = serde_json::from_str(&text)
-        .with_context(|| format!("{} is not a fedra summary", path.display()))?;
-    Ok(Some(summary))
 }
 
 fn drive(mut run: Run) -> anyhow::Result<Summary> {

@@ -17,6 +17,13 @@ pub enum SimError {
     },
     #[error("checkpoint {path}: {message}")]
     Checkpoint { path: PathBuf, message: String },
+    #[error(
+        "{} holds a run of a different experiment:\n{differences}\nchoose another --out, or delete the folder to start over",
+        dir.display()
+    )]
+    DifferentExperiment { dir: PathBuf, differences: String },
+    #[error("{} is not a fedra summary: {message}", path.display())]
+    NotASummary { path: PathBuf, message: String },
     #[error("cannot start the worker pool: {0}")]
     Pool(#[from] rayon::ThreadPoolBuildError),
 }

@@ -4,6 +4,11 @@
 //! `metrics.csv` (one row per evaluated round), `summary.json`, `final.safetensors`, and
 //! `checkpoint/` while the run is in progress. Files are replaced atomically (written beside,
 //! then renamed), so a run killed at any moment never leaves a half-written file.
+//!
+//! Before running an experiment in a folder, a front end asks [`Run::inspect`] what the folder
+//! holds: nothing yet, a finished run, an interrupted one to resume, or one that stopped before
+//! its first checkpoint. A folder holding a run of another experiment is an error, so a run is
+//! never skipped or resumed under settings it was not made with.
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -57,6 +62,30 @@ pub struct Run {
     started: Instant,
 }
 
+/// The files a run writes into its folder (besides `checkpoint/`).
+pub const RUN_FILES: &[&str] = &[
+    "config.toml",
+    "metrics.csv",
+    "partition.json",
+    "partition_before_share.json",
+    "summary.json",
+    "final.safetensors",
+];
+
+/// What a run folder holds, for a front end deciding what to do with an experiment there.
+#[derive(Clone, Debug)]
+pub enum RunFolder {
+    /// No run (a missing folder, or one holding only other files): start one.
+    Empty,
+    /// A finished run of this experiment, with its summary: nothing left to do.
+    Finished(Summary),
+    /// An interrupted run of this experiment with a checkpoint: [`Run::resume`] it.
+    Checkpointed,
+    /// A run of this experiment that stopped before its first checkpoint: nothing can be
+    /// resumed; [`clear_run_files`], then [`Run::start`] it again.
+    Unfinished,
+}
+
 /// Write `bytes` to `path` through a temporary file and a rename.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), SimError> {
     let tmp = path.with_extension("tmp");
@@ -64,7 +93,76 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), SimError> {
     std::fs::rename(&tmp, path).map_err(io(path))
 }
 
+/// A run folder that already holds a run must hold this very experiment: skipping or resuming a
+/// run made with other settings (another profile, seed, round count, an edited file) would
+/// silently report the wrong thing. The data folder may differ (data can move).
+pub fn check_same_experiment(dir: &Path, config: &ExperimentConfig) -> Result<(), SimError> {
+    let path = dir.join("config.toml");
+    if !path.exists() {
+        return Ok(());
+    }
+    let mut recorded = ExperimentConfig::from_file(&path)?;
+    recorded.data.data_dir = config.data.data_dir.clone();
+    if &recorded != config {
+        let (ours, theirs) = (config.to_toml_string(), recorded.to_toml_string());
+        let differences: Vec<String> = ours
+            .lines()
+            .zip(theirs.lines())
+            .filter(|(a, b)| a != b)
+            .map(|(a, b)| format!("  now: {a}\n  was: {b}"))
+            .take(5)
+            .collect();
+        return Err(SimError::DifferentExperiment {
+            dir: dir.to_path_buf(),
+            differences: differences.join("\n"),
+        });
+    }
+    Ok(())
+}
+
+/// The summary of a run folder whose run has finished, if it has.
+pub fn finished_summary(dir: &Path) -> Result<Option<Summary>, SimError> {
+    let path = dir.join("summary.json");
+    if !path.exists() {
+        return Ok(None);
+    }
+    let text = std::fs::read_to_string(&path).map_err(io(&path))?;
+    let summary = serde_json::from_str(&text).map_err(|e| SimError::NotASummary {
+        path: path.clone(),
+        message: e.to_string(),
+    })?;
+    Ok(Some(summary))
+}
+
+/// Remove the files a run writes ([`RUN_FILES`]) from `dir`, and only those: the folder may hold
+/// other things.
+pub fn clear_run_files(dir: &Path) -> Result<(), SimError> {
+    for file in RUN_FILES {
+        let path = dir.join(file);
+        if path.exists() {
+            std::fs::remove_file(&path).map_err(io(&path))?;
+        }
+    }
+    Ok(())
+}
+
 impl Run {
+    /// What `dir` holds with respect to running `config` there; a run of another experiment
+    /// is an error ([`check_same_experiment`]).
+    pub fn inspect(dir: &Path, config: &ExperimentConfig) -> Result<RunFolder, SimError> {
+        check_same_experiment(dir, config)?;
+        if let Some(summary) = finished_summary(dir)? {
+            return Ok(RunFolder::Finished(summary));
+        }
+        if checkpoint::checkpoint_dir(dir).exists() {
+            return Ok(RunFolder::Checkpointed);
+        }
+        if dir.join("metrics.csv").exists() {
+            return Ok(RunFolder::Unfinished);
+        }
+        Ok(RunFolder::Empty)
+    }
+
     /// Start a new run in `dir` (created if missing; an existing checkpoint there is an error,
     /// so a finished or running experiment is never overwritten by accident). `data` is the
     /// whole dataset; the run keeps what `data.train_examples` / `data.test_examples` select.
