@@ -1,0 +1,201 @@
+//! Every experiment file in `experiments/` runs: each grid cell of its `short` profile (or of the
+//! file itself when it has none) trains one round on a slice of the real dataset and is evaluated.
+//! The slice keeps the test to minutes; the configuration is the file's in every other respect
+//! (model, partition scheme, strategy, batch size, sharing, SGD twin), so a file that would fail
+//! hours into a study run fails here instead.
+//!
+//! What is scaled down, and why:
+//! - `train.rounds` = 1, `eval.every` = 1;
+//! - `data.train_examples` / `data.test_examples`: 600 (2,000 with sharing, 3 per client with
+//!   1,000 clients) / 300 examples;
+//! - `share.holdout` (and so |G|) in proportion, `share.warmup_epochs` at most 1;
+//! - `model.init` (the pre-trained runs read the SGD run's final weights) points at a freshly
+//!   initialised model saved in a temporary folder;
+//! - Speech Commands: the shared subset is the official *test* archive, whose clips all fall in
+//!   the testing split, so the test makes its own train/test split of those clips.
+//!
+//! Needs `FEDRA_TEST_DATA` (the shared datasets folder); it only reads it.
+
+use std::path::{Path, PathBuf};
+
+use fedra_data::speech::FeatureCache;
+use fedra_data::{DatasetName, LoadOptions, SpeechOptions, TrainTest, load};
+use fedra_fl::federation::model_spec;
+use fedra_fl::sweep::expand;
+use fedra_nn::Model;
+use fedra_sim::Run;
+
+fn test_data() -> PathBuf {
+    let raw = std::env::var_os("FEDRA_TEST_DATA").expect(
+        "FEDRA_TEST_DATA is not set: point it at the shared datasets folder, e.g. FEDRA_TEST_DATA=../shared/datasets (relative to the repo root)",
+    );
+    let p = PathBuf::from(raw);
+    let p = if p.is_relative() {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").join(p)
+    } else {
+        p
+    };
+    assert!(
+        p.is_dir(),
+        "FEDRA_TEST_DATA={} is not a folder",
+        p.display()
+    );
+    p
+}
+
+fn experiment_files(dir: &Path, found: &mut Vec<PathBuf>) {
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            experiment_files(&path, found);
+        } else if path.extension().is_some_and(|e| e == "toml") {
+            found.push(path);
+        }
+    }
+}
+
+/// Training / test examples the runs use at most.
+const MAX_TRAIN: usize = 3000;
+const MAX_TEST: usize = 300;
+
+/// The first `MAX_TRAIN` / `MAX_TEST` examples of a dataset, or for Speech Commands a split of
+/// the shared subset's clips.
+fn load_dataset(name: DatasetName) -> TrainTest {
+    let opts = LoadOptions {
+        speech: SpeechOptions {
+            cache: FeatureCache::Disabled,
+            ..SpeechOptions::default()
+        },
+        progress: false,
+    };
+    let root = test_data();
+    let dir = match name {
+        DatasetName::Mnist => root.join("mnist"),
+        DatasetName::Cifar10 => root.join("cifar-10-batches-bin"),
+        DatasetName::SpeechCommands => root.join("speech_commands_subset"),
+    };
+    let data = load(name, Some(&dir), &opts).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
+    if name != DatasetName::SpeechCommands {
+        // Cut here, once: each run clones what it is given.
+        return TrainTest {
+            train: data.train.subset(&(0..MAX_TRAIN).collect::<Vec<_>>()),
+            test: data.test.subset(&(0..MAX_TEST).collect::<Vec<_>>()),
+        };
+    }
+    // Every clip of the shared subset is in the testing split: train on four in five of them.
+    assert!(data.train.is_empty(), "the subset gained a training split");
+    let all = data.test;
+    let train: Vec<usize> = (0..all.len()).filter(|i| i % 5 != 0).collect();
+    let test: Vec<usize> = (0..all.len()).filter(|i| i % 5 == 0).collect();
+    TrainTest {
+        train: all.subset(&train),
+        test: all.subset(&test),
+    }
+}
+
+#[test]
+fn every_experiment_runs_one_round_of_its_short_profile_on_real_data() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../experiments");
+    let mut files = Vec::new();
+    experiment_files(&root, &mut files);
+    files.sort();
+    assert!(
+        files.len() >= 20,
+        "found only {} experiment files",
+        files.len()
+    );
+    let mut loaded: Vec<(DatasetName, TrainTest)> = Vec::new();
+    let scratch = tempfile::tempdir().unwrap();
+    let mut runs = 0;
+    for path in &files {
+        let text = std::fs::read_to_string(path).unwrap();
+        let origin = path.display().to_string();
+        let has_short = text.contains("[profile.short]");
+        let cells =
+            expand(&text, &origin, has_short.then_some("short")).unwrap_or_else(|e| panic!("{e}"));
+        for (k, cell) in cells.into_iter().enumerate() {
+            let mut config = cell.config;
+            let name = config.data.dataset;
+            if !loaded.iter().any(|(n, _)| *n == name) {
+                loaded.push((name, load_dataset(name)));
+            }
+            let data = &loaded.iter().find(|(n, _)| *n == name).unwrap().1;
+            let what = format!("{origin} [{}]", cell.name);
+
+            config.train.rounds = 1;
+            config.eval.every = 1;
+            // Enough examples that 1,000 clients (the memory benchmark) each hold a few.
+            let clients = config.partition.clients;
+            // Sharing needs more: G at beta 2.5% must still hold examples of every class.
+            let least = if config.share.is_some() { 2000 } else { 600 };
+            let train_n = (3 * clients).max(least).min(data.train.len());
+            assert!(3 * clients <= MAX_TRAIN, "{what}: raise MAX_TRAIN");
+            let train_n = config
+                .data
+                .train_examples
+                .map_or(train_n, |n| n.min(train_n));
+            config.data.train_examples = Some(train_n);
+            config.data.test_examples = Some(data.test.len());
+            if let Some(share) = &mut config.share {
+                // Large enough for a class-balanced G of beta 25% of the clients' data.
+                share.holdout = train_n / 2;
+                share.warmup_epochs = share.warmup_epochs.min(1);
+            }
+            if config.model.init.is_some() {
+                let selected = config.data.select(data.clone()).unwrap();
+                let spec = model_spec(&config, &selected.train).unwrap();
+                let init = scratch.path().join(format!("init-{runs}.safetensors"));
+                Model::new(&spec, 7)
+                    .unwrap()
+                    .save_safetensors(&init)
+                    .unwrap();
+                config.model.init = Some(init);
+            }
+            config
+                .validate(&what)
+                .unwrap_or_else(|e| panic!("{what}: {e}"));
+
+            let dir = scratch.path().join(format!("run-{runs}-{k}"));
+            let mut run =
+                Run::start(config, data.clone(), &dir, 2).unwrap_or_else(|e| panic!("{what}: {e}"));
+            while !run.federation.finished() {
+                run.step().unwrap_or_else(|e| panic!("{what}: {e}"));
+            }
+            let history = run.federation.history.clone();
+            let twin = run.federation.config.eval.sgd_twin;
+            let summary = run.finish().unwrap_or_else(|e| panic!("{what}: {e}"));
+            assert_eq!(summary.rounds, 1, "{what}");
+            assert_eq!(
+                history.iter().map(|r| r.round).collect::<Vec<_>>(),
+                vec![0, 1],
+                "{what}"
+            );
+            let last = history.last().unwrap();
+            assert!(
+                (0.0..=1.0).contains(&last.test_accuracy) && last.test_loss.is_finite(),
+                "{what}: accuracy {} loss {}",
+                last.test_accuracy,
+                last.test_loss
+            );
+            assert!(
+                last.train_loss.is_some_and(f64::is_finite),
+                "{what}: train loss {:?}",
+                last.train_loss
+            );
+            if twin {
+                assert!(last.sgd_test_accuracy.is_some(), "{what}: no SGD twin");
+                assert!(!last.divergence.is_empty(), "{what}: no divergence");
+            }
+            for file in [
+                "config.toml",
+                "metrics.csv",
+                "partition.json",
+                "final.safetensors",
+            ] {
+                assert!(dir.join(file).is_file(), "{what}: no {file}");
+            }
+            runs += 1;
+        }
+    }
+    assert!(runs >= 60, "only {runs} runs");
+}
