@@ -21,6 +21,30 @@ pub(crate) fn matmul(
     b_rs: usize,
     b_cs: usize,
 ) {
+    matmul_scaled(
+        par, m, n, k, dst, accumulate, 1.0, a, a_rs, a_cs, b, b_rs, b_cs,
+    );
+}
+
+/// [`matmul`] with the product scaled: `dst = (accumulate ? dst : 0) + scale * A * B`. With
+/// `accumulate`, gemm combines as one fused multiply-add per element (`scale * ab + dst`), so
+/// `dst -= lr * A * B` here is not bit-identical to forming `A * B` first and subtracting.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn matmul_scaled(
+    par: Parallelism,
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: &mut [f32],
+    accumulate: bool,
+    scale: f32,
+    a: &[f32],
+    a_rs: usize,
+    a_cs: usize,
+    b: &[f32],
+    b_rs: usize,
+    b_cs: usize,
+) {
     if m == 0 || n == 0 {
         return;
     }
@@ -58,7 +82,7 @@ pub(crate) fn matmul(
             b_cs as isize,
             b_rs as isize,
             1.0,
-            1.0,
+            scale,
             false,
             false,
             false,

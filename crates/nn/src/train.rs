@@ -18,7 +18,7 @@ use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
 use crate::error::NnError;
-use crate::kernels::{Geom, col2im, im2col, matmul};
+use crate::kernels::{Geom, col2im, im2col, matmul, matmul_scaled};
 use crate::model::Model;
 use crate::spec::{ConvOp, ModelSpec, Op, Plan, PoolOp};
 
@@ -275,6 +275,9 @@ impl Trainer {
     }
 
     /// The gradient of the last `train_step` or `loss_and_grad` (same layout as `params()`).
+    /// After a `train_step` with plain SGD (no momentum, weight decay or correction hook) the
+    /// linear layers' weight gradients are not formed (the update is fused into their GEMM), so
+    /// those ranges hold stale values.
     pub fn grads(&self) -> &[f32] {
         &self.grads
     }
@@ -784,12 +787,27 @@ impl Trainer {
         let par = self.par();
         let grads = &mut self.grads;
         let first = !self.momentum_started;
+        // Plain SGD (no momentum, no weight decay): a linear layer's weights are updated by the
+        // weight-gradient GEMM itself, W -= lr * dy^T x, in one pass over W instead of writing
+        // the gradient and reading it back (fc1 is megabytes, and at small batches that traffic
+        // costs as much as the arithmetic). Its weight gradient is then never formed.
+        let plain_lr = sgd
+            .filter(|s| s.momentum == 0.0 && s.weight_decay == 0.0)
+            .map(|s| s.lr);
+        let in_gemm = |op: &Op| match op {
+            Op::Linear(l) if plain_lr.is_some() => Some(l.w),
+            _ => None,
+        };
         for i in (0..self.plan.ops.len()).rev() {
             let op = &self.plan.ops[i];
             if let Some(sgd) = sgd {
                 // The update of op i+1 (whose backward has just finished) before op i runs.
                 if let Some(next) = self.plan.ops.get(i + 1) {
+                    let done = in_gemm(next);
                     for (off, len) in next.param_ranges() {
+                        if done == Some(off) {
+                            continue;
+                        }
                         let r = off..off + len;
                         sgd_update(
                             &mut pm[r.clone()],
@@ -879,20 +897,6 @@ impl Trainer {
                 }
                 Op::Linear(l) => {
                     let dy = &dy[..n * l.fout];
-                    matmul(
-                        par,
-                        l.fout,
-                        l.fin,
-                        n,
-                        &mut grads[l.w..l.w + l.fout * l.fin],
-                        false,
-                        dy,
-                        1,
-                        l.fout,
-                        x,
-                        l.fin,
-                        1,
-                    );
                     let db = &mut grads[l.b..l.b + l.fout];
                     db.fill(0.0);
                     for row in dy.chunks_exact(l.fout) {
@@ -901,6 +905,7 @@ impl Trainer {
                         }
                     }
                     if need_dx {
+                        // Before the weights change (the fused update below).
                         let w = &p[l.w..l.w + l.fout * l.fin];
                         matmul(
                             par,
@@ -917,6 +922,13 @@ impl Trainer {
                             1,
                         );
                     }
+                    let (dst, accumulate, scale) = match plain_lr {
+                        Some(lr) => (&mut pm[l.w..l.w + l.fout * l.fin], true, -lr),
+                        None => (&mut grads[l.w..l.w + l.fout * l.fin], false, 1.0),
+                    };
+                    matmul_scaled(
+                        par, l.fout, l.fin, n, dst, accumulate, scale, dy, 1, l.fout, x, l.fin, 1,
+                    );
                 }
                 Op::Dropout { len, .. } => {
                     if need_dx {
@@ -1003,7 +1015,11 @@ impl Trainer {
             }
         }
         if let (Some(sgd), Some(op)) = (sgd, self.plan.ops.first()) {
+            let done = in_gemm(op);
             for (off, len) in op.param_ranges() {
+                if done == Some(off) {
+                    continue;
+                }
                 let r = off..off + len;
                 sgd_update(
                     &mut pm[r.clone()],
