@@ -190,10 +190,10 @@ fn read_run(dir: &Path, root: &Path) -> anyhow::Result<RunInfo> {
 }
 
 /// What the study calls this run in Table 1, if anything: only a run with the study's model and
-/// learning-rate settings for its dataset (plain SGD, the study's lr and decay) is set beside the
-/// study's number.
+/// learning-rate settings for its dataset (plain SGD, the study's lr and decay) on the whole
+/// dataset (no `data.train_examples` / `data.test_examples` cut) is set beside the study's number.
 fn table1_kind(c: &ExperimentConfig) -> Option<&'static str> {
-    if c.share.is_some() {
+    if c.share.is_some() || c.data.train_examples.is_some() || c.data.test_examples.is_some() {
         return None;
     }
     let (model, lr, lr_decay) = paper::setup(&c.data.dataset.to_string())?;
@@ -656,8 +656,10 @@ mod tests {
     fn another_model_or_learning_rate_is_not_the_studys_row() {
         for (name, config) in table1_cells() {
             type Change = fn(&mut ExperimentConfig);
-            let changes: [(&str, Change); 6] = [
+            let changes: [(&str, Change); 8] = [
                 ("model", |c| c.model.name = "mlp".into()),
+                ("training set", |c| c.data.train_examples = Some(10_000)),
+                ("test set", |c| c.data.test_examples = Some(2_000)),
                 ("bn model", |c| {
                     c.model.name = format!("{}-bn", c.model.name)
                 }),
