@@ -537,3 +537,35 @@ fn plain_sgd_fuses_the_linear_update_into_its_gemm() {
         }
     }
 }
+
+#[test]
+fn evaluation_is_the_same_whatever_the_threads() {
+    // Evaluation on two GEMM threads gives the same bits as on one, and equals the sum of its
+    // batches taken in order (11 examples in batches of 4: a short last batch), so splitting
+    // evaluation differently later can be checked against this.
+    for name in ["cifar-cnn-bn", "mnist-cnn"] {
+        let spec = ModelSpec::by_name(name, input_of(name), 10).unwrap();
+        let model = train(&spec, 1, 2);
+        let (x, y) = batch(&spec, 11, 99);
+        let mut one = Trainer::new(&spec, 4).unwrap();
+        let mut two = Trainer::new(&spec, 4).unwrap();
+        two.set_threads(2);
+        let a = one.evaluate(&model, &x, &y).unwrap();
+        let b = two.evaluate(&model, &x, &y).unwrap();
+        assert_eq!(a.count, 11, "{name}");
+        assert_eq!(a, b, "{name}: 1 vs 2 threads");
+        assert_eq!(a.loss_sum.to_bits(), b.loss_sum.to_bits(), "{name}");
+        // The same again (the workspace is reused) and batch by batch.
+        assert_eq!(two.evaluate(&model, &x, &y).unwrap(), a, "{name}: repeat");
+        let mut sum = 0f64;
+        for k in 0..3 {
+            let (lo, hi) = (k * 4, ((k + 1) * 4).min(11));
+            let row = x.len() / 11;
+            sum += one
+                .evaluate(&model, &x[lo * row..hi * row], &y[lo..hi])
+                .unwrap()
+                .loss_sum;
+        }
+        assert_eq!(sum.to_bits(), a.loss_sum.to_bits(), "{name}: per batch");
+    }
+}
