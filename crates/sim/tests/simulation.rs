@@ -59,6 +59,32 @@ fn run_to_end(config: ExperimentConfig, threads: usize) -> (Vec<f32>, Vec<f32>, 
     out
 }
 
+/// Run a resumed `run` to its end and check it equals the uninterrupted reference: parameters,
+/// buffers (when given) and metrics without timings; `what` names the case in failures.
+fn finish_like(
+    mut run: Run,
+    p_ref: &[f32],
+    b_ref: Option<&[f32]>,
+    h_ref: &[RoundMetrics],
+    what: &str,
+) {
+    while !run.federation.finished() {
+        run.step().unwrap();
+    }
+    assert!(
+        run.federation.global.params() == p_ref,
+        "{what}: parameters"
+    );
+    if let Some(b_ref) = b_ref {
+        assert!(run.federation.global.buffers() == b_ref, "{what}: buffers");
+    }
+    assert_eq!(
+        without_timings(&run.federation.history),
+        without_timings(h_ref),
+        "{what}"
+    );
+}
+
 fn without_timings(history: &[RoundMetrics]) -> Vec<RoundMetrics> {
     history
         .iter()
@@ -98,20 +124,12 @@ fn resumed_run_equals_uninterrupted_run() {
         }
         assert_eq!(run.federation.rounds_done, 3);
     }
-    let mut run = Run::resume(dir.path(), embedded_mnist().unwrap(), 1).unwrap();
+    let run = Run::resume(dir.path(), embedded_mnist().unwrap(), 1).unwrap();
     assert_eq!(
         run.federation.rounds_done, 2,
         "resumes from the round-2 checkpoint"
     );
-    while !run.federation.finished() {
-        run.step().unwrap();
-    }
-    assert!(run.federation.global.params() == p_ref.as_slice());
-    assert!(run.federation.global.buffers() == b_ref.as_slice());
-    assert_eq!(
-        without_timings(&run.federation.history),
-        without_timings(&h_ref)
-    );
+    finish_like(run, &p_ref, Some(&b_ref), &h_ref, "resumed");
     let csv = std::fs::read_to_string(dir.path().join("metrics.csv")).unwrap();
     assert_eq!(csv.lines().count(), 1 + 6, "header + rounds 0..=5:\n{csv}");
 }
@@ -229,24 +247,9 @@ checkpoint_every = 1
             run.step().unwrap();
             run.step().unwrap();
         }
-        let mut run = Run::resume(dir.path(), embedded_mnist().unwrap(), 1).unwrap();
+        let run = Run::resume(dir.path(), embedded_mnist().unwrap(), 1).unwrap();
         assert_eq!(run.federation.rounds_done, 2, "{strategy}");
-        while !run.federation.finished() {
-            run.step().unwrap();
-        }
-        assert!(
-            run.federation.global.params() == p_ref.as_slice(),
-            "{strategy}: parameters"
-        );
-        assert!(
-            run.federation.global.buffers() == b_ref.as_slice(),
-            "{strategy}: buffers"
-        );
-        assert_eq!(
-            without_timings(&run.federation.history),
-            without_timings(&h_ref),
-            "{strategy}"
-        );
+        finish_like(run, &p_ref, Some(&b_ref), &h_ref, strategy);
     }
 }
 
@@ -362,7 +365,7 @@ fn resume_between_evaluations_keeps_the_pending_accounting() {
     assert!(pending.0 > 0.0 && pending.1 > 0, "{pending:?}");
     let state_path = dir.path().join("checkpoint").join("state.json");
     let state = std::fs::read_to_string(&state_path).unwrap();
-    let mut run = Run::resume(dir.path(), embedded_mnist().unwrap(), 1).unwrap();
+    let run = Run::resume(dir.path(), embedded_mnist().unwrap(), 1).unwrap();
     assert_eq!(run.federation.rounds_done, 3);
     assert_eq!(
         (
@@ -371,16 +374,13 @@ fn resume_between_evaluations_keeps_the_pending_accounting() {
         ),
         pending
     );
-    while !run.federation.finished() {
-        run.step().unwrap();
-    }
-    assert!(run.federation.global.params() == p_ref.as_slice());
-    assert_eq!(
-        without_timings(&run.federation.history),
-        without_timings(&h_ref),
-        "examples of the row after the resume"
+    finish_like(
+        run,
+        &p_ref,
+        None,
+        &h_ref,
+        "examples of the row after the resume",
     );
-    drop(run);
 
     // A checkpoint written before these fields existed still loads, with nothing pending.
     let mut old: serde_json::Value = serde_json::from_str(&state).unwrap();
@@ -451,15 +451,7 @@ warmup_epochs = 1
     let data = config.data.select(embedded_mnist().unwrap()).unwrap();
     let fed = fedra_fl::Federation::with_global(config.clone(), &data, 1, start.clone()).unwrap();
     assert!(fed.global.params() == start.params());
-    let mut run = Run::resume(dir.path(), embedded_mnist().unwrap(), 1).unwrap();
+    let run = Run::resume(dir.path(), embedded_mnist().unwrap(), 1).unwrap();
     assert_eq!(run.federation.rounds_done, 2);
-    while !run.federation.finished() {
-        run.step().unwrap();
-    }
-    assert!(run.federation.global.params() == p_ref.as_slice());
-    assert!(run.federation.global.buffers() == b_ref.as_slice());
-    assert_eq!(
-        without_timings(&run.federation.history),
-        without_timings(&h_ref)
-    );
+    finish_like(run, &p_ref, Some(&b_ref), &h_ref, "resumed");
 }
