@@ -446,14 +446,16 @@ fn safetensors_round_trip_and_errors() {
     assert!(matches!(missing, NnError::Io { .. }));
 }
 
+/// A correction hook that changes nothing: it only makes `train_step` take the unfused path.
+struct Noop;
+impl GradCorrection for Noop {
+    fn correct(&self, _params: &[f32], _grads: &mut [f32]) {}
+}
+
 #[test]
 fn layerwise_sgd_equals_update_after_backward() {
     // Without a hook, train_step updates each layer inside backward; with one (here a no-op) it
     // updates after the whole backward. Both must give the same bits, gradients included.
-    struct Noop;
-    impl GradCorrection for Noop {
-        fn correct(&self, _params: &[f32], _grads: &mut [f32]) {}
-    }
     for name in ["mnist-cnn-bn", "cifar-cnn-gn", "kws-cnn"] {
         let spec = ModelSpec::by_name(name, input_of(name), 10).unwrap();
         let mut a = Model::new(&spec, 7).unwrap();
@@ -481,10 +483,6 @@ fn plain_sgd_fuses_the_linear_update_into_its_gemm() {
     // (one fused multiply-add per weight); with a hook, the gradient is formed first and then
     // subtracted. Every other tensor goes through the same code, so after one step it is
     // bit-identical; linear weights differ by at most the rounding of one product.
-    struct Noop;
-    impl GradCorrection for Noop {
-        fn correct(&self, _params: &[f32], _grads: &mut [f32]) {}
-    }
     let plain = SgdConfig {
         lr: 0.05,
         momentum: 0.0,
