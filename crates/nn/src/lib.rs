@@ -11,6 +11,7 @@ mod kernels;
 mod model;
 mod spec;
 mod train;
+mod winograd;
 
 pub use bench::{BenchEffort, BenchRow, bench_train, gemm_gflops};
 pub use error::NnError;

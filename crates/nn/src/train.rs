@@ -21,6 +21,7 @@ use crate::error::NnError;
 use crate::kernels::{Geom, col2im, im2col, matmul, matmul_scaled};
 use crate::model::Model;
 use crate::spec::{ConvOp, ModelSpec, Op, Plan, PoolOp};
+use crate::winograd;
 
 /// BatchNorm policy for training.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -136,6 +137,8 @@ pub struct Trainer {
     /// Per op: a conv's unfolded input for one chunk of `chunk[i]` examples (empty otherwise).
     cols: Vec<Vec<f32>>,
     chunk: Vec<usize>,
+    /// Per op: the workspace of a conv that runs as Winograd F(2x2, 5x5) (`None` otherwise).
+    wino: Vec<Option<winograd::Workspace>>,
     /// A conv's output (forward) or masked output gradient (backward) for one chunk, [cout, m*hw],
     /// followed in backward by its transposed weight gradient [k, cout]; a linear layer's
     /// transposed output [fout, n].
@@ -168,10 +171,16 @@ impl Trainer {
         let mut chunk = Vec::new();
         let mut tmp = 0;
         let mut scratch = Vec::new();
+        let mut wino = Vec::new();
         for op in &plan.ops {
             let prev = *lens.last().unwrap_or(&0);
             let out = op.out_len();
+            wino.push(match op {
+                Op::Conv(c) if winograd::eligible(c) => Some(winograd::Workspace::new(c, max_batch)),
+                _ => None,
+            });
             let (col_len, ch) = match op {
+                Op::Conv(c) if winograd::eligible(c) => (0, 0),
                 Op::Conv(c) => {
                     let per = c.k() * c.hout * c.wout;
                     let ch = (COL_BUDGET / per).clamp(1, max_batch);
@@ -220,6 +229,7 @@ impl Trainer {
             scratch,
             cols,
             chunk,
+            wino,
             tmp: vec![0.0; tmp],
             grads: vec![0.0; plan.num_params],
             momentum: vec![0.0; plan.num_params],
@@ -270,7 +280,8 @@ impl Trainer {
                 Scratch::Drop(v) => v.len(),
             })
             .sum();
-        let cols: usize = self.cols.iter().map(Vec::len).sum();
+        let cols: usize = self.cols.iter().map(Vec::len).sum::<usize>()
+            + self.wino.iter().flatten().map(winograd::Workspace::floats).sum::<usize>();
         f * (vecs + scratch + cols + self.tmp.len() + self.grads.len() + self.momentum.len())
     }
 
@@ -541,6 +552,10 @@ impl Trainer {
             let y = &mut hi[0];
             let out_len = op.out_len();
             match op {
+                Op::Conv(c) if self.wino[i].is_some() => {
+                    let ws = self.wino[i].as_mut().expect("checked just above");
+                    winograd::forward(par, c, p, x, y, ws, n);
+                }
                 Op::Conv(c) => conv_forward(
                     par,
                     c,
@@ -556,43 +571,13 @@ impl Trainer {
                     let Scratch::Pool(arg) = &mut self.scratch[i] else {
                         unreachable!()
                     };
-                    let in_plane = pl.hin * pl.win;
                     if (pl.kh, pl.kw, pl.sh, pl.sw, pl.pt, pl.pl) == (2, 2, 2, 2, 0, 0) {
                         // The common 2x2/2 unpadded pool: no bounds checks; ties go to the first
                         // element in row-major window order, as in the general path.
                         pool2x2_forward(pl, x, y, arg, n);
                         continue;
                     }
-                    for sc in 0..n * pl.c {
-                        let xs = &x[sc * in_plane..(sc + 1) * in_plane];
-                        for oh in 0..pl.hout {
-                            for ow in 0..pl.wout {
-                                let mut best = f32::NEG_INFINITY;
-                                let mut at = usize::MAX;
-                                for ki in 0..pl.kh {
-                                    let ih = (oh * pl.sh + ki) as isize - pl.pt as isize;
-                                    if ih < 0 || ih as usize >= pl.hin {
-                                        continue;
-                                    }
-                                    for kj in 0..pl.kw {
-                                        let iw = (ow * pl.sw + kj) as isize - pl.pl as isize;
-                                        if iw < 0 || iw as usize >= pl.win {
-                                            continue;
-                                        }
-                                        let idx = ih as usize * pl.win + iw as usize;
-                                        let v = xs[idx];
-                                        if v > best || at == usize::MAX || v.is_nan() {
-                                            best = v;
-                                            at = idx;
-                                        }
-                                    }
-                                }
-                                let o = sc * pl.hout * pl.wout + oh * pl.wout + ow;
-                                y[o] = best;
-                                arg[o] = (sc * in_plane + at) as u32;
-                            }
-                        }
-                    }
+                    pool_forward(pl, x, y, arg, n);
                 }
                 Op::Lrn {
                     c,
@@ -823,8 +808,13 @@ impl Trainer {
             let need_dx = i > 0;
             let (glo, ghi) = self.gacts.split_at_mut(i + 1);
             let yv = &self.acts[i + 1];
-            // A conv masks its fused ReLU while gathering its output gradient.
-            if matches!(op, Op::Linear(l) if l.relu) {
+            // An im2col conv masks its fused ReLU while gathering its output gradient.
+            let masked_here = match op {
+                Op::Linear(l) => l.relu,
+                Op::Conv(c) => c.relu && self.wino[i].is_some(),
+                _ => false,
+            };
+            if masked_here {
                 let len = n * op.out_len();
                 for (d, o) in ghi[0][..len].iter_mut().zip(&yv[..len]) {
                     *d = if *o <= 0.0 { 0.0 } else { *d };
@@ -834,6 +824,10 @@ impl Trainer {
             let dx = &mut glo[i];
             let x = &self.acts[i];
             match op {
+                Op::Conv(c) if self.wino[i].is_some() => {
+                    let ws = self.wino[i].as_mut().expect("checked just above");
+                    winograd::backward(par, c, p, grads, x, dy, dx, ws, n, need_dx);
+                }
                 Op::Conv(c) => conv_backward(
                     par,
                     c,
@@ -1051,7 +1045,7 @@ impl Trainer {
 
 /// Sum in eight interleaved lanes (vectorisable; a fixed order, so still deterministic).
 #[inline(always)]
-fn lane_sum(v: &[f32]) -> f32 {
+pub(crate) fn lane_sum(v: &[f32]) -> f32 {
     let mut lanes = [0f32; 8];
     let chunks = v.chunks_exact(8);
     let tail: f32 = chunks.remainder().iter().sum();
@@ -1112,6 +1106,70 @@ fn geom(c: &ConvOp) -> Geom {
         pl: c.pl,
         ho: c.hout,
         wo: c.wout,
+    }
+}
+
+/// Any max-pool: the first valid element of the window starts, a later one wins when greater or
+/// NaN (ties go to the first in row-major window order). Windows clipped by the padding take the
+/// checked path; the others (all but an edge row and column for the study's 3x3/2 'SAME' pool) run
+/// without bounds checks.
+#[inline(never)]
+fn pool_forward(pl: &PoolOp, x: &[f32], y: &mut [f32], arg: &mut [u32], n: usize) {
+    let in_plane = pl.hin * pl.win;
+    // Output rows/columns whose whole window is inside the input.
+    let inside = |o: usize, s: usize, p: usize, k: usize, len: usize| {
+        o * s >= p && o * s - p + k <= len
+    };
+    for sc in 0..n * pl.c {
+        let xs = &x[sc * in_plane..(sc + 1) * in_plane];
+        for oh in 0..pl.hout {
+            let row_in = inside(oh, pl.sh, pl.pt, pl.kh, pl.hin);
+            for ow in 0..pl.wout {
+                let o = sc * pl.hout * pl.wout + oh * pl.wout + ow;
+                let at = if row_in && inside(ow, pl.sw, pl.pl, pl.kw, pl.win) {
+                    let corner = (oh * pl.sh - pl.pt) * pl.win + ow * pl.sw - pl.pl;
+                    let (mut best, mut at) = (xs[corner], corner as u32);
+                    for ki in 0..pl.kh {
+                        let row = &xs[corner + ki * pl.win..][..pl.kw];
+                        for (kj, &v) in row.iter().enumerate() {
+                            // Branch-free select, as in `pool2x2_forward` (the first element
+                            // compares with itself and loses).
+                            let take = ((v > best) | v.is_nan()) as u32;
+                            let take = take.wrapping_neg();
+                            let idx = (corner + ki * pl.win + kj) as u32;
+                            best = f32::from_bits((v.to_bits() & take) | (best.to_bits() & !take));
+                            at = (idx & take) | (at & !take);
+                        }
+                    }
+                    y[o] = best;
+                    at as usize
+                } else {
+                    let mut best = f32::NEG_INFINITY;
+                    let mut at = usize::MAX;
+                    for ki in 0..pl.kh {
+                        let ih = (oh * pl.sh + ki) as isize - pl.pt as isize;
+                        if ih < 0 || ih as usize >= pl.hin {
+                            continue;
+                        }
+                        for kj in 0..pl.kw {
+                            let iw = (ow * pl.sw + kj) as isize - pl.pl as isize;
+                            if iw < 0 || iw as usize >= pl.win {
+                                continue;
+                            }
+                            let idx = ih as usize * pl.win + iw as usize;
+                            let v = xs[idx];
+                            if v > best || at == usize::MAX || v.is_nan() {
+                                best = v;
+                                at = idx;
+                            }
+                        }
+                    }
+                    y[o] = best;
+                    at
+                };
+                arg[o] = (sc * in_plane + at) as u32;
+            }
+        }
     }
 }
 
@@ -1335,17 +1393,25 @@ fn lrn_forward(
                 }
             }
             let off = base + ch * hw;
-            for j in off..off + hw {
-                let sv = bias + alpha * s[j];
-                s[j] = sv;
-                let pv = if beta == 0.75 {
+            // The branch stays outside the loop: inside, the vectoriser computes both sides and
+            // calls powf for every value.
+            if beta == 0.75 {
+                for j in off..off + hw {
+                    let sv = bias + alpha * s[j];
+                    s[j] = sv;
                     let r = sv.sqrt();
-                    1.0 / (r * r.sqrt())
-                } else {
-                    sv.powf(-beta)
-                };
-                pw[j] = pv;
-                y[j] = x[j] * pv;
+                    let pv = 1.0 / (r * r.sqrt());
+                    pw[j] = pv;
+                    y[j] = x[j] * pv;
+                }
+            } else {
+                for j in off..off + hw {
+                    let sv = bias + alpha * s[j];
+                    s[j] = sv;
+                    let pv = sv.powf(-beta);
+                    pw[j] = pv;
+                    y[j] = x[j] * pv;
+                }
             }
         }
     }
