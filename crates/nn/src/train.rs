@@ -137,6 +137,8 @@ pub struct Trainer {
     /// Per op: a conv's unfolded input for one chunk of `chunk[i]` examples (empty otherwise).
     cols: Vec<Vec<f32>>,
     chunk: Vec<usize>,
+    /// Column scratch of the strided max-pool path (sized for the largest pool plane).
+    pool_cols: Vec<f32>,
     /// Per op: the workspace of a conv that runs as Winograd F(2x2, 5x5) (`None` otherwise).
     wino: Vec<Option<winograd::Workspace>>,
     /// A conv's output (forward) or masked output gradient (backward) for one chunk, [cout, m*hw],
@@ -176,7 +178,9 @@ impl Trainer {
             let prev = *lens.last().unwrap_or(&0);
             let out = op.out_len();
             wino.push(match op {
-                Op::Conv(c) if winograd::eligible(c) => Some(winograd::Workspace::new(c, max_batch)),
+                Op::Conv(c) if winograd::eligible(c) => {
+                    Some(winograd::Workspace::new(c, max_batch))
+                }
                 _ => None,
             });
             let (col_len, ch) = match op {
@@ -230,6 +234,17 @@ impl Trainer {
             cols,
             chunk,
             wino,
+            pool_cols: vec![
+                0.0;
+                plan.ops
+                    .iter()
+                    .map(|o| match o {
+                        Op::Pool(pl) => pool_cols_len(pl),
+                        _ => 0,
+                    })
+                    .max()
+                    .unwrap_or(0)
+            ],
             tmp: vec![0.0; tmp],
             grads: vec![0.0; plan.num_params],
             momentum: vec![0.0; plan.num_params],
@@ -281,8 +296,19 @@ impl Trainer {
             })
             .sum();
         let cols: usize = self.cols.iter().map(Vec::len).sum::<usize>()
-            + self.wino.iter().flatten().map(winograd::Workspace::floats).sum::<usize>();
-        f * (vecs + scratch + cols + self.tmp.len() + self.grads.len() + self.momentum.len())
+            + self
+                .wino
+                .iter()
+                .flatten()
+                .map(winograd::Workspace::floats)
+                .sum::<usize>();
+        f * (vecs
+            + scratch
+            + cols
+            + self.pool_cols.len()
+            + self.tmp.len()
+            + self.grads.len()
+            + self.momentum.len())
     }
 
     /// The gradient of the last `train_step` or `loss_and_grad` (same layout as `params()`).
@@ -577,7 +603,7 @@ impl Trainer {
                         pool2x2_forward(pl, x, y, arg, n);
                         continue;
                     }
-                    pool_forward(pl, x, y, arg, n);
+                    pool_forward(pl, x, y, arg, n, &mut self.pool_cols);
                 }
                 Op::Lrn {
                     c,
@@ -1112,20 +1138,120 @@ fn geom(c: &ConvOp) -> Geom {
 /// Any max-pool: the first valid element of the window starts, a later one wins when greater or
 /// NaN (ties go to the first in row-major window order). Windows clipped by the padding take the
 /// checked path; the others (all but an edge row and column for the study's 3x3/2 'SAME' pool) run
-/// without bounds checks.
-#[inline(never)]
-fn pool_forward(pl: &PoolOp, x: &[f32], y: &mut [f32], arg: &mut [u32], n: usize) {
+/// without bounds checks, and with a column stride of 2, eight outputs at a time: the plane's even
+/// and odd columns are split apart first (into `cols`), so each window element of eight
+/// neighbouring outputs is one contiguous load.
+fn pool_forward(
+    pl: &PoolOp,
+    x: &[f32],
+    y: &mut [f32],
+    arg: &mut [u32],
+    n: usize,
+    cols: &mut [f32],
+) {
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU supports AVX2 (checked just above).
+        return unsafe { pool_forward_avx2(pl, x, y, arg, n, cols) };
+    }
+    pool_forward_impl(pl, x, y, arg, n, cols);
+}
+
+/// `pool_forward_impl` compiled for AVX2 (comparisons and selects only: bit-identical).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+fn pool_forward_avx2(
+    pl: &PoolOp,
+    x: &[f32],
+    y: &mut [f32],
+    arg: &mut [u32],
+    n: usize,
+    cols: &mut [f32],
+) {
+    pool_forward_impl(pl, x, y, arg, n, cols);
+}
+
+/// Floats of column scratch [`pool_forward`] needs for `pl`.
+fn pool_cols_len(pl: &PoolOp) -> usize {
+    2 * pl.hin * pl.win.div_ceil(2)
+}
+
+/// Lanes of the strided max-pool path.
+const POOL_LANES: usize = 8;
+
+#[inline(always)]
+fn pool_forward_impl(
+    pl: &PoolOp,
+    x: &[f32],
+    y: &mut [f32],
+    arg: &mut [u32],
+    n: usize,
+    cols: &mut [f32],
+) {
     let in_plane = pl.hin * pl.win;
     // Output rows/columns whose whole window is inside the input.
-    let inside = |o: usize, s: usize, p: usize, k: usize, len: usize| {
-        o * s >= p && o * s - p + k <= len
-    };
+    let inside =
+        |o: usize, s: usize, p: usize, k: usize, len: usize| o * s >= p && o * s - p + k <= len;
+    let half = pl.win.div_ceil(2);
+    let lanes = pl.sw == 2 && cols.len() >= pool_cols_len(pl);
+    let (even, odd) = cols.split_at_mut(cols.len() / 2);
     for sc in 0..n * pl.c {
         let xs = &x[sc * in_plane..(sc + 1) * in_plane];
+        if lanes {
+            for r in 0..pl.hin {
+                let row = &xs[r * pl.win..(r + 1) * pl.win];
+                for (j, pair) in row.chunks(2).enumerate() {
+                    even[r * half + j] = pair[0];
+                    odd[r * half + j] = *pair.get(1).unwrap_or(&0.0);
+                }
+            }
+        }
         for oh in 0..pl.hout {
             let row_in = inside(oh, pl.sh, pl.pt, pl.kh, pl.hin);
-            for ow in 0..pl.wout {
+            let mut ow = 0;
+            while ow < pl.wout {
                 let o = sc * pl.hout * pl.wout + oh * pl.wout + ow;
+                if lanes
+                    && row_in
+                    && ow + POOL_LANES <= pl.wout
+                    && inside(ow, pl.sw, pl.pl, pl.kw, pl.win)
+                    && inside(ow + POOL_LANES - 1, pl.sw, pl.pl, pl.kw, pl.win)
+                {
+                    let ih0 = oh * pl.sh - pl.pt;
+                    let mut best = [0f32; POOL_LANES];
+                    let mut at = [0u32; POOL_LANES];
+                    for ki in 0..pl.kh {
+                        for kj in 0..pl.kw {
+                            // Input column 2*(ow + l) + kj - pl, from the even or odd half.
+                            let c0 = 2 * ow + kj - pl.pl;
+                            let src = if c0.is_multiple_of(2) { &*even } else { &*odd };
+                            let start = (ih0 + ki) * half + c0 / 2;
+                            let vals = &src[start..start + POOL_LANES];
+                            let base = ((ih0 + ki) * pl.win + c0) as u32;
+                            if ki == 0 && kj == 0 {
+                                best.copy_from_slice(vals);
+                                for (l, a) in at.iter_mut().enumerate() {
+                                    *a = base + 2 * l as u32;
+                                }
+                                continue;
+                            }
+                            for l in 0..POOL_LANES {
+                                let v = vals[l];
+                                let take = (((v > best[l]) | v.is_nan()) as u32).wrapping_neg();
+                                best[l] = f32::from_bits(
+                                    (v.to_bits() & take) | (best[l].to_bits() & !take),
+                                );
+                                at[l] = ((base + 2 * l as u32) & take) | (at[l] & !take);
+                            }
+                        }
+                    }
+                    y[o..o + POOL_LANES].copy_from_slice(&best);
+                    for (a, v) in arg[o..o + POOL_LANES].iter_mut().zip(at) {
+                        *a = (sc * in_plane) as u32 + v;
+                    }
+                    ow += POOL_LANES;
+                    continue;
+                }
                 let at = if row_in && inside(ow, pl.sw, pl.pl, pl.kw, pl.win) {
                     let corner = (oh * pl.sh - pl.pt) * pl.win + ow * pl.sw - pl.pl;
                     let (mut best, mut at) = (xs[corner], corner as u32);
@@ -1134,8 +1260,7 @@ fn pool_forward(pl: &PoolOp, x: &[f32], y: &mut [f32], arg: &mut [u32], n: usize
                         for (kj, &v) in row.iter().enumerate() {
                             // Branch-free select, as in `pool2x2_forward` (the first element
                             // compares with itself and loses).
-                            let take = ((v > best) | v.is_nan()) as u32;
-                            let take = take.wrapping_neg();
+                            let take = (((v > best) | v.is_nan()) as u32).wrapping_neg();
                             let idx = (corner + ki * pl.win + kj) as u32;
                             best = f32::from_bits((v.to_bits() & take) | (best.to_bits() & !take));
                             at = (idx & take) | (at & !take);
@@ -1168,6 +1293,7 @@ fn pool_forward(pl: &PoolOp, x: &[f32], y: &mut [f32], arg: &mut [u32], n: usize
                     at
                 };
                 arg[o] = (sc * in_plane + at) as u32;
+                ow += 1;
             }
         }
     }
@@ -1451,6 +1577,102 @@ fn lrn_backward(
                 let tr = &t[cc * hw..(cc + 1) * hw];
                 for ((dv, tv), xv) in d.iter_mut().zip(tr).zip(&x[off..off + hw]) {
                     *dv -= k * xv * tv;
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The max-pool definition, checked at every element: the first valid element of the window
+    /// starts, a later one wins when greater or NaN.
+    fn pool_reference(pl: &PoolOp, x: &[f32], n: usize) -> (Vec<f32>, Vec<u32>) {
+        let (mut y, mut arg) = (Vec::new(), Vec::new());
+        for sc in 0..n * pl.c {
+            for oh in 0..pl.hout {
+                for ow in 0..pl.wout {
+                    let mut best: Option<(f32, usize)> = None;
+                    for ki in 0..pl.kh {
+                        for kj in 0..pl.kw {
+                            let ih = (oh * pl.sh + ki) as isize - pl.pt as isize;
+                            let iw = (ow * pl.sw + kj) as isize - pl.pl as isize;
+                            if ih < 0 || iw < 0 || ih as usize >= pl.hin || iw as usize >= pl.win {
+                                continue;
+                            }
+                            let idx = (sc * pl.hin + ih as usize) * pl.win + iw as usize;
+                            let v = x[idx];
+                            if best.is_none_or(|(b, _)| v > b || v.is_nan()) {
+                                best = Some((v, idx));
+                            }
+                        }
+                    }
+                    let (v, idx) = best.expect("every window has a valid element");
+                    y.push(v);
+                    arg.push(idx as u32);
+                }
+            }
+        }
+        (y, arg)
+    }
+
+    /// The strided eight-lane path and the unchecked path give the definition's values and argmax,
+    /// ties (few distinct values), NaN and -inf included.
+    #[test]
+    fn pool_paths_match_the_definition() {
+        let pool = |hin, win, kh, kw, sh, sw, pt, pl, hout, wout| PoolOp {
+            c: 3,
+            hin,
+            win,
+            kh,
+            kw,
+            sh,
+            sw,
+            pt,
+            pl,
+            hout,
+            wout,
+        };
+        let cases = [
+            // The study's 3x3/2 'SAME' pools (TF pads bottom/right).
+            pool(24, 24, 3, 3, 2, 2, 0, 0, 12, 12),
+            pool(12, 12, 3, 3, 2, 2, 0, 0, 6, 6),
+            // Wide planes, odd widths, padding on the left, stride 1 rows.
+            pool(9, 41, 3, 3, 1, 2, 1, 1, 9, 21),
+            pool(7, 38, 2, 4, 2, 2, 0, 2, 3, 19),
+            pool(5, 33, 3, 3, 2, 3, 1, 1, 3, 11),
+        ];
+        for (ci, pl) in cases.iter().enumerate() {
+            let n = 2;
+            let len = n * pl.c * pl.hin * pl.win;
+            let mut state = 0x2545_F491_4F6C_DD1Du64 + ci as u64;
+            let x: Vec<f32> = (0..len)
+                .map(|_| {
+                    state ^= state << 13;
+                    state ^= state >> 7;
+                    state ^= state << 17;
+                    match state % 50 {
+                        0 => f32::NAN,
+                        1 => f32::NEG_INFINITY,
+                        r => (r % 4) as f32,
+                    }
+                })
+                .collect();
+            let (want_y, want_arg) = pool_reference(pl, &x, n);
+            let out = n * pl.c * pl.hout * pl.wout;
+            for with_lanes in [true, false] {
+                let mut cols = vec![0.0; if with_lanes { pool_cols_len(pl) } else { 0 }];
+                let (mut y, mut arg) = (vec![0.0; out], vec![0u32; out]);
+                pool_forward(pl, &x, &mut y, &mut arg, n, &mut cols);
+                assert_eq!(arg, want_arg, "case {ci}, lanes {with_lanes}: argmax");
+                for (i, (a, b)) in y.iter().zip(&want_y).enumerate() {
+                    assert_eq!(
+                        a.to_bits(),
+                        b.to_bits(),
+                        "case {ci}, lanes {with_lanes}: y[{i}]"
+                    );
                 }
             }
         }
