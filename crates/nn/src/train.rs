@@ -1301,8 +1301,24 @@ fn pool_forward_impl(
 
 /// The common 2x2/2 unpadded max-pool; ties go to the first element in row-major window order,
 /// as in the general path. Kept out of line: inlined into the big forward, its loop state spills.
-#[inline(never)]
 fn pool2x2_forward(pl: &PoolOp, x: &[f32], y: &mut [f32], arg: &mut [u32], n: usize) {
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU supports AVX2 (checked just above).
+        return unsafe { pool2x2_forward_avx2(pl, x, y, arg, n) };
+    }
+    pool2x2_forward_impl(pl, x, y, arg, n);
+}
+
+/// `pool2x2_forward_impl` compiled for AVX2 (comparisons and selects only: bit-identical).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+fn pool2x2_forward_avx2(pl: &PoolOp, x: &[f32], y: &mut [f32], arg: &mut [u32], n: usize) {
+    pool2x2_forward_impl(pl, x, y, arg, n);
+}
+
+#[inline(always)]
+fn pool2x2_forward_impl(pl: &PoolOp, x: &[f32], y: &mut [f32], arg: &mut [u32], n: usize) {
     let (win, wout) = (pl.win, pl.wout);
     let in_plane = pl.hin * win;
     let out_plane = pl.hout * wout;

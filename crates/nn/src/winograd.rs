@@ -326,6 +326,54 @@ fn transform_kernels(c: &ConvOp, w: &[f32], ws: &mut Workspace, rotated: bool) {
     }
 }
 
+/// Splits one `inp.h x inp.w` plane into its even and odd columns, zero-padded by `pt` rows on
+/// top and `pl` columns on the left: `rows.even[py * whp + xp]` is the padded plane at
+/// (py, 2 xp), `rows.odd` at (py, 2 xp + 1), for `py < ph`, `xp < whp`.
+#[inline(always)]
+fn split_columns(
+    plane: &[f32],
+    inp: Planes,
+    pt: usize,
+    pl: usize,
+    ph: usize,
+    whp: usize,
+    rows: &mut Rows,
+) {
+    // Half-columns xp whose even (2xp - pl) and odd (2xp + 1 - pl) columns are both inside;
+    // past `hi` both are outside (2 * hi >= w + pl - 1), so only `xp < lo` and `xp == hi` need
+    // checks and the rest is zero or a plain copy.
+    let lo = pl.div_ceil(2);
+    let hi = ((inp.w + pl) / 2).clamp(lo, whp);
+    for py in 0..ph {
+        let er = &mut rows.even[py * whp..(py + 1) * whp];
+        let or = &mut rows.odd[py * whp..(py + 1) * whp];
+        er.fill(0.0);
+        or.fill(0.0);
+        let iy = py as isize - pt as isize;
+        if iy < 0 || iy as usize >= inp.h {
+            continue;
+        }
+        let src = &plane[iy as usize * inp.w..(iy as usize + 1) * inp.w];
+        let at = |ix: isize| {
+            if ix >= 0 && (ix as usize) < inp.w {
+                src[ix as usize]
+            } else {
+                0.0
+            }
+        };
+        for xp in (0..lo).chain(hi..(hi + 1).min(whp)) {
+            let ix = (2 * xp) as isize - pl as isize;
+            er[xp] = at(ix);
+            or[xp] = at(ix + 1);
+        }
+        let inner = &src[2 * lo - pl..];
+        for (k, xp) in (lo..hi).enumerate() {
+            er[xp] = inner[2 * k];
+            or[xp] = inner[2 * k + 1];
+        }
+    }
+}
+
 /// Input transform `B^T d B` of every tile of `m` examples `x` of `inp`, into
 /// `v[(xi * inp.c + ch) * lds + col]` with `col = example * tiles + ty * tw + tx`.
 ///
@@ -349,40 +397,10 @@ fn input_transform(
     let whp = padded_half_width(t);
     let blocks = t.tw.div_ceil(L);
     let ph = 2 * t.th + 4;
-    // Half-columns xp whose even (2xp - pl) and odd (2xp + 1 - pl) input columns are both inside.
-    let lo = t.pl.div_ceil(2);
-    let hi = ((inp.w + t.pl) / 2).clamp(lo, whp);
     for s in 0..m {
         for ch in 0..inp.c {
             let plane = &x[s * inp.len() + ch * inp.h * inp.w..][..inp.h * inp.w];
-            for py in 0..ph {
-                let er = &mut rows.even[py * whp..(py + 1) * whp];
-                let or = &mut rows.odd[py * whp..(py + 1) * whp];
-                let iy = py as isize - t.pt as isize;
-                if iy < 0 || iy as usize >= inp.h {
-                    er.fill(0.0);
-                    or.fill(0.0);
-                    continue;
-                }
-                let src = &plane[iy as usize * inp.w..(iy as usize + 1) * inp.w];
-                let at = |ix: isize| {
-                    if ix >= 0 && (ix as usize) < inp.w {
-                        src[ix as usize]
-                    } else {
-                        0.0
-                    }
-                };
-                for xp in (0..lo).chain(hi..whp) {
-                    let ix = (2 * xp) as isize - t.pl as isize;
-                    er[xp] = at(ix);
-                    or[xp] = at(ix + 1);
-                }
-                let inner = &src[2 * lo - t.pl..];
-                for (k, xp) in (lo..hi).enumerate() {
-                    er[xp] = inner[2 * k];
-                    or[xp] = inner[2 * k + 1];
-                }
-            }
+            split_columns(plane, inp, t.pt, t.pl, ph, whp, rows);
             for ty in 0..t.th {
                 let base = 2 * ty * whp;
                 // The row transform reads half-columns up to tw + 2 (rounded up to lane blocks).
@@ -484,32 +502,29 @@ fn output_transform(
 /// `e_hat[(xi * out.c + k) * lds + col]`, tiles of a row as lanes (whole lane blocks stored, as in
 /// [`input_transform`]).
 #[inline(always)]
-fn grad_transform(dy: &[f32], out: Planes, t: &Tiling, m: usize, e_hat: &mut [f32], lds: usize) {
+fn grad_transform(
+    dy: &[f32],
+    out: Planes,
+    t: &Tiling,
+    m: usize,
+    e_hat: &mut [f32],
+    lds: usize,
+    rows: &mut Rows,
+) {
     let tiles = t.tiles();
+    let whp = padded_half_width(t);
     for s in 0..m {
         for k in 0..out.c {
             let plane = &dy[s * out.len() + k * out.h * out.w..][..out.h * out.w];
-            let at = |oy: usize, ox: usize| {
-                if oy < t.ho && ox < t.wo {
-                    plane[oy * out.w + ox]
-                } else {
-                    0.0
-                }
-            };
+            // Even/odd columns of the plane (zero past it), so each entry of eight neighbouring
+            // tiles' 2x2 blocks is one contiguous load.
+            split_columns(plane, out, 0, 0, 2 * t.th, whp, rows);
             for ty in 0..t.th {
                 let col = s * tiles + ty * t.tw;
+                let (r0, r1) = (2 * ty * whp, (2 * ty + 1) * whp);
                 for x0 in (0..t.tw).step_by(L) {
-                    // e[a][b][lane]: the (a, b) entry of each tile's 2x2 block.
-                    let mut e = [[[0f32; L]; 2]; 2];
-                    for (a, ea) in e.iter_mut().enumerate() {
-                        for (b, eab) in ea.iter_mut().enumerate() {
-                            for (l, v) in eab.iter_mut().enumerate() {
-                                *v = at(2 * ty + a, 2 * (x0 + l) + b);
-                            }
-                        }
-                    }
-                    let c0 = a2_lanes(e[0][0], e[1][0]);
-                    let c1 = a2_lanes(e[0][1], e[1][1]);
+                    let c0 = a2_lanes(load(&rows.even, r0 + x0), load(&rows.even, r1 + x0));
+                    let c1 = a2_lanes(load(&rows.odd, r0 + x0), load(&rows.odd, r1 + x0));
                     for i in 0..6 {
                         for (j, r) in a2_lanes(c0[i], c1[i]).into_iter().enumerate() {
                             store(e_hat, ((i * 6 + j) * out.c + k) * lds + col + x0, r);
@@ -737,7 +752,7 @@ fn backward_impl(
             );
         }
         let dys = &dy[start * out.len()..];
-        grad_transform(dys, out, &fwd, m, &mut ws.b, lds);
+        grad_transform(dys, out, &fwd, m, &mut ws.b, lds, &mut ws.rows);
         for xi in 0..XI {
             // dU_xi [cout x cin] (+)= E_xi [cout x tiles] x V_xi^T.
             matmul(
