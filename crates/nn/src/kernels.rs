@@ -4,6 +4,32 @@
 
 use gemm::Parallelism;
 
+/// Defines `fn $name(args) { body }` so that the body runs compiled for AVX2 when the CPU has it,
+/// and as built otherwise. Only the code generation changes: Rust never contracts `a*b+c` into an
+/// FMA and LLVM keeps the order of float reductions, so results are bit-identical either way.
+macro_rules! avx2_dispatch {
+    ($(#[$meta:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $body:block) => {
+        $(#[$meta])*
+        $vis fn $name($($arg: $ty),*) {
+            #[inline(always)]
+            #[allow(clippy::too_many_arguments)]
+            fn body($($arg: $ty),*) $body
+            #[cfg(target_arch = "x86_64")]
+            if std::is_x86_feature_detected!("avx2") {
+                #[target_feature(enable = "avx2")]
+                #[allow(clippy::too_many_arguments)]
+                fn avx2($($arg: $ty),*) {
+                    body($($arg),*)
+                }
+                // SAFETY: the CPU supports AVX2 (checked just above).
+                return unsafe { avx2($($arg),*) };
+            }
+            body($($arg),*)
+        }
+    };
+}
+pub(crate) use avx2_dispatch;
+
 /// `dst[m x n] (row-major, contiguous) = (accumulate ? dst : 0) + A[m x k] * B[k x n]`, with A and B
 /// given by base slice and (row, column) strides, so transposed operands cost nothing.
 #[allow(clippy::too_many_arguments)]

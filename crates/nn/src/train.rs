@@ -18,7 +18,7 @@ use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
 use crate::error::NnError;
-use crate::kernels::{Geom, col2im, im2col, matmul, matmul_scaled};
+use crate::kernels::{Geom, avx2_dispatch, col2im, im2col, matmul, matmul_scaled};
 use crate::model::Model;
 use crate::spec::{ConvOp, ModelSpec, Op, Plan, PoolOp};
 use crate::winograd;
@@ -1135,40 +1135,133 @@ fn geom(c: &ConvOp) -> Geom {
     }
 }
 
-/// Any max-pool: the first valid element of the window starts, a later one wins when greater or
-/// NaN (ties go to the first in row-major window order). Windows clipped by the padding take the
-/// checked path; the others (all but an edge row and column for the study's 3x3/2 'SAME' pool) run
-/// without bounds checks, and with a column stride of 2, eight outputs at a time: the plane's even
-/// and odd columns are split apart first (into `cols`), so each window element of eight
-/// neighbouring outputs is one contiguous load.
-fn pool_forward(
-    pl: &PoolOp,
-    x: &[f32],
-    y: &mut [f32],
-    arg: &mut [u32],
-    n: usize,
-    cols: &mut [f32],
-) {
-    #[cfg(target_arch = "x86_64")]
-    if std::is_x86_feature_detected!("avx2") {
-        // SAFETY: the CPU supports AVX2 (checked just above).
-        return unsafe { pool_forward_avx2(pl, x, y, arg, n, cols) };
+avx2_dispatch! {
+    /// Any max-pool: the first valid element of the window starts, a later one wins when greater or
+    /// NaN (ties go to the first in row-major window order). Windows clipped by the padding take
+    /// the checked path; the others (all but an edge row and column for the study's 3x3/2 'SAME'
+    /// pool) run without bounds checks, and with a column stride of 2, eight outputs at a time: the
+    /// plane's even and odd columns are split apart first (into `cols`), so each window element of
+    /// eight neighbouring outputs is one contiguous load.
+    fn pool_forward(
+        pl: &PoolOp,
+        x: &[f32],
+        y: &mut [f32],
+        arg: &mut [u32],
+        n: usize,
+        cols: &mut [f32],
+    ) {
+        let in_plane = pl.hin * pl.win;
+        // Output rows/columns whose whole window is inside the input.
+        let inside =
+            |o: usize, s: usize, p: usize, k: usize, len: usize| o * s >= p && o * s - p + k <= len;
+        let half = pl.win.div_ceil(2);
+        let lanes = pl.sw == 2 && cols.len() >= pool_cols_len(pl);
+        let (even, odd) = cols.split_at_mut(cols.len() / 2);
+        for sc in 0..n * pl.c {
+            let xs = &x[sc * in_plane..(sc + 1) * in_plane];
+            if lanes {
+                for r in 0..pl.hin {
+                    let row = &xs[r * pl.win..(r + 1) * pl.win];
+                    for (j, pair) in row.chunks(2).enumerate() {
+                        even[r * half + j] = pair[0];
+                        odd[r * half + j] = *pair.get(1).unwrap_or(&0.0);
+                    }
+                }
+            }
+            for oh in 0..pl.hout {
+                let row_in = inside(oh, pl.sh, pl.pt, pl.kh, pl.hin);
+                let mut ow = 0;
+                while ow < pl.wout {
+                    let o = sc * pl.hout * pl.wout + oh * pl.wout + ow;
+                    if lanes
+                        && row_in
+                        && ow + POOL_LANES <= pl.wout
+                        && inside(ow, pl.sw, pl.pl, pl.kw, pl.win)
+                        && inside(ow + POOL_LANES - 1, pl.sw, pl.pl, pl.kw, pl.win)
+                    {
+                        let ih0 = oh * pl.sh - pl.pt;
+                        let mut best = [0f32; POOL_LANES];
+                        let mut at = [0u32; POOL_LANES];
+                        for ki in 0..pl.kh {
+                            for kj in 0..pl.kw {
+                                // Input column 2*(ow + l) + kj - pl, from the even or odd half.
+                                let c0 = 2 * ow + kj - pl.pl;
+                                let src = if c0.is_multiple_of(2) { &*even } else { &*odd };
+                                let start = (ih0 + ki) * half + c0 / 2;
+                                let vals = &src[start..start + POOL_LANES];
+                                let base = ((ih0 + ki) * pl.win + c0) as u32;
+                                if ki == 0 && kj == 0 {
+                                    best.copy_from_slice(vals);
+                                    for (l, a) in at.iter_mut().enumerate() {
+                                        *a = base + 2 * l as u32;
+                                    }
+                                    continue;
+                                }
+                                for l in 0..POOL_LANES {
+                                    let v = vals[l];
+                                    let take = (((v > best[l]) | v.is_nan()) as u32).wrapping_neg();
+                                    best[l] = f32::from_bits(
+                                        (v.to_bits() & take) | (best[l].to_bits() & !take),
+                                    );
+                                    at[l] = ((base + 2 * l as u32) & take) | (at[l] & !take);
+                                }
+                            }
+                        }
+                        y[o..o + POOL_LANES].copy_from_slice(&best);
+                        for (a, v) in arg[o..o + POOL_LANES].iter_mut().zip(at) {
+                            *a = (sc * in_plane) as u32 + v;
+                        }
+                        ow += POOL_LANES;
+                        continue;
+                    }
+                    let at = if row_in && inside(ow, pl.sw, pl.pl, pl.kw, pl.win) {
+                        let corner = (oh * pl.sh - pl.pt) * pl.win + ow * pl.sw - pl.pl;
+                        let (mut best, mut at) = (xs[corner], corner as u32);
+                        for ki in 0..pl.kh {
+                            let row = &xs[corner + ki * pl.win..][..pl.kw];
+                            for (kj, &v) in row.iter().enumerate() {
+                                // Branch-free select, as in `pool2x2_forward` (the first element
+                                // compares with itself and loses).
+                                let take = (((v > best) | v.is_nan()) as u32).wrapping_neg();
+                                let idx = (corner + ki * pl.win + kj) as u32;
+                                best = f32::from_bits(
+                                    (v.to_bits() & take) | (best.to_bits() & !take),
+                                );
+                                at = (idx & take) | (at & !take);
+                            }
+                        }
+                        y[o] = best;
+                        at as usize
+                    } else {
+                        let mut best = f32::NEG_INFINITY;
+                        let mut at = usize::MAX;
+                        for ki in 0..pl.kh {
+                            let ih = (oh * pl.sh + ki) as isize - pl.pt as isize;
+                            if ih < 0 || ih as usize >= pl.hin {
+                                continue;
+                            }
+                            for kj in 0..pl.kw {
+                                let iw = (ow * pl.sw + kj) as isize - pl.pl as isize;
+                                if iw < 0 || iw as usize >= pl.win {
+                                    continue;
+                                }
+                                let idx = ih as usize * pl.win + iw as usize;
+                                let v = xs[idx];
+                                if v > best || at == usize::MAX || v.is_nan() {
+                                    best = v;
+                                    at = idx;
+                                }
+                            }
+                        }
+                        y[o] = best;
+                        at
+                    };
+                    arg[o] = (sc * in_plane + at) as u32;
+                    ow += 1;
+                }
+            }
+        }
     }
-    pool_forward_impl(pl, x, y, arg, n, cols);
-}
-
-/// `pool_forward_impl` compiled for AVX2 (comparisons and selects only: bit-identical).
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-fn pool_forward_avx2(
-    pl: &PoolOp,
-    x: &[f32],
-    y: &mut [f32],
-    arg: &mut [u32],
-    n: usize,
-    cols: &mut [f32],
-) {
-    pool_forward_impl(pl, x, y, arg, n, cols);
 }
 
 /// Floats of column scratch [`pool_forward`] needs for `pl`.
@@ -1179,174 +1272,46 @@ fn pool_cols_len(pl: &PoolOp) -> usize {
 /// Lanes of the strided max-pool path.
 const POOL_LANES: usize = 8;
 
-#[inline(always)]
-fn pool_forward_impl(
-    pl: &PoolOp,
-    x: &[f32],
-    y: &mut [f32],
-    arg: &mut [u32],
-    n: usize,
-    cols: &mut [f32],
-) {
-    let in_plane = pl.hin * pl.win;
-    // Output rows/columns whose whole window is inside the input.
-    let inside =
-        |o: usize, s: usize, p: usize, k: usize, len: usize| o * s >= p && o * s - p + k <= len;
-    let half = pl.win.div_ceil(2);
-    let lanes = pl.sw == 2 && cols.len() >= pool_cols_len(pl);
-    let (even, odd) = cols.split_at_mut(cols.len() / 2);
-    for sc in 0..n * pl.c {
-        let xs = &x[sc * in_plane..(sc + 1) * in_plane];
-        if lanes {
-            for r in 0..pl.hin {
-                let row = &xs[r * pl.win..(r + 1) * pl.win];
-                for (j, pair) in row.chunks(2).enumerate() {
-                    even[r * half + j] = pair[0];
-                    odd[r * half + j] = *pair.get(1).unwrap_or(&0.0);
+avx2_dispatch! {
+    /// The common 2x2/2 unpadded max-pool; ties go to the first element in row-major window order,
+    /// as in the general path. Kept out of line: inlined into the big forward, its loop state
+    /// spills.
+    fn pool2x2_forward(
+        pl: &PoolOp,
+        x: &[f32],
+        y: &mut [f32],
+        arg: &mut [u32],
+        n: usize,
+    ) {
+        let (win, wout) = (pl.win, pl.wout);
+        let in_plane = pl.hin * win;
+        let out_plane = pl.hout * wout;
+        // Candidates after the first, in row-major window order (offsets from the window's corner).
+        let offs = [1u32, win as u32, win as u32 + 1];
+        for sc in 0..n * pl.c {
+            let xs = &x[sc * in_plane..(sc + 1) * in_plane];
+            for oh in 0..pl.hout {
+                let r0 = &xs[2 * oh * win..][..2 * wout];
+                let r1 = &xs[(2 * oh + 1) * win..][..2 * wout];
+                let o = sc * out_plane + oh * wout;
+                let yrow = &mut y[o..o + wout];
+                let arow = &mut arg[o..o + wout];
+                let base = (sc * in_plane + 2 * oh * win) as u32;
+                for ow in 0..wout {
+                    let (mut best, mut at) = (r0[2 * ow], 0u32);
+                    for (v, off) in [r0[2 * ow + 1], r1[2 * ow], r1[2 * ow + 1]]
+                        .into_iter()
+                        .zip(offs)
+                    {
+                        // All-ones mask when v wins (ties keep the first; NaN wins); integer blends
+                        // keep LLVM from turning the selects into unpredictable branches.
+                        let take = (((v > best) | v.is_nan()) as u32).wrapping_neg();
+                        best = f32::from_bits((v.to_bits() & take) | (best.to_bits() & !take));
+                        at = (off & take) | (at & !take);
+                    }
+                    yrow[ow] = best;
+                    arow[ow] = base + 2 * ow as u32 + at;
                 }
-            }
-        }
-        for oh in 0..pl.hout {
-            let row_in = inside(oh, pl.sh, pl.pt, pl.kh, pl.hin);
-            let mut ow = 0;
-            while ow < pl.wout {
-                let o = sc * pl.hout * pl.wout + oh * pl.wout + ow;
-                if lanes
-                    && row_in
-                    && ow + POOL_LANES <= pl.wout
-                    && inside(ow, pl.sw, pl.pl, pl.kw, pl.win)
-                    && inside(ow + POOL_LANES - 1, pl.sw, pl.pl, pl.kw, pl.win)
-                {
-                    let ih0 = oh * pl.sh - pl.pt;
-                    let mut best = [0f32; POOL_LANES];
-                    let mut at = [0u32; POOL_LANES];
-                    for ki in 0..pl.kh {
-                        for kj in 0..pl.kw {
-                            // Input column 2*(ow + l) + kj - pl, from the even or odd half.
-                            let c0 = 2 * ow + kj - pl.pl;
-                            let src = if c0.is_multiple_of(2) { &*even } else { &*odd };
-                            let start = (ih0 + ki) * half + c0 / 2;
-                            let vals = &src[start..start + POOL_LANES];
-                            let base = ((ih0 + ki) * pl.win + c0) as u32;
-                            if ki == 0 && kj == 0 {
-                                best.copy_from_slice(vals);
-                                for (l, a) in at.iter_mut().enumerate() {
-                                    *a = base + 2 * l as u32;
-                                }
-                                continue;
-                            }
-                            for l in 0..POOL_LANES {
-                                let v = vals[l];
-                                let take = (((v > best[l]) | v.is_nan()) as u32).wrapping_neg();
-                                best[l] = f32::from_bits(
-                                    (v.to_bits() & take) | (best[l].to_bits() & !take),
-                                );
-                                at[l] = ((base + 2 * l as u32) & take) | (at[l] & !take);
-                            }
-                        }
-                    }
-                    y[o..o + POOL_LANES].copy_from_slice(&best);
-                    for (a, v) in arg[o..o + POOL_LANES].iter_mut().zip(at) {
-                        *a = (sc * in_plane) as u32 + v;
-                    }
-                    ow += POOL_LANES;
-                    continue;
-                }
-                let at = if row_in && inside(ow, pl.sw, pl.pl, pl.kw, pl.win) {
-                    let corner = (oh * pl.sh - pl.pt) * pl.win + ow * pl.sw - pl.pl;
-                    let (mut best, mut at) = (xs[corner], corner as u32);
-                    for ki in 0..pl.kh {
-                        let row = &xs[corner + ki * pl.win..][..pl.kw];
-                        for (kj, &v) in row.iter().enumerate() {
-                            // Branch-free select, as in `pool2x2_forward` (the first element
-                            // compares with itself and loses).
-                            let take = (((v > best) | v.is_nan()) as u32).wrapping_neg();
-                            let idx = (corner + ki * pl.win + kj) as u32;
-                            best = f32::from_bits((v.to_bits() & take) | (best.to_bits() & !take));
-                            at = (idx & take) | (at & !take);
-                        }
-                    }
-                    y[o] = best;
-                    at as usize
-                } else {
-                    let mut best = f32::NEG_INFINITY;
-                    let mut at = usize::MAX;
-                    for ki in 0..pl.kh {
-                        let ih = (oh * pl.sh + ki) as isize - pl.pt as isize;
-                        if ih < 0 || ih as usize >= pl.hin {
-                            continue;
-                        }
-                        for kj in 0..pl.kw {
-                            let iw = (ow * pl.sw + kj) as isize - pl.pl as isize;
-                            if iw < 0 || iw as usize >= pl.win {
-                                continue;
-                            }
-                            let idx = ih as usize * pl.win + iw as usize;
-                            let v = xs[idx];
-                            if v > best || at == usize::MAX || v.is_nan() {
-                                best = v;
-                                at = idx;
-                            }
-                        }
-                    }
-                    y[o] = best;
-                    at
-                };
-                arg[o] = (sc * in_plane + at) as u32;
-                ow += 1;
-            }
-        }
-    }
-}
-
-/// The common 2x2/2 unpadded max-pool; ties go to the first element in row-major window order,
-/// as in the general path. Kept out of line: inlined into the big forward, its loop state spills.
-fn pool2x2_forward(pl: &PoolOp, x: &[f32], y: &mut [f32], arg: &mut [u32], n: usize) {
-    #[cfg(target_arch = "x86_64")]
-    if std::is_x86_feature_detected!("avx2") {
-        // SAFETY: the CPU supports AVX2 (checked just above).
-        return unsafe { pool2x2_forward_avx2(pl, x, y, arg, n) };
-    }
-    pool2x2_forward_impl(pl, x, y, arg, n);
-}
-
-/// `pool2x2_forward_impl` compiled for AVX2 (comparisons and selects only: bit-identical).
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-fn pool2x2_forward_avx2(pl: &PoolOp, x: &[f32], y: &mut [f32], arg: &mut [u32], n: usize) {
-    pool2x2_forward_impl(pl, x, y, arg, n);
-}
-
-#[inline(always)]
-fn pool2x2_forward_impl(pl: &PoolOp, x: &[f32], y: &mut [f32], arg: &mut [u32], n: usize) {
-    let (win, wout) = (pl.win, pl.wout);
-    let in_plane = pl.hin * win;
-    let out_plane = pl.hout * wout;
-    // Candidates after the first, in row-major window order (offsets from the window's corner).
-    let offs = [1u32, win as u32, win as u32 + 1];
-    for sc in 0..n * pl.c {
-        let xs = &x[sc * in_plane..(sc + 1) * in_plane];
-        for oh in 0..pl.hout {
-            let r0 = &xs[2 * oh * win..][..2 * wout];
-            let r1 = &xs[(2 * oh + 1) * win..][..2 * wout];
-            let o = sc * out_plane + oh * wout;
-            let yrow = &mut y[o..o + wout];
-            let arow = &mut arg[o..o + wout];
-            let base = (sc * in_plane + 2 * oh * win) as u32;
-            for ow in 0..wout {
-                let (mut best, mut at) = (r0[2 * ow], 0u32);
-                for (v, off) in [r0[2 * ow + 1], r1[2 * ow], r1[2 * ow + 1]]
-                    .into_iter()
-                    .zip(offs)
-                {
-                    // All-ones mask when v wins (ties keep the first; NaN wins); integer blends
-                    // keep LLVM from turning the selects into unpredictable branches.
-                    let take = (((v > best) | v.is_nan()) as u32).wrapping_neg();
-                    best = f32::from_bits((v.to_bits() & take) | (best.to_bits() & !take));
-                    at = (off & take) | (at & !take);
-                }
-                yrow[ow] = best;
-                arow[ow] = base + 2 * ow as u32 + at;
             }
         }
     }
