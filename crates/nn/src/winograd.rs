@@ -15,9 +15,11 @@
 //! hold small integers, `G` the fractions. The result differs from the direct convolution by float
 //! rounding only, larger than im2col's: against an f64 direct convolution, outputs and input
 //! gradients within a few 1e-6 of the largest value, weight gradients (sums over every tile, in
-//! the transformed domain) within a few 1e-5; the tests bound both. The batch is processed in chunks of examples so the
-//! transformed tiles stay cache-sized; backward walks the chunks in reverse, so the last chunk's
-//! transformed input is still there from forward and earlier ones are transformed again.
+//! the transformed domain) within a few 1e-5; the tests bound both.
+//!
+//! The batch is processed in chunks of examples so the transformed tiles stay cache-sized;
+//! backward walks the chunks in reverse, so the last chunk's transformed input is still there from
+//! forward and earlier ones are transformed again.
 
 use gemm::Parallelism;
 
