@@ -1276,6 +1276,7 @@ avx2_dispatch! {
     /// The common 2x2/2 unpadded max-pool; ties go to the first element in row-major window order,
     /// as in the general path. Kept out of line: inlined into the big forward, its loop state
     /// spills.
+    #[inline(never)]
     fn pool2x2_forward(
         pl: &PoolOp,
         x: &[f32],
