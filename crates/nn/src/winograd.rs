@@ -111,7 +111,8 @@ fn store(d: &mut [f32], at: usize, v: V8) {
     d[at..at + L].copy_from_slice(&v);
 }
 
-/// Row scratch for the input transform, sized for the widest tiling of the layer.
+/// Row scratch for the input and output-gradient transforms, sized for the widest tiling of the
+/// layer.
 #[derive(Debug)]
 struct Rows {
     /// A plane's even and odd columns, zero-padded: [2*th + 4][whp] each.
