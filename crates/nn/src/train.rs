@@ -174,12 +174,16 @@ impl Trainer {
         let mut tmp = 0;
         let mut scratch = Vec::new();
         let mut wino = Vec::new();
-        for op in &plan.ops {
+        for (i, op) in plan.ops.iter().enumerate() {
             let prev = *lens.last().unwrap_or(&0);
             let out = op.out_len();
             wino.push(match op {
                 Op::Conv(c) if winograd::eligible(c) => {
-                    Some(winograd::Workspace::new(c, max_batch))
+                    let normalised_next = matches!(
+                        plan.ops.get(i + 1),
+                        Some(Op::BatchNorm(_) | Op::GroupNorm(_))
+                    );
+                    Some(winograd::Workspace::new(c, max_batch, normalised_next))
                 }
                 _ => None,
             });
