@@ -415,10 +415,15 @@ fn lanes<const I: usize, const O: usize>(d: [V8; I], f: impl Fn([f32; I]) -> [f3
     r
 }
 
-/// Width of the column-phase buffers: whole lane blocks of tiles plus one block, so the row
-/// transform's loads at `tx + 1` (and `tx + 2` for R = 2) stay inside.
+/// Width of the column-phase buffers: whole lane blocks of tiles plus one block, so the column
+/// transform's loads at `tx + 1` (and `tx + 2` for R = 2) stay inside. With two segments a load
+/// covers columns `j / R .. j / R + L / 2`, inside one block.
 fn padded_width(t: &Tiling) -> usize {
-    (t.tw.div_ceil(L) + 1) * L
+    if t.seg == 2 {
+        L
+    } else {
+        (t.tw.div_ceil(L) + 1) * L
+    }
 }
 
 /// Row scratch for the input and output-gradient transforms, sized for the widest tiling of the
@@ -433,6 +438,8 @@ struct Rows {
     /// shifted by j / R): [N][N][width]. The row transform loads exactly the vectors the column
     /// transform stored (an unaligned reload of them stalled on store forwarding).
     t_cols: Vec<f32>,
+    /// One padded input row: [R * width].
+    line: Vec<f32>,
 }
 
 impl Rows {
@@ -442,10 +449,11 @@ impl Rows {
         Rows {
             phases: vec![0.0; 2 * phases],
             t_cols: vec![0.0; n * n * width],
+            line: vec![0.0; tilings.iter().map(|t| t.r).max().unwrap_or(0) * width],
         }
     }
     fn floats(&self) -> usize {
-        self.phases.len() + self.t_cols.len()
+        self.phases.len() + self.t_cols.len() + self.line.len()
     }
 }
 
@@ -581,7 +589,8 @@ fn transform_kernels<const R: usize, const N: usize, S: Scheme<R, N>>(
 
 /// Splits one `inp.h x inp.w` plane into its R column phases, zero-padded by `pt` rows on top and
 /// `pl` columns on the left: `phases[(p * ph + py) * width + xp]` is the padded plane at
-/// (py, R xp + p), for `p < R`, `py < ph`, `xp < width`.
+/// (py, R xp + p), for `p < R`, `py < ph`, `xp < width`. Each row is first laid out padded in
+/// `line` (R x width values), so the split itself is a fixed-stride copy without bounds checks.
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
 fn split_columns<const R: usize>(
@@ -592,38 +601,27 @@ fn split_columns<const R: usize>(
     ph: usize,
     width: usize,
     phases: &mut [f32],
+    line: &mut [f32],
 ) {
     let phases = &mut phases[..R * ph * width];
-    // Phase columns xp whose R columns R xp + p - pl are all inside; past `hi` all are outside
-    // (R (hi + 1) > w + pl), so only `xp < lo` and `xp == hi` need checks and the rest is zero
-    // or a plain copy.
-    let lo = pl.div_ceil(R);
-    let hi = ((inp.w + pl) / R).clamp(lo, width);
+    let line = &mut line[..R * width];
+    // Columns of the plane that land inside the padded line (the rest is never read).
+    let copied = inp.w.min((R * width).saturating_sub(pl));
     for py in 0..ph {
-        for p in 0..R {
-            phases[(p * ph + py) * width..][..width].fill(0.0);
-        }
         let iy = py as isize - pt as isize;
         if iy < 0 || iy as usize >= inp.h {
+            for p in 0..R {
+                phases[(p * ph + py) * width..][..width].fill(0.0);
+            }
             continue;
         }
-        let src = &plane[iy as usize * inp.w..(iy as usize + 1) * inp.w];
-        let at = |ix: isize| {
-            if ix >= 0 && (ix as usize) < inp.w {
-                src[ix as usize]
-            } else {
-                0.0
-            }
-        };
-        for xp in (0..lo).chain(hi..(hi + 1).min(width)) {
-            for p in 0..R {
-                phases[(p * ph + py) * width + xp] = at((R * xp + p) as isize - pl as isize);
-            }
-        }
-        let inner = &src[R * lo - pl..];
-        for (xp, block) in (lo..hi).zip(inner.chunks_exact(R)) {
-            for (p, v) in block.iter().enumerate() {
-                phases[(p * ph + py) * width + xp] = *v;
+        let src = &plane[iy as usize * inp.w..][..copied];
+        line.fill(0.0);
+        line[pl..pl + copied].copy_from_slice(src);
+        for p in 0..R {
+            let dst = &mut phases[(p * ph + py) * width..][..width];
+            for (d, block) in dst.iter_mut().zip(line.chunks_exact(R)) {
+                *d = block[p];
             }
         }
     }
@@ -676,11 +674,11 @@ fn input_transform_segs<const R: usize, const N: usize, S: Scheme<R, N>, const S
         let (s, ch) = (q / inp.c, q % inp.c);
         let (split, next) = halves(&mut rows.phases, R * ph * width, q);
         if q == 0 {
-            split_columns::<R>(&x[..hw], inp, t.pt, t.pl, ph, width, split);
+            split_columns::<R>(&x[..hw], inp, t.pt, t.pl, ph, width, split, &mut rows.line);
         }
         if q + 1 < total {
             let plane = &x[(q + 1) * hw..][..hw];
-            split_columns::<R>(plane, inp, t.pt, t.pl, ph, width, next);
+            split_columns::<R>(plane, inp, t.pt, t.pl, ph, width, next, &mut rows.line);
         }
         let split = &*split;
         let t_cols = &mut rows.t_cols;
@@ -839,11 +837,11 @@ fn grad_transform_segs<const R: usize, const N: usize, S: Scheme<R, N>, const SE
         let (s, k) = (q / out.c, q % out.c);
         let (split, next) = halves(&mut rows.phases, R * ph * width, q);
         if q == 0 {
-            split_columns::<R>(&dy[..hw], out, 0, 0, ph, width, split);
+            split_columns::<R>(&dy[..hw], out, 0, 0, ph, width, split, &mut rows.line);
         }
         if q + 1 < total {
             let plane = &dy[(q + 1) * hw..][..hw];
-            split_columns::<R>(plane, out, 0, 0, ph, width, next);
+            split_columns::<R>(plane, out, 0, 0, ph, width, next, &mut rows.line);
         }
         let split = &*split;
         for ty0 in (0..t.tile_rows()).step_by(SEG) {
