@@ -882,8 +882,8 @@ impl Trainer {
                         let tiles =
                             (pl.kh, pl.kw, pl.sh, pl.sw, pl.pt, pl.pl) == (2, 2, 2, 2, 0, 0);
                         if tiles && pl.hin % 2 == 0 && pl.win % 2 == 0 {
-                            // 2x2/2 windows tile the input exactly: write every input gradient
-                            // once, no zero fill, no scatter.
+                            // 2x2/2 windows tile the input exactly: no window overlaps another,
+                            // so each plane is zeroed and stored into while it is in L1.
                             pool2x2_backward(pl, dy, arg, dx, n);
                         } else {
                             dx[..n * pl.c * pl.hin * pl.win].fill(0.0);
@@ -1322,26 +1322,24 @@ avx2_dispatch! {
     }
 }
 
-/// Backward of [`pool2x2_forward`] when the windows tile the input exactly: every input gradient
-/// is written once, no zero fill, no scatter.
+/// Backward of [`pool2x2_forward`] when the windows tile the input exactly, plane by plane: zero
+/// the plane (while it is in L1) and store each output gradient at its argmax, the one input of
+/// its window that receives it. One vector fill and one store per output, where selecting each
+/// of the four window values with compares took four stores and was ~5x slower.
 #[inline(never)]
 fn pool2x2_backward(pl: &PoolOp, dy: &[f32], arg: &[u32], dx: &mut [f32], n: usize) {
-    let (hin, win, wout) = (pl.hin, pl.win, pl.wout);
+    let in_plane = pl.hin * pl.win;
+    let out_plane = pl.hout * pl.wout;
     for sc in 0..n * pl.c {
-        for oh in 0..pl.hout {
-            let o = sc * pl.hout * wout + oh * wout;
-            let base = sc * hin * win + 2 * oh * win;
-            let (r0, r1) = dx[base..base + 2 * win].split_at_mut(win);
-            let (r0, r1) = (&mut r0[..2 * wout], &mut r1[..2 * wout]);
-            let (grow, arow) = (&dy[o..o + wout], &arg[o..o + wout]);
-            for ow in 0..wout {
-                let g = grow[ow];
-                let rel = (arow[ow] as usize).wrapping_sub(base + 2 * ow);
-                r0[2 * ow] = if rel == 0 { g } else { 0.0 };
-                r0[2 * ow + 1] = if rel == 1 { g } else { 0.0 };
-                r1[2 * ow] = if rel == win { g } else { 0.0 };
-                r1[2 * ow + 1] = if rel == win + 1 { g } else { 0.0 };
-            }
+        let plane = &mut dx[sc * in_plane..][..in_plane];
+        plane.fill(0.0);
+        let (g, a) = (
+            &dy[sc * out_plane..][..out_plane],
+            &arg[sc * out_plane..][..out_plane],
+        );
+        let first = sc * in_plane;
+        for (gv, av) in g.iter().zip(a) {
+            plane[*av as usize - first] = *gv;
         }
     }
 }
