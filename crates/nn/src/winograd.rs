@@ -462,17 +462,39 @@ fn phases_len(t: &Tiling) -> usize {
     t.r * t.padded_rows() * padded_width(t)
 }
 
-/// The halves of `buf` (each `len` values) for plane `q`: (this plane's, the next plane's). The
-/// transforms split plane q + 1 before transforming plane q, so their vector loads never wait on
-/// the split's scalar stores.
+/// Plane `q` of the `total` planes of `src` (each `planes.h x planes.w`), split into its column
+/// phases by [`split_columns`] (padding `pad`, `ph` rows, `width` phase columns). The two halves
+/// of `phases` alternate: plane q + 1 is split into the other half before plane q is returned, so
+/// the transforms' vector loads never wait on the split's stores (plane 0 is split when `q == 0`).
+#[allow(clippy::too_many_arguments)]
 #[inline(always)]
-fn halves(buf: &mut [f32], len: usize, q: usize) -> (&mut [f32], &mut [f32]) {
-    let (first, second) = buf[..2 * len].split_at_mut(len);
-    if q.is_multiple_of(2) {
+fn split_ahead<'a, const R: usize>(
+    phases: &'a mut [f32],
+    line: &mut [f32],
+    src: &[f32],
+    planes: Planes,
+    pad: (usize, usize),
+    ph: usize,
+    width: usize,
+    q: usize,
+    total: usize,
+) -> &'a [f32] {
+    let len = R * ph * width;
+    let hw = planes.h * planes.w;
+    let (first, second) = phases[..2 * len].split_at_mut(len);
+    let (cur, next) = if q.is_multiple_of(2) {
         (first, second)
     } else {
         (second, first)
+    };
+    if q == 0 {
+        split_columns::<R>(&src[..hw], planes, pad.0, pad.1, ph, width, cur, line);
     }
+    if q + 1 < total {
+        let plane = &src[(q + 1) * hw..][..hw];
+        split_columns::<R>(plane, planes, pad.0, pad.1, ph, width, next, line);
+    }
+    cur
 }
 
 /// Per-layer buffers, sized at construction for the trainer's largest batch.
@@ -668,20 +690,16 @@ fn input_transform_segs<const R: usize, const N: usize, S: Scheme<R, N>, const S
     let w = L / SEG;
     let blocks = t.tw.div_ceil(w);
     let ph = t.padded_rows();
-    let hw = inp.h * inp.w;
     let total = m * inp.c;
+    let pad = (t.pt, t.pl);
     for q in 0..total {
         let (s, ch) = (q / inp.c, q % inp.c);
-        let (split, next) = halves(&mut rows.phases, R * ph * width, q);
-        if q == 0 {
-            split_columns::<R>(&x[..hw], inp, t.pt, t.pl, ph, width, split, &mut rows.line);
-        }
-        if q + 1 < total {
-            let plane = &x[(q + 1) * hw..][..hw];
-            split_columns::<R>(plane, inp, t.pt, t.pl, ph, width, next, &mut rows.line);
-        }
-        let split = &*split;
-        let t_cols = &mut rows.t_cols;
+        let Rows {
+            phases,
+            t_cols,
+            line,
+        } = &mut *rows;
+        let split = split_ahead::<R>(phases, line, x, inp, pad, ph, width, q, total);
         for ty0 in (0..t.tile_rows()).step_by(SEG) {
             for j in 0..N {
                 let src = &split[(j % R) * ph * width + j / R..];
@@ -831,19 +849,11 @@ fn grad_transform_segs<const R: usize, const N: usize, S: Scheme<R, N>, const SE
     let ph = R * t.tile_rows();
     // Column phases of each plane (zero past it), so each entry of neighbouring tiles' R x R
     // blocks is one contiguous load per segment.
-    let hw = out.h * out.w;
     let total = m * out.c;
     for q in 0..total {
         let (s, k) = (q / out.c, q % out.c);
-        let (split, next) = halves(&mut rows.phases, R * ph * width, q);
-        if q == 0 {
-            split_columns::<R>(&dy[..hw], out, 0, 0, ph, width, split, &mut rows.line);
-        }
-        if q + 1 < total {
-            let plane = &dy[(q + 1) * hw..][..hw];
-            split_columns::<R>(plane, out, 0, 0, ph, width, next, &mut rows.line);
-        }
-        let split = &*split;
+        let (phases, line) = (&mut rows.phases, &mut rows.line);
+        let split = split_ahead::<R>(phases, line, dy, out, (0, 0), ph, width, q, total);
         for ty0 in (0..t.tile_rows()).step_by(SEG) {
             for x0 in (0..t.tw).step_by(w) {
                 // c[b] = A (column b of the tiles' blocks).
