@@ -1325,7 +1325,7 @@ avx2_dispatch! {
 /// Backward of [`pool2x2_forward`] when the windows tile the input exactly, plane by plane: zero
 /// the plane (while it is in L1) and store each output gradient at its argmax, the one input of
 /// its window that receives it. One vector fill and one store per output, where selecting each
-/// of the four window values with compares took four stores and was ~5x slower.
+/// of the four window values with compares took four stores and was ~4x slower.
 #[inline(never)]
 fn pool2x2_backward(pl: &PoolOp, dy: &[f32], arg: &[u32], dx: &mut [f32], n: usize) {
     let in_plane = pl.hin * pl.win;
