@@ -139,7 +139,7 @@ pub struct Trainer {
     chunk: Vec<usize>,
     /// Column scratch of the strided max-pool path (sized for the largest pool plane).
     pool_cols: Vec<f32>,
-    /// Per op: the workspace of a conv that runs as Winograd F(2x2, 5x5) (`None` otherwise).
+    /// Per op: the workspace of a conv that runs as Winograd convolution (`None` otherwise).
     wino: Vec<Option<winograd::Workspace>>,
     /// A conv's output (forward) or masked output gradient (backward) for one chunk, [cout, m*hw],
     /// followed in backward by its transposed weight gradient [k, cout]; a linear layer's
