@@ -55,7 +55,7 @@ trait Scheme<const R: usize, const N: usize> {
 /// `G^T d` from the rows of `G`, skipping its zeros so no product with a zero is formed.
 #[inline(always)]
 fn gt_of<const N: usize>(g: &[[f32; 5]; N], d: [f32; N]) -> [f32; 5] {
-    build(|p| {
+    std::array::from_fn(|p| {
         let mut acc = 0.0;
         for (gi, dv) in g.iter().zip(d) {
             if gi[p] != 0.0 {
@@ -373,31 +373,6 @@ fn store_segs<const SEG: usize>(d: &mut [f32], at: usize, stride: usize, v: V8) 
     }
 }
 
-/// A value the transforms build arrays of: a float or a lane vector.
-trait Zero: Copy {
-    const ZERO: Self;
-}
-
-impl Zero for f32 {
-    const ZERO: f32 = 0.0;
-}
-
-impl Zero for V8 {
-    const ZERO: V8 = [0.0; L];
-}
-
-/// `[f(0), f(1), ...]`, with `f` called from one loop: `std::array::from_fn` was left as a call
-/// here, and a separate first call `f(0)` was too; either way the closure ran without AVX2 and
-/// handed its lane vectors back through memory.
-#[inline(always)]
-fn build<T: Zero, const K: usize>(f: impl Fn(usize) -> T) -> [T; K] {
-    let mut a = [T::ZERO; K];
-    for (i, v) in a.iter_mut().enumerate() {
-        *v = f(i);
-    }
-    a
-}
-
 /// A 1-D transform applied lane by lane to lane vectors.
 #[inline(always)]
 fn lanes<const I: usize, const O: usize>(d: [V8; I], f: impl Fn([f32; I]) -> [f32; O]) -> [V8; O] {
@@ -572,7 +547,7 @@ fn kernel_transform<const R: usize, const N: usize, S: Scheme<R, N>>(
     // Columns: t[i][q] = (G g)[i][q].
     let mut t = [[0f32; 5]; N];
     for q in 0..5 {
-        let col = S::g(build(|p| g[p * 5 + q]));
+        let col = S::g(std::array::from_fn(|p| g[p * 5 + q]));
         for (ti, cv) in t.iter_mut().zip(col) {
             ti[q] = cv;
         }
@@ -1121,10 +1096,10 @@ fn backward_with<const R: usize, const N: usize, S: Scheme<R, N>>(
         // t[j][p] = (G^T dU)_{p, j}.
         let mut t = [[0f32; 5]; N];
         for (j, tj) in t.iter_mut().enumerate() {
-            *tj = S::gt(build(|i| ws.du[(i * N + j) * stride + kc]));
+            *tj = S::gt(std::array::from_fn(|i| ws.du[(i * N + j) * stride + kc]));
         }
         for pp in 0..5 {
-            let row = S::gt(build(|j| t[j][pp]));
+            let row = S::gt(std::array::from_fn(|j| t[j][pp]));
             dw[pp * 5..pp * 5 + 5].copy_from_slice(&row);
         }
     }
