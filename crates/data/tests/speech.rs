@@ -123,14 +123,14 @@ fn coefficient_moments(features: &[f32]) -> Vec<(f64, f64)> {
 }
 
 #[test]
-fn subset_loads_with_sixty_clips_per_keyword() {
+fn subset_loads_with_160_clips_per_keyword() {
     let tt = load_speech_commands(&speech_dir(), &no_cache()).unwrap();
     assert_eq!(tt.test.shape, [1, 49, 10]);
     assert_eq!(tt.test.class_names, fedra_data::speech::STUDY_KEYWORDS);
     // The subset comes from the official test archive: the hash split puts every speaker in
-    // the testing split, so train is empty and test holds all 60 clips of each keyword.
+    // the testing split, so train is empty and test holds all 160 clips of each keyword.
     assert_eq!(tt.train.len(), 0);
-    assert_eq!(tt.test.class_counts(), vec![60; 10]);
+    assert_eq!(tt.test.class_counts(), vec![160; 10]);
     // Standardised (with the test split's own statistics, train being empty).
     for (c, (mean, std)) in coefficient_moments(&tt.test.features)
         .into_iter()
@@ -205,8 +205,8 @@ fn keywords_unknown_silence_and_cache() {
         .zip(tt.test.class_counts())
         .map(|(a, b)| a + b)
         .collect();
-    // 8 other words x 60 clips; the 60-s noise file gives 60 one-second slices.
-    assert_eq!(total, [60, 60, 480, 60]);
+    // 8 other words x 160 clips; the 60-s noise file gives 60 one-second slices.
+    assert_eq!(total, [160, 160, 1280, 60]);
     let cached: Vec<_> = std::fs::read_dir(cache.path()).unwrap().collect();
     assert_eq!(cached.len(), 1, "one cache file written");
     // Second load comes from the cache and is bit-identical.

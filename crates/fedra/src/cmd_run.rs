@@ -54,7 +54,7 @@ fn threads(args: &RunArgs) -> usize {
     })
 }
 
-fn load_data(config: &ExperimentConfig) -> anyhow::Result<TrainTest> {
+pub(crate) fn load_data(config: &ExperimentConfig) -> anyhow::Result<TrainTest> {
     let opts = LoadOptions {
         progress: std::io::stderr().is_terminal(),
         ..LoadOptions::default()
@@ -221,7 +221,7 @@ fn drive(mut run: Run) -> anyhow::Result<Summary> {
     Ok(run.finish()?)
 }
 
-fn describe(row: &RoundMetrics) -> String {
+pub(crate) fn describe(row: &RoundMetrics) -> String {
     let mut line = format!(
         "round {:>4}  lr {:.5}  test acc {:6.2}%  test loss {:.4}",
         row.round,
@@ -239,7 +239,7 @@ fn describe(row: &RoundMetrics) -> String {
     line
 }
 
-fn print_summary(name: &str, s: &Summary) {
+pub(crate) fn print_summary(name: &str, s: &Summary) {
     println!(
         "{name}: {} rounds, final test accuracy {:.2}% (best {:.2}% at round {}), mean EMD {:.3}, {:.1}s training, {:.0} samples/s",
         s.rounds,

@@ -2,10 +2,13 @@
 
 mod charts;
 mod cmd_bench;
+mod cmd_certs;
 mod cmd_data;
+mod cmd_join;
 mod cmd_partition;
 mod cmd_report;
 mod cmd_run;
+mod cmd_serve;
 mod paper;
 mod plot;
 
@@ -32,6 +35,13 @@ enum Command {
     Run(cmd_run::RunArgs),
     /// Tables and figures from finished runs, printed next to the reference study's numbers.
     Report(cmd_report::ReportArgs),
+    /// Run an experiment as the server of a real federation: clients on other machines (or
+    /// processes) join over gRPC with TLS and train on their own data.
+    Serve(cmd_serve::ServeArgs),
+    /// Take part in a federation as one client, training on this machine's data.
+    Join(cmd_join::JoinArgs),
+    /// Write a test federation's certificates: a CA, the server's, one per client id.
+    Certs(cmd_certs::CertsArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -51,5 +61,8 @@ fn main() -> anyhow::Result<()> {
         Command::Partition(args) => cmd_partition::run(args),
         Command::Run(args) => cmd_run::run(args),
         Command::Report(args) => cmd_report::run(args),
+        Command::Serve(args) => cmd_serve::run(args),
+        Command::Join(args) => cmd_join::run(args),
+        Command::Certs(args) => cmd_certs::run(args),
     }
 }

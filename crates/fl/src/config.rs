@@ -25,6 +25,53 @@ pub struct ExperimentConfig {
     /// The study's data-sharing strategy; absent means no sharing.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub share: Option<crate::share::ShareConfig>,
+    /// How `fedra serve` runs the experiment over a network; a simulation ignores it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deploy: Option<DeployConfig>,
+}
+
+/// The `[deploy]` table: when a networked federation starts, how long a round may take and who
+/// may take part. Every field has a default, so an empty table is valid.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeployConfig {
+    /// Wait until this many clients have joined before the first round (default: all
+    /// `partition.clients`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_clients: Option<usize>,
+    /// Give up waiting for `min_clients` after this many seconds.
+    #[serde(default = "default_join_timeout")]
+    pub join_timeout_s: f64,
+    /// A round needs at least this many results; with fewer it is run again with a new sample.
+    #[serde(default = "one")]
+    pub min_fit_clients: usize,
+    /// A client that has not answered this many seconds after its task was sent is dropped from
+    /// the round. The only deadline on a client's training: slow devices are never cut sooner.
+    #[serde(default = "default_round_timeout")]
+    pub round_timeout_s: f64,
+    /// Client ids (from their certificates) allowed to join; absent: any client holding a
+    /// certificate from the federation's CA.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allowed_clients: Option<Vec<String>>,
+}
+
+impl Default for DeployConfig {
+    fn default() -> Self {
+        DeployConfig {
+            min_clients: None,
+            join_timeout_s: default_join_timeout(),
+            min_fit_clients: 1,
+            round_timeout_s: default_round_timeout(),
+            allowed_clients: None,
+        }
+    }
+}
+
+fn default_join_timeout() -> f64 {
+    600.0
+}
+fn default_round_timeout() -> f64 {
+    3600.0
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -421,6 +468,47 @@ impl ExperimentConfig {
                  bn = \"local\" (FedBN) to keep statistics on the clients"
                     .into(),
             ));
+        }
+        if let Some(d) = &self.deploy {
+            let clients = self.partition.clients;
+            if let Some(n) = d.min_clients
+                && !(1..=clients).contains(&n)
+            {
+                return Err(bad(
+                    "deploy.min_clients",
+                    format!("must be in 1..={clients} (partition.clients), got {n}"),
+                ));
+            }
+            if !(1..=clients).contains(&d.min_fit_clients) {
+                return Err(bad(
+                    "deploy.min_fit_clients",
+                    format!(
+                        "must be in 1..={clients} (partition.clients), got {}",
+                        d.min_fit_clients
+                    ),
+                ));
+            }
+            for (key, v) in [
+                ("deploy.join_timeout_s", d.join_timeout_s),
+                ("deploy.round_timeout_s", d.round_timeout_s),
+            ] {
+                if !(v.is_finite() && v > 0.0) {
+                    return Err(bad(key, format!("must be a positive number, got {v}")));
+                }
+            }
+            if let Some(ids) = &d.allowed_clients {
+                let mut sorted = ids.clone();
+                sorted.sort();
+                if let Some(w) = sorted.windows(2).find(|w| w[0] == w[1]) {
+                    return Err(bad(
+                        "deploy.allowed_clients",
+                        format!("lists {:?} twice", w[0]),
+                    ));
+                }
+                if ids.iter().any(|id| id.is_empty()) {
+                    return Err(bad("deploy.allowed_clients", "holds an empty id".into()));
+                }
+            }
         }
         if s.name == "sgd" && self.eval.sgd_twin {
             return Err(bad(

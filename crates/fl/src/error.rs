@@ -31,6 +31,23 @@ pub enum FlError {
         strategy: String,
         tensor: String,
     },
+    /// A client that did not deliver a usable result (it vanished, missed the round's deadline
+    /// or sent an update the server refused): the round goes on without it.
+    #[error("round {round}: client {client} dropped: {reason}")]
+    Dropped {
+        round: usize,
+        client: usize,
+        reason: String,
+    },
+    #[error(
+        "round {round}: only {got} of the at least {needed} client results a round needs (deploy.min_fit_clients) after {attempts} attempts"
+    )]
+    TooFewResults {
+        round: usize,
+        got: usize,
+        needed: usize,
+        attempts: usize,
+    },
     #[error("round {round}: no client results to aggregate")]
     NoResults { round: usize },
     #[error("round {round}: client {client} sent {got} values, the model has {expected}")]

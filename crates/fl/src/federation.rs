@@ -16,7 +16,7 @@ use crate::client::{CENTRAL_ID, FitConfig, FitResult};
 use crate::config::ExperimentConfig;
 use crate::divergence::{Divergence, weight_divergence};
 use crate::error::FlError;
-use crate::strategy::{AggregationScope, Strategy, from_config};
+use crate::strategy::{AggregationScope, Strategy, from_config, resample_clients};
 
 /// Examples per forward pass when evaluating.
 const EVAL_BATCH: usize = 500;
@@ -33,11 +33,22 @@ pub struct FitJob<'a> {
     pub config: FitConfig,
 }
 
+/// Attempts at a round (the first sample, then new samples) before the run gives up on it.
+pub const MAX_ROUND_ATTEMPTS: usize = 10;
+
 /// Runs the local training of a round somewhere.
 pub trait Executor {
-    /// Run every job and return the results in job order. `threads` is the parallelism the
-    /// caller allows in total.
+    /// Run every job and return the results in job order. A client that could not deliver (a
+    /// remote one that vanished or timed out) is an [`FlError::Dropped`] in its place: the
+    /// round goes on without it. Any other error ends the run.
     fn fit(&self, jobs: Vec<FitJob<'_>>, data: &Dataset) -> Vec<Result<FitResult, FlError>>;
+
+    /// The clients (of `clients`, by id) that can train now, in increasing order. In-process
+    /// every client can; over a network, those connected (waiting for them if need be, and
+    /// failing when they never come).
+    fn available(&self, clients: usize) -> Result<Vec<usize>, FlError> {
+        Ok((0..clients).collect())
+    }
 }
 
 /// Normalisation tensors a FedBN client keeps for itself.
@@ -318,52 +329,19 @@ impl Federation {
         self.evaluate_initial(data)?;
         let started = Instant::now();
         let round = self.rounds_done;
-        let mut jobs = Vec::new();
-        if self.is_central() {
-            jobs.push(FitJob {
+        let (results, twin_result) = if self.is_central() {
+            let job = FitJob {
                 client: CENTRAL_ID,
                 indices: &self.all_indices,
                 start: self.global.clone(),
                 config: self.fit_config(round, self.central_batch()),
-            });
+            };
+            let result = executor.fit(vec![job], &data.train).pop();
+            let result = result.ok_or(FlError::NoResults { round })??;
+            (vec![result], None)
         } else {
-            let clients = self.strategy.configure_round(
-                round,
-                self.partition.clients.len(),
-                self.config.train.fraction,
-                self.config.run.seed,
-            );
-            for client in clients {
-                jobs.push(FitJob {
-                    client,
-                    indices: &self.partition.clients[client],
-                    start: self.with_local_state(client),
-                    config: self.fit_config(round, self.config.train.batch_size),
-                });
-            }
-            if let Some(twin) = &self.twin {
-                let mut config = self.fit_config(round, self.central_batch());
-                config.prox_mu = None;
-                jobs.push(FitJob {
-                    client: CENTRAL_ID,
-                    indices: &self.all_indices,
-                    start: twin.clone(),
-                    config,
-                });
-            }
-        }
-        let twin_in_jobs = !self.is_central() && self.twin.is_some();
-        let outcomes = executor.fit(jobs, &data.train);
-        let mut results = Vec::with_capacity(outcomes.len());
-        let mut twin_result = None;
-        for outcome in outcomes {
-            let result = outcome?;
-            if twin_in_jobs && result.client == CENTRAL_ID {
-                twin_result = Some(result);
-            } else {
-                results.push(result);
-            }
-        }
+            self.fit_clients(round, data, executor)?
+        };
         let examples: usize = results.iter().map(|r| r.examples_seen).sum();
         let total: f64 = results.iter().map(|r| r.num_examples as f64).sum();
         let train_loss = results
@@ -420,6 +398,92 @@ impl Federation {
             return Ok(Some(row));
         }
         Ok(None)
+    }
+
+    /// The client part of a round: sample among the available clients, train, keep the results
+    /// that arrived. With fewer than `deploy.min_fit_clients` results the round is run again
+    /// with a new sample (attempt 0 is the sample a simulation draws, so a run without faults
+    /// is the simulation). The SGD twin trains once, with the first attempt.
+    fn fit_clients(
+        &self,
+        round: usize,
+        data: &TrainTest,
+        executor: &dyn Executor,
+    ) -> Result<(Vec<FitResult>, Option<FitResult>), FlError> {
+        let needed = self.config.deploy.as_ref().map_or(1, |d| d.min_fit_clients);
+        let mut twin_result = None;
+        let mut got = 0;
+        for attempt in 0..MAX_ROUND_ATTEMPTS {
+            let available = executor.available(self.partition.clients.len())?;
+            if available.is_empty() {
+                break;
+            }
+            let picks = if attempt == 0 {
+                self.strategy.configure_round(
+                    round,
+                    available.len(),
+                    self.config.train.fraction,
+                    self.config.run.seed,
+                )
+            } else {
+                resample_clients(
+                    round,
+                    attempt,
+                    available.len(),
+                    self.config.train.fraction,
+                    self.config.run.seed,
+                )
+            };
+            let mut jobs = Vec::new();
+            for client in picks.into_iter().map(|i| available[i]) {
+                jobs.push(FitJob {
+                    client,
+                    indices: &self.partition.clients[client],
+                    start: self.with_local_state(client),
+                    config: self.fit_config(round, self.config.train.batch_size),
+                });
+            }
+            if let (Some(twin), 0) = (&self.twin, attempt) {
+                let mut config = self.fit_config(round, self.central_batch());
+                config.prox_mu = None;
+                jobs.push(FitJob {
+                    client: CENTRAL_ID,
+                    indices: &self.all_indices,
+                    start: twin.clone(),
+                    config,
+                });
+            }
+            let mut results = Vec::new();
+            for outcome in executor.fit(jobs, &data.train) {
+                match outcome {
+                    Ok(result) if result.client == CENTRAL_ID => twin_result = Some(result),
+                    Ok(result) => results.push(result),
+                    Err(FlError::Dropped {
+                        round,
+                        client,
+                        reason,
+                    }) => {
+                        tracing::warn!(round, client, attempt, "client dropped: {reason}");
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+            got = results.len();
+            if got >= needed {
+                return Ok((results, twin_result));
+            }
+            tracing::warn!(
+                round,
+                attempt,
+                "{got} of the {needed} client results a round needs; sampling again"
+            );
+        }
+        Err(FlError::TooFewResults {
+            round,
+            got,
+            needed,
+            attempts: MAX_ROUND_ATTEMPTS,
+        })
     }
 
     /// Whether every configured round has run.

@@ -66,14 +66,30 @@ impl AggregationScope {
 /// increasing id order (aggregation runs in that order, so results do not depend on which
 /// client finished first).
 pub fn sample_clients(round: usize, clients: usize, fraction: f64, run_seed: u64) -> Vec<usize> {
+    draw_clients(clients, fraction, run_seed, &[round as u64])
+}
+
+fn draw_clients(clients: usize, fraction: f64, run_seed: u64, coords: &[u64]) -> Vec<usize> {
     let take = ((fraction * clients as f64).round() as usize).clamp(1, clients);
     if take == clients {
         return (0..clients).collect();
     }
-    let seed = derive(run_seed, Purpose::Sampling, &[round as u64]);
+    let seed = derive(run_seed, Purpose::Sampling, coords);
     let mut chosen = sample(&mut ChaCha8Rng::seed_from_u64(seed), clients, take).into_vec();
     chosen.sort_unstable();
     chosen
+}
+
+/// The clients of attempt `attempt` (>= 1) at a round whose earlier attempts returned too few
+/// results: a new seeded sample of the same size, drawn apart from the first.
+pub fn resample_clients(
+    round: usize,
+    attempt: usize,
+    clients: usize,
+    fraction: f64,
+    run_seed: u64,
+) -> Vec<usize> {
+    draw_clients(clients, fraction, run_seed, &[round as u64, attempt as u64])
 }
 
 /// A federated strategy.

@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 
 use fedra_data::TrainTest;
 use fedra_data::stats::partition_stats;
-use fedra_fl::{ExperimentConfig, Federation, RoundMetrics};
+use fedra_fl::{Executor, ExperimentConfig, Federation, RoundMetrics};
 
 use crate::checkpoint;
 use crate::error::{SimError, io};
@@ -57,7 +57,9 @@ pub struct Run {
     pub federation: Federation,
     pub data: TrainTest,
     pub dir: PathBuf,
-    executor: ParallelExecutor,
+    executor: Box<dyn Executor>,
+    threads: usize,
+    checkpoint_every: usize,
     mean_emd: f64,
     started: Instant,
 }
@@ -172,6 +174,20 @@ impl Run {
         dir: &Path,
         threads: usize,
     ) -> Result<Run, SimError> {
+        let executor = Box::new(ParallelExecutor::new(threads)?);
+        Run::start_with(config, data, dir, threads, executor)
+    }
+
+    /// [`Run::start`] with clients trained by `executor` (remote clients, say) instead of
+    /// in-process threads; `threads` is what the server's own work (evaluation, the SGD twin)
+    /// may use.
+    pub fn start_with(
+        config: ExperimentConfig,
+        data: TrainTest,
+        dir: &Path,
+        threads: usize,
+        executor: Box<dyn Executor>,
+    ) -> Result<Run, SimError> {
         if checkpoint::checkpoint_dir(dir).exists() || dir.join("metrics.csv").exists() {
             return Err(SimError::Checkpoint {
                 path: dir.to_path_buf(),
@@ -182,7 +198,7 @@ impl Run {
         let data = config.data.select(data)?;
         std::fs::create_dir_all(dir).map_err(io(dir))?;
         let federation = Federation::new(config, &data, threads)?;
-        let run = Run::assemble(federation, data, dir, threads)?;
+        let run = Run::assemble(federation, data, dir, threads, executor)?;
         write_atomic(
             &dir.join("config.toml"),
             run.federation.config.to_toml_string().as_bytes(),
@@ -202,10 +218,21 @@ impl Run {
     /// The global model comes from the checkpoint: `model.init` is not read and the
     /// data-sharing warm-up does not run again.
     pub fn resume(dir: &Path, data: TrainTest, threads: usize) -> Result<Run, SimError> {
+        let executor = Box::new(ParallelExecutor::new(threads)?);
+        Run::resume_with(dir, data, threads, executor)
+    }
+
+    /// [`Run::resume`] with clients trained by `executor`.
+    pub fn resume_with(
+        dir: &Path,
+        data: TrainTest,
+        threads: usize,
+        executor: Box<dyn Executor>,
+    ) -> Result<Run, SimError> {
         let config = ExperimentConfig::from_file(&dir.join("config.toml"))?;
         let data = config.data.select(data)?;
         let federation = checkpoint::load(dir, config, &data, threads)?;
-        let run = Run::assemble(federation, data, dir, threads)?;
+        let run = Run::assemble(federation, data, dir, threads, executor)?;
         run.write_metrics()?;
         Ok(run)
     }
@@ -215,13 +242,16 @@ impl Run {
         data: TrainTest,
         dir: &Path,
         threads: usize,
+        executor: Box<dyn Executor>,
     ) -> Result<Run, SimError> {
         let mean_emd = partition_stats(&data.train.labels, &federation.partition).mean_emd;
         Ok(Run {
+            checkpoint_every: federation.config.run.checkpoint_every,
             federation,
             data,
             dir: dir.to_path_buf(),
-            executor: ParallelExecutor::new(threads)?,
+            executor,
+            threads: threads.max(1),
             mean_emd,
             started: Instant::now(),
         })
@@ -234,11 +264,13 @@ impl Run {
         if fresh {
             self.write_metrics()?;
         }
-        let row = self.federation.run_round(&self.data, &self.executor)?;
+        let row = self
+            .federation
+            .run_round(&self.data, self.executor.as_ref())?;
         if row.is_some() {
             self.write_metrics()?;
         }
-        let every = self.federation.config.run.checkpoint_every;
+        let every = self.checkpoint_every;
         if every > 0
             && self.federation.rounds_done.is_multiple_of(every)
             && !self.federation.finished()
@@ -277,7 +309,7 @@ impl Run {
             } else {
                 0.0
             },
-            threads: self.executor.threads(),
+            threads: self.threads,
             peak_rss_mib: peak_rss_mib(),
         };
         let json = serde_json::to_string_pretty(&summary).expect("summary serialises");
@@ -287,6 +319,13 @@ impl Run {
             std::fs::remove_dir_all(&ckpt).map_err(io(&ckpt))?;
         }
         Ok(summary)
+    }
+
+    /// Checkpoint every `rounds` rounds instead of `run.checkpoint_every` (a server checkpoints
+    /// every round: its clients' work is the expensive part to lose). The configuration, and so
+    /// the run folder's identity, is unchanged.
+    pub fn set_checkpoint_every(&mut self, rounds: usize) {
+        self.checkpoint_every = rounds;
     }
 
     /// Seconds since this process started or resumed the run.

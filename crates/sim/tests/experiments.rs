@@ -82,11 +82,22 @@ fn load_dataset(name: DatasetName) -> TrainTest {
             test: data.test.subset(&(0..MAX_TEST).collect::<Vec<_>>()),
         };
     }
-    // Every clip of the shared subset is in the testing split: train on four in five of them.
+    // Every clip of the shared subset is in the testing split: train on four in five of each
+    // keyword's clips.
     assert!(data.train.is_empty(), "the subset gained a training split");
+    // The clips come in class order and the runs keep only a file-order prefix, so interleave
+    // the classes (first clip of each class, then the second, ...) to keep every class in it.
     let all = data.test;
-    let train: Vec<usize> = (0..all.len()).filter(|i| i % 5 != 0).collect();
-    let test: Vec<usize> = (0..all.len()).filter(|i| i % 5 == 0).collect();
+    let mut seen = vec![0usize; all.class_names.len()];
+    let mut rank = Vec::with_capacity(all.len());
+    for &label in &all.labels {
+        rank.push(seen[label as usize]);
+        seen[label as usize] += 1;
+    }
+    let mut order: Vec<usize> = (0..all.len()).collect();
+    order.sort_by_key(|&i| (rank[i], all.labels[i]));
+    // Every fifth clip of each class is a test clip.
+    let (test, train): (Vec<usize>, Vec<usize>) = order.iter().partition(|&&i| rank[i] % 5 == 0);
     TrainTest {
         train: all.subset(&train),
         test: all.subset(&test),

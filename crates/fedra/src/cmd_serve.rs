@@ -1,0 +1,233 @@
+//! `fedra serve`: run an experiment's round loop with remote clients (`fedra join`), writing
+//! the same run folder as `fedra run`, with a checkpoint after every round.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+
+use anyhow::{Context, bail};
+
+use fedra_fl::ExperimentConfig;
+use fedra_fl::federation::model_spec;
+use fedra_fl::sweep::expand;
+use fedra_net::pki;
+use fedra_net::server::{ServerSettings, start};
+use fedra_net::wire::Layout;
+use fedra_nn::Model;
+use fedra_sim::{Run, RunFolder};
+
+use crate::cmd_run::{describe, load_data, print_summary};
+
+#[derive(clap::Args)]
+pub struct ServeArgs {
+    /// Experiment file (TOML); its optional [deploy] table says how many clients to wait for,
+    /// how long a round may take and who may join.
+    #[arg(required_unless_present = "resume")]
+    config: Option<PathBuf>,
+    /// Address to listen on (port 0: a free port, printed at start).
+    #[arg(long, default_value = "127.0.0.1:7878")]
+    listen: SocketAddr,
+    /// Folder holding ca.pem, server.pem and server.key (`fedra certs` writes them). With
+    /// --local-clients and no --certs, certificates are made in RUN_DIR/certs.
+    #[arg(long)]
+    certs: Option<PathBuf>,
+    /// Run folder: config.toml, metrics.csv, summary.json, final.safetensors, checkpoint/.
+    #[arg(long)]
+    out: PathBuf,
+    /// Continue the run in --out from its last checkpoint; clients reconnect by themselves.
+    #[arg(long)]
+    resume: bool,
+    /// Test data for evaluating the global model on the server (and the dataset's training
+    /// labels for the partition the --shard clients use). Without it, MNIST uses the embedded
+    /// subset.
+    #[arg(long, env = "FEDRA_DATA")]
+    data_dir: Option<PathBuf>,
+    /// Apply the experiment's `[profile.NAME]` overrides.
+    #[arg(long)]
+    profile: Option<String>,
+    /// Threads for the server's own work (evaluation, the SGD twin).
+    #[arg(long, default_value_t = 1)]
+    threads: usize,
+    /// Also start N `fedra join --shard K` processes against this server on 127.0.0.1: a real
+    /// multi-process federation on one machine.
+    #[arg(long)]
+    local_clients: Option<usize>,
+}
+
+fn experiment(args: &ServeArgs) -> anyhow::Result<ExperimentConfig> {
+    let mut config = if args.resume {
+        ExperimentConfig::from_file(&args.out.join("config.toml"))
+            .with_context(|| format!("--resume: no run to resume in {}", args.out.display()))?
+    } else {
+        let path = args.config.as_ref().expect("clap requires it");
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read experiment {}", path.display()))?;
+        let mut cells = expand(&text, &path.display().to_string(), args.profile.as_deref())?;
+        if cells.len() != 1 {
+            bail!(
+                "{} expands to {} runs; `fedra serve` runs one experiment (use --profile, or a \
+                 file without [sweep])",
+                path.display(),
+                cells.len()
+            );
+        }
+        cells.pop().expect("one cell").config
+    };
+    if args.data_dir.is_some() {
+        config.data.data_dir = args.data_dir.clone();
+    }
+    config.validate("experiment")?;
+    Ok(config)
+}
+
+/// Start `n` clients on this machine, each acting as its simulation shard.
+fn local_clients(
+    n: usize,
+    addr: SocketAddr,
+    certs: &Path,
+    data_dir: Option<&Path>,
+) -> anyhow::Result<Vec<Child>> {
+    let exe = std::env::current_exe().context("cannot find the fedra executable")?;
+    let mut children = Vec::new();
+    for k in 0..n {
+        let mut cmd = Command::new(&exe);
+        cmd.args(["join", "--server"])
+            .arg(format!("127.0.0.1:{}", addr.port()))
+            .args(["--server-name", "localhost", "--id"])
+            .arg(format!("c{k}"))
+            .arg("--certs")
+            .arg(certs)
+            .arg("--shard")
+            .arg(k.to_string());
+        if let Some(dir) = data_dir {
+            cmd.arg("--data-dir").arg(dir);
+        }
+        if std::env::var_os("RUST_LOG").is_none() {
+            cmd.env("RUST_LOG", "warn");
+        }
+        children.push(
+            cmd.spawn()
+                .with_context(|| format!("cannot start local client c{k}"))?,
+        );
+    }
+    Ok(children)
+}
+
+pub fn run(args: ServeArgs) -> anyhow::Result<()> {
+    if args.threads == 0 {
+        bail!("--threads must be at least 1");
+    }
+    let config = experiment(&args)?;
+    let folder = Run::inspect(&args.out, &config)?;
+    match (&folder, args.resume) {
+        (RunFolder::Finished(_), _) => bail!("{} holds a finished run", args.out.display()),
+        (RunFolder::Checkpointed, false) => bail!(
+            "{} holds an interrupted run: add --resume to continue it",
+            args.out.display()
+        ),
+        (RunFolder::Empty | RunFolder::Unfinished, true) => bail!(
+            "--resume: {} holds no checkpoint to resume from",
+            args.out.display()
+        ),
+        _ => {}
+    }
+    let certs = match (&args.certs, args.local_clients) {
+        (Some(dir), _) => dir.clone(),
+        (None, Some(n)) => {
+            let dir = args.out.join("certs");
+            if !dir.join("ca.pem").exists() {
+                let ids: Vec<String> = (0..n).map(|k| format!("c{k}")).collect();
+                pki::generate(&dir, &["localhost".into(), "127.0.0.1".into()], &ids)?;
+            }
+            dir
+        }
+        (None, None) => bail!("--certs is required (or --local-clients for a one-machine try)"),
+    };
+    let tls = pki::server_tls(&certs)?;
+    let data = load_data(&config)?;
+    let selected = config.data.select(data.clone())?;
+    let spec = model_spec(&config, &selected.train)?;
+    let layout = Layout::of(&Model::new(&spec, 0)?);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    let settings = ServerSettings {
+        experiment_toml: config.to_toml_string(),
+        clients: config.partition.clients,
+        deploy: config.deploy.clone().unwrap_or_default(),
+        layout,
+        threads: args.threads,
+    };
+    let (mut server, executor) = start(runtime.handle(), args.listen, tls, settings)?;
+    let announcer = server.announcer();
+    runtime.spawn(async move {
+        fedra_net::client::interrupted().await;
+        tracing::warn!(
+            "stopping on a signal: the last completed round's checkpoint stays for --resume"
+        );
+        announcer
+            .announce(false, "the server stopped; it may be resumed")
+            .await;
+        std::process::exit(0);
+    });
+    let threads = args.threads;
+    let data_dir = config.data.data_dir.clone();
+    let mut run = if args.resume {
+        let run = Run::resume_with(&args.out, data, threads, Box::new(executor))?;
+        eprintln!(
+            "resuming {} after round {}",
+            args.out.display(),
+            run.federation.rounds_done
+        );
+        run
+    } else {
+        eprintln!(
+            "{}: {} clients, scheme {}, {} rounds -> {}",
+            config.data.dataset,
+            config.partition.clients,
+            config.partition.scheme,
+            config.train.rounds,
+            args.out.display()
+        );
+        Run::start_with(config, data, &args.out, threads, Box::new(executor))?
+    };
+    run.set_checkpoint_every(1);
+    // Only a run that could be set up (partition, initial model) admits clients.
+    server.serve();
+    println!(
+        "listening on {} (TLS, client certificates from {})",
+        server.addr,
+        certs.display()
+    );
+    let mut children = match args.local_clients {
+        Some(n) => local_clients(n, server.addr, &certs, data_dir.as_deref())?,
+        None => Vec::new(),
+    };
+    let outcome = (|| -> anyhow::Result<fedra_sim::Summary> {
+        while !run.federation.finished() {
+            if let Some(row) = run.step()? {
+                println!("{}", describe(&row));
+            }
+        }
+        Ok(run.finish()?)
+    })();
+    match outcome {
+        Ok(summary) => {
+            server.finish(true, "run complete");
+            print_summary(&args.out.display().to_string(), &summary);
+            for child in &mut children {
+                let _ = child.wait();
+            }
+            Ok(())
+        }
+        Err(e) => {
+            server.finish(false, &format!("the server failed: {e:#}"));
+            for child in &mut children {
+                let _ = child.wait();
+            }
+            Err(e)
+        }
+    }
+}

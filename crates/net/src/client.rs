@@ -1,0 +1,568 @@
+//! The joining client (`fedra join`): connect with its certificate, learn the experiment, load
+//! its own data, then train every task the server sends with the simulation's client code and
+//! return the update. Network errors and server restarts are retried with exponential backoff
+//! and jitter; a refusal of the client's identity (certificate, allow-list) or a server whose
+//! certificate does not verify is final.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rand::Rng;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::Code;
+use tonic::transport::Endpoint;
+
+use fedra_data::TrainTest;
+use fedra_fl::federation::model_spec;
+use fedra_fl::{ExperimentConfig, Federation, FitConfig, FitJob, run_job};
+use fedra_nn::{Model, ModelSpec, SgdConfig};
+
+use crate::error::NetError;
+use crate::proto::federation_client::FederationClient;
+use crate::proto::{
+    ClientMessage, FitTask, Goodbye, Hello, Ready, UpdateEnd, UpdateHeader, client_message,
+    server_message,
+};
+use crate::server::{KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT, bn_from_name};
+use crate::wire::{Assembler, Layout};
+use crate::{MAX_MESSAGE_BYTES, PROTOCOL, pki};
+
+/// How a client joins.
+#[derive(Clone, Debug)]
+pub struct JoinOptions {
+    /// `HOST:PORT` of the server.
+    pub server: String,
+    /// The name the server's certificate must carry (default: HOST).
+    pub server_name: Option<String>,
+    /// This client's id: its certificate is `CERTS/ID.pem`.
+    pub id: String,
+    pub certs: PathBuf,
+    /// Act as simulation client K of the experiment's partition of this client's data.
+    pub shard: Option<usize>,
+    /// GEMM threads for local training.
+    pub threads: usize,
+    /// Present the client certificate (false only shows the server refusing a client without).
+    pub present_certificate: bool,
+    /// Longest wait between reconnection attempts.
+    pub max_backoff: Duration,
+}
+
+/// How a session ended without an error.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Outcome {
+    /// The run finished.
+    Complete(String),
+    /// The server stopped early (it may be resumed), or this client was interrupted.
+    Stopped(String),
+}
+
+/// Loads the data an experiment names, from this client's own disk.
+pub type DataLoader = dyn Fn(&ExperimentConfig) -> Result<TrainTest, String> + Send + Sync;
+
+/// The data of one experiment (cut as it says), loaded once for all the clients of a process.
+#[derive(Default)]
+struct DataCache {
+    loaded: std::sync::Mutex<Option<(String, Arc<TrainTest>)>>,
+}
+
+impl DataCache {
+    fn get(
+        &self,
+        toml: &str,
+        config: &ExperimentConfig,
+        load: &DataLoader,
+    ) -> Result<Arc<TrainTest>, NetError> {
+        let mut loaded = self.loaded.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((t, data)) = loaded.as_ref()
+            && t == toml
+        {
+            return Ok(data.clone());
+        }
+        let data = load(config).map_err(NetError::Other)?;
+        let data = Arc::new(config.data.select(data)?);
+        *loaded = Some((toml.to_string(), data.clone()));
+        Ok(data)
+    }
+}
+
+/// Everything a client prepares once per experiment.
+struct Prepared {
+    toml: String,
+    index: usize,
+    config: ExperimentConfig,
+    data: Arc<TrainTest>,
+    indices: Vec<usize>,
+    spec: ModelSpec,
+    layout: Layout,
+}
+
+/// Why a session ended badly.
+enum Failure {
+    /// Retrying cannot help (identity refused, bad certificate files, bad experiment).
+    Final(NetError),
+    /// A network error or a server restart: try again. `welcomed`: the session got as far as
+    /// the server's Welcome (the backoff starts over).
+    Retry { reason: String, welcomed: bool },
+}
+
+fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}
+
+/// Whether a transport failure is TLS refusing an identity (ours or the server's): final.
+fn is_certificate_failure(chain: &str) -> bool {
+    let lower = chain.to_ascii_lowercase();
+    lower.contains("certificate") || lower.contains("fatal alert") || lower.contains("unknownca")
+}
+
+fn from_status(status: &tonic::Status, welcomed: bool) -> Failure {
+    let chain = error_chain(status);
+    match status.code() {
+        Code::Unauthenticated | Code::PermissionDenied => {
+            Failure::Final(NetError::Refused(status.message().to_string()))
+        }
+        Code::InvalidArgument | Code::FailedPrecondition => {
+            Failure::Final(NetError::Refused(status.message().to_string()))
+        }
+        _ if is_certificate_failure(&chain) => Failure::Final(NetError::Refused(format!(
+            "TLS refused the connection: {chain}"
+        ))),
+        _ => Failure::Retry {
+            reason: chain,
+            welcomed,
+        },
+    }
+}
+
+/// Resolves on SIGINT or SIGTERM.
+pub async fn interrupted() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime, NetError> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|e| NetError::Other(format!("cannot start the async runtime: {e}")))
+}
+
+/// Take part in the federation at `opts.server` until the run is over. `load` reads this
+/// client's data for the experiment the server names.
+pub fn join(opts: &JoinOptions, load: &DataLoader) -> Result<Outcome, NetError> {
+    if !pki::valid_client_id(&opts.id) {
+        return Err(NetError::Other(format!(
+            "--id {:?} is not a valid client id",
+            opts.id
+        )));
+    }
+    runtime()?.block_on(member(opts, &DataCache::default(), load))
+}
+
+/// Run `n` clients in this process (a load test or a demonstration): client k has id
+/// `opts.id` followed by k (its certificate `CERTS/IDk.pem`) and acts as simulation client k.
+/// The data is loaded once for all of them. Returns each client's outcome, or the first error.
+pub fn join_swarm(
+    opts: &JoinOptions,
+    n: usize,
+    load: Arc<DataLoader>,
+) -> Result<Vec<Outcome>, NetError> {
+    let ids: Vec<String> = (0..n).map(|k| format!("{}{k}", opts.id)).collect();
+    if let Some(bad) = ids.iter().find(|id| !pki::valid_client_id(id)) {
+        return Err(NetError::Other(format!("client id {bad:?} is not valid")));
+    }
+    let cache = Arc::new(DataCache::default());
+    runtime()?.block_on(async {
+        let mut members = tokio::task::JoinSet::new();
+        for (k, id) in ids.into_iter().enumerate() {
+            let opts = JoinOptions {
+                id,
+                shard: Some(k),
+                ..opts.clone()
+            };
+            let (cache, load) = (cache.clone(), load.clone());
+            members.spawn(async move {
+                let outcome = member(&opts, &cache, load.as_ref()).await;
+                (k, opts.id, outcome)
+            });
+        }
+        let mut outcomes = vec![None; n];
+        while let Some(done) = members.join_next().await {
+            let (k, id, outcome) =
+                done.map_err(|e| NetError::Other(format!("a swarm client stopped: {e}")))?;
+            let outcome = outcome.map_err(|e| NetError::Other(format!("client {id}: {e}")))?;
+            outcomes[k] = Some(outcome);
+        }
+        Ok(outcomes.into_iter().map(|o| o.expect("joined")).collect())
+    })
+}
+
+/// One client's life: sessions and reconnections with backoff, until the run is over.
+async fn member(
+    opts: &JoinOptions,
+    cache: &DataCache,
+    load: &DataLoader,
+) -> Result<Outcome, NetError> {
+    let mut prepared: Option<Arc<Prepared>> = None;
+    let mut backoff = Duration::from_millis(500);
+    loop {
+        match session(opts, &mut prepared, cache, load).await {
+            Ok(outcome) => return Ok(outcome),
+            Err(Failure::Final(e)) => return Err(e),
+            Err(Failure::Retry { reason, welcomed }) => {
+                if welcomed {
+                    backoff = Duration::from_millis(500);
+                }
+                // Jitter spreads a federation's reconnections after a server restart.
+                let jitter = rand::rng().random_range(0.75..1.25);
+                let wait = backoff.mul_f64(jitter);
+                tracing::warn!(
+                    client = %opts.id,
+                    "{reason}; reconnecting in {:.1} s",
+                    wait.as_secs_f64()
+                );
+                tokio::select! {
+                    _ = tokio::time::sleep(wait) => {}
+                    _ = interrupted() => return Ok(Outcome::Stopped("interrupted".into())),
+                }
+                backoff = (backoff * 2).min(opts.max_backoff);
+            }
+        }
+    }
+}
+
+fn message(body: client_message::Body) -> ClientMessage {
+    ClientMessage { body: Some(body) }
+}
+
+/// One session, from connecting to its end.
+async fn session(
+    opts: &JoinOptions,
+    prepared: &mut Option<Arc<Prepared>>,
+    cache: &DataCache,
+    load: &DataLoader,
+) -> Result<Outcome, Failure> {
+    let host = opts
+        .server
+        .rsplit_once(':')
+        .map_or(opts.server.as_str(), |(h, _)| h)
+        .trim_start_matches('[')
+        .trim_end_matches(']');
+    let server_name = opts.server_name.as_deref().unwrap_or(host);
+    let tls = pki::client_tls(&opts.certs, &opts.id, server_name, opts.present_certificate)
+        .map_err(Failure::Final)?;
+    let endpoint = Endpoint::from_shared(format!("https://{}", opts.server))
+        .map_err(|e| {
+            Failure::Final(NetError::Address {
+                addr: opts.server.clone(),
+                message: e.to_string(),
+            })
+        })?
+        .tls_config(tls)
+        .map_err(|e| Failure::Final(e.into()))?
+        .connect_timeout(Duration::from_secs(10))
+        .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
+        .keep_alive_timeout(KEEPALIVE_TIMEOUT)
+        .keep_alive_while_idle(true);
+    let channel = endpoint.connect().await.map_err(|e| {
+        let chain = error_chain(&e);
+        if is_certificate_failure(&chain) {
+            Failure::Final(NetError::Refused(format!("TLS failed: {chain}")))
+        } else {
+            Failure::Retry {
+                reason: format!("cannot connect to {}: {chain}", opts.server),
+                welcomed: false,
+            }
+        }
+    })?;
+    let mut client = FederationClient::new(channel)
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    let (tx, rx) = mpsc::channel::<ClientMessage>(8);
+    let hello = message(client_message::Body::Hello(Hello {
+        protocol: PROTOCOL,
+        shard: opts.shard.map(|k| k as u64),
+    }));
+    // The channel was just made: it has room.
+    let _ = tx.try_send(hello);
+    let mut inbound = client
+        .session(ReceiverStream::new(rx))
+        .await
+        .map_err(|s| from_status(&s, false))?
+        .into_inner();
+    let mut welcomed = false;
+    let mut task: Option<(FitTask, Assembler, Arc<Prepared>)> = None;
+    let lost = |reason: String, welcomed: bool| Failure::Retry { reason, welcomed };
+    loop {
+        let msg = tokio::select! {
+            msg = inbound.message() => msg,
+            _ = interrupted() => {
+                let _ = tx.send(message(client_message::Body::Goodbye(Goodbye {
+                    reason: "interrupted".into(),
+                }))).await;
+                drop(tx);
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                return Ok(Outcome::Stopped("interrupted".into()));
+            }
+        };
+        let msg = match msg {
+            Ok(Some(msg)) => msg,
+            Ok(None) => return Err(lost("the server closed the session".into(), welcomed)),
+            Err(status) => return Err(from_status(&status, welcomed)),
+        };
+        let Some(body) = msg.body else {
+            return Err(Failure::Final(NetError::Protocol(
+                "the server sent an empty message".into(),
+            )));
+        };
+        match body {
+            server_message::Body::Welcome(welcome) => {
+                if welcome.protocol != PROTOCOL {
+                    return Err(Failure::Final(NetError::Protocol(format!(
+                        "the server speaks protocol {}, this client {PROTOCOL}",
+                        welcome.protocol
+                    ))));
+                }
+                let index = usize::try_from(welcome.client).unwrap_or(usize::MAX);
+                let reuse = prepared
+                    .as_ref()
+                    .is_some_and(|p| p.toml == welcome.experiment_toml && p.index == index);
+                if !reuse {
+                    let toml = welcome.experiment_toml;
+                    let p = tokio::task::block_in_place(|| {
+                        prepare(toml, index, opts.shard, opts.threads, cache, load)
+                    })
+                    .map_err(Failure::Final)?;
+                    tracing::info!(
+                        client = %opts.id,
+                        "joined as client {index}: {} on {} training examples",
+                        p.config.data.dataset,
+                        p.indices.len()
+                    );
+                    *prepared = Some(Arc::new(p));
+                } else {
+                    tracing::info!(client = %opts.id, "joined again as client {index}");
+                }
+                welcomed = true;
+                let p = prepared.as_ref().expect("prepared above");
+                let ready = message(client_message::Body::Ready(Ready {
+                    num_examples: p.indices.len() as u64,
+                }));
+                if tx.send(ready).await.is_err() {
+                    return Err(lost("the session closed".into(), welcomed));
+                }
+            }
+            server_message::Body::Fit(fit) => {
+                let Some(p) = prepared.clone() else {
+                    return Err(Failure::Final(NetError::Protocol(
+                        "a task before Welcome".into(),
+                    )));
+                };
+                task = Some((fit, Assembler::new(&p.layout), p));
+            }
+            server_message::Body::Chunk(chunk) => {
+                let Some((_, assembler, _)) = task.as_mut() else {
+                    return Err(Failure::Final(NetError::Protocol(
+                        "weights outside a task".into(),
+                    )));
+                };
+                assembler.push(&chunk).map_err(|e| {
+                    Failure::Final(NetError::Protocol(format!("task weights: {e}")))
+                })?;
+            }
+            server_message::Body::TaskEnd(_) => {
+                let Some((fit, assembler, p)) = task.take() else {
+                    return Err(Failure::Final(NetError::Protocol(
+                        "a task end without a task".into(),
+                    )));
+                };
+                let (params, buffers) = assembler.finish().map_err(|e| {
+                    Failure::Final(NetError::Protocol(format!("task weights: {e}")))
+                })?;
+                let round = fit.round;
+                let threads = opts.threads;
+                let p2 = p.clone();
+                let fit2 = fit.clone();
+                let training = tokio::task::spawn_blocking(move || {
+                    train(&p2, &fit2, params, buffers, threads)
+                });
+                let outcome = tokio::select! {
+                    done = training => done,
+                    _ = interrupted() => {
+                        let _ = tx.send(message(client_message::Body::Goodbye(Goodbye {
+                            reason: "interrupted".into(),
+                        }))).await;
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                        return Ok(Outcome::Stopped("interrupted".into()));
+                    }
+                };
+                let result = match outcome {
+                    Ok(Ok(result)) => result,
+                    Ok(Err(e)) => {
+                        // The server drops this client from the round when no update comes;
+                        // say why and leave rather than train on.
+                        let reason = format!("training failed in round {round}: {e}");
+                        let _ = tx
+                            .send(message(client_message::Body::Goodbye(Goodbye {
+                                reason: reason.clone(),
+                            })))
+                            .await;
+                        return Err(Failure::Final(NetError::Other(reason)));
+                    }
+                    Err(e) => {
+                        return Err(Failure::Final(NetError::Other(format!(
+                            "training in round {round} stopped: {e}"
+                        ))));
+                    }
+                };
+                let mut messages = vec![message(client_message::Body::Update(UpdateHeader {
+                    round,
+                    task: fit.task,
+                    num_examples: result.num_examples as u64,
+                    train_loss: result.train_loss,
+                    examples_seen: result.examples_seen as u64,
+                }))];
+                messages.extend(
+                    p.layout
+                        .chunks(&result.params, &result.buffers)
+                        .into_iter()
+                        .map(|c| message(client_message::Body::Chunk(c))),
+                );
+                messages.push(message(client_message::Body::UpdateEnd(UpdateEnd {})));
+                for m in messages {
+                    if tx.send(m).await.is_err() {
+                        return Err(lost("the session closed while sending".into(), welcomed));
+                    }
+                }
+                tracing::info!(
+                    client = %opts.id,
+                    round,
+                    train_loss = result.train_loss,
+                    "update sent ({} examples)",
+                    result.num_examples
+                );
+            }
+            server_message::Body::Finished(finished) => {
+                tracing::info!(client = %opts.id, "the server ended the run: {}", finished.reason);
+                let _ = tx
+                    .send(message(client_message::Body::Goodbye(Goodbye {
+                        reason: "the run is over".into(),
+                    })))
+                    .await;
+                drop(tx);
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                return Ok(if finished.complete {
+                    Outcome::Complete(finished.reason)
+                } else {
+                    Outcome::Stopped(finished.reason)
+                });
+            }
+        }
+    }
+}
+
+/// Load the data and work out which examples this client trains on.
+fn prepare(
+    toml: String,
+    index: usize,
+    shard: Option<usize>,
+    threads: usize,
+    cache: &DataCache,
+    load: &DataLoader,
+) -> Result<Prepared, NetError> {
+    let config = ExperimentConfig::from_toml_str(&toml, "the server's experiment")?;
+    config.validate("the server's experiment")?;
+    let data = cache.get(&toml, &config, load)?;
+    let spec = model_spec(&config, &data.train)?;
+    let indices = match shard {
+        Some(k) => {
+            // The simulation's partition (and data sharing) of this copy of the dataset.
+            let start = Model::new(&spec, config.run.seed)?;
+            let fed = Federation::with_global(config.clone(), &data, threads, start)?;
+            fed.partition.clients.get(k).cloned().ok_or_else(|| {
+                NetError::Other(format!(
+                    "shard {k} does not exist: the partition has {} clients",
+                    fed.partition.clients.len()
+                ))
+            })?
+        }
+        None => (0..data.train.len()).collect(),
+    };
+    if indices.is_empty() {
+        return Err(NetError::Other(format!(
+            "client {index} has no training examples"
+        )));
+    }
+    let layout = Layout::of(&Model::new(&spec, 0)?);
+    Ok(Prepared {
+        toml,
+        index,
+        config,
+        data,
+        indices,
+        spec,
+        layout,
+    })
+}
+
+/// One task's local training, with the simulation's client code.
+fn train(
+    p: &Prepared,
+    fit: &FitTask,
+    params: Vec<f32>,
+    buffers: Vec<f32>,
+    threads: usize,
+) -> Result<fedra_fl::FitResult, NetError> {
+    let bn = bn_from_name(&fit.bn)
+        .ok_or_else(|| NetError::Protocol(format!("unknown BatchNorm policy {:?}", fit.bn)))?;
+    let mut start = Model::new(&p.spec, 0)?;
+    start.params_mut().copy_from_slice(&params);
+    start.buffers_mut().copy_from_slice(&buffers);
+    let config = FitConfig {
+        round: usize::try_from(fit.round).unwrap_or(usize::MAX),
+        run_seed: fit.run_seed,
+        local_epochs: fit.local_epochs as usize,
+        batch_size: usize::try_from(fit.batch_size).unwrap_or(usize::MAX),
+        sgd: SgdConfig {
+            lr: fit.lr,
+            momentum: fit.momentum,
+            weight_decay: fit.weight_decay,
+        },
+        bn,
+        prox_mu: fit.prox_mu,
+    };
+    let job = FitJob {
+        client: p.index,
+        indices: &p.indices,
+        start,
+        config,
+    };
+    Ok(run_job(job, &p.data.train, threads)?)
+}

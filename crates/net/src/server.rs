@@ -1,0 +1,1065 @@
+//! The server side: a gRPC service that admits clients by certificate, and a [`NetExecutor`] that
+//! gives the round loop (`fedra_fl::Federation`, driven by `fedra_sim::Run`) remote clients in
+//! place of in-process threads.
+//!
+//! Each client holds one session. Its messages are read by a task of its own, which rebuilds
+//! updates with a [`wire::Assembler`] (refusing wrong names, shapes, counts and non-finite
+//! values) and hands them to the executor as [`Event`]s; the executor sends a round's tasks,
+//! waits for the answers up to `deploy.round_timeout_s`, and returns a result or an
+//! [`FlError::Dropped`] per client. An update for another round or task than the one in flight
+//! is discarded and logged, so late and replayed updates never reach an aggregate.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
+use tonic::transport::{Server, ServerTlsConfig};
+use tonic::{Request, Response, Status, Streaming};
+
+use fedra_data::Dataset;
+use fedra_fl::config::DeployConfig;
+use fedra_fl::{CENTRAL_ID, Executor, FitJob, FitResult, FlError, run_job};
+
+use crate::error::NetError;
+use crate::proto::federation_server::{Federation, FederationServer};
+use crate::proto::{
+    ClientMessage, Finished, FitTask, ServerMessage, TaskEnd, Welcome, client_message,
+    server_message,
+};
+use crate::wire::{Assembler, Layout};
+use crate::{MAX_MESSAGE_BYTES, PROTOCOL};
+
+/// Messages queued towards one client before its sender waits.
+const OUTBOX: usize = 8;
+
+/// How long a new session may take to say Hello.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// HTTP/2 keep-alive: a peer that stops answering pings is found dead within interval + timeout,
+/// whatever it is doing; a client busy training still answers (its transport runs apart from
+/// the training thread).
+pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// What the server needs to know to admit clients and talk to them.
+#[derive(Clone, Debug)]
+pub struct ServerSettings {
+    /// The experiment as `config.toml` holds it, sent to every client.
+    pub experiment_toml: String,
+    /// `partition.clients`: client indices run from 0 to this.
+    pub clients: usize,
+    pub deploy: DeployConfig,
+    /// The model's tensors, which every update must match.
+    pub layout: Layout,
+    /// GEMM threads for the server's own training jobs (the SGD twin, the baseline).
+    pub threads: usize,
+}
+
+/// One connected client.
+struct Session {
+    id: String,
+    session: u64,
+    outbox: mpsc::Sender<Result<ServerMessage, Status>>,
+    /// Training examples the client said it holds (`Ready`); `None` until it is ready.
+    declared: Option<u64>,
+}
+
+/// Who is connected, and which index each client id holds.
+#[derive(Default)]
+struct Roster {
+    connected: BTreeMap<usize, Session>,
+    /// Indices handed out, kept across reconnects so a client returns to its own index.
+    index_of: BTreeMap<String, usize>,
+    next_session: u64,
+}
+
+impl Roster {
+    fn ready(&self) -> Vec<usize> {
+        self.connected
+            .iter()
+            .filter(|(_, s)| s.declared.is_some())
+            .map(|(&k, _)| k)
+            .collect()
+    }
+
+    fn ready_ids(&self) -> Vec<String> {
+        self.connected
+            .values()
+            .filter(|s| s.declared.is_some())
+            .map(|s| s.id.clone())
+            .collect()
+    }
+}
+
+/// What a client's reader task reports to the executor.
+enum Event {
+    Update {
+        client: usize,
+        session: u64,
+        round: u64,
+        task: u64,
+        /// The result, or why it was refused.
+        result: Result<FitResult, String>,
+    },
+    Left {
+        client: usize,
+        session: u64,
+        reason: String,
+    },
+}
+
+struct Shared {
+    settings: ServerSettings,
+    roster: Mutex<Roster>,
+    /// Signalled whenever a client becomes ready or leaves.
+    roster_changed: Condvar,
+    events: Mutex<Sender<Event>>,
+    /// Set once clients have been told the run is over: departures are then expected.
+    over: std::sync::atomic::AtomicBool,
+}
+
+impl Shared {
+    fn roster(&self) -> MutexGuard<'_, Roster> {
+        // A panic while holding the lock cannot leave the roster half-updated in a way that
+        // matters more than stopping the server would: keep serving.
+        self.roster.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn send_event(&self, event: Event) {
+        let events = self.events.lock().unwrap_or_else(|e| e.into_inner());
+        // The executor gone means the run is over; nothing is waiting for the event.
+        let _ = events.send(event);
+    }
+
+    /// Index for client `id` asking for `shard`, or the reason it cannot join.
+    fn assign_index(&self, roster: &Roster, id: &str, shard: Option<u64>) -> Result<usize, Status> {
+        let clients = self.settings.clients;
+        let taken_by = |index: usize| {
+            roster
+                .index_of
+                .iter()
+                .find(|(other, k)| **k == index && other.as_str() != id)
+                .map(|(other, _)| other.clone())
+        };
+        let index = if let Some(shard) = shard {
+            let shard = usize::try_from(shard).unwrap_or(usize::MAX);
+            if shard >= clients {
+                return Err(Status::invalid_argument(format!(
+                    "shard {shard} does not exist: the experiment has {clients} clients"
+                )));
+            }
+            shard
+        } else if let Some(allowed) = &self.settings.deploy.allowed_clients {
+            allowed
+                .iter()
+                .position(|a| a == id)
+                .ok_or_else(|| Status::permission_denied(format!("{id} is not allowed")))?
+        } else if let Some(&k) = roster.index_of.get(id) {
+            k
+        } else {
+            (0..clients)
+                .find(|&k| taken_by(k).is_none())
+                .ok_or_else(|| {
+                    Status::resource_exhausted(format!(
+                        "the federation is full: all {clients} client places are taken"
+                    ))
+                })?
+        };
+        if let Some(other) = taken_by(index) {
+            return Err(Status::already_exists(format!(
+                "client index {index} is held by {other}"
+            )));
+        }
+        Ok(index)
+    }
+}
+
+/// The gRPC service.
+struct Service {
+    shared: Arc<Shared>,
+}
+
+type Outbox = mpsc::Sender<Result<ServerMessage, Status>>;
+
+fn message(body: server_message::Body) -> ServerMessage {
+    ServerMessage { body: Some(body) }
+}
+
+#[tonic::async_trait]
+impl Federation for Service {
+    type SessionStream = ReceiverStream<Result<ServerMessage, Status>>;
+
+    async fn session(
+        &self,
+        request: Request<Streaming<ClientMessage>>,
+    ) -> Result<Response<Self::SessionStream>, Status> {
+        let peer = request
+            .remote_addr()
+            .map_or_else(|| "unknown address".to_string(), |a| a.to_string());
+        let id = request
+            .peer_certs()
+            .and_then(|certs| certs.first().and_then(|c| crate::pki::client_id(c)));
+        let Some(id) = id else {
+            tracing::warn!(%peer, "refused a session: its certificate names no valid client id");
+            return Err(Status::unauthenticated(
+                "the client certificate names no valid client id",
+            ));
+        };
+        let deploy = &self.shared.settings.deploy;
+        if let Some(allowed) = &deploy.allowed_clients
+            && !allowed.contains(&id)
+        {
+            tracing::warn!(%peer, client = %id, "refused: not in deploy.allowed_clients");
+            return Err(Status::permission_denied(format!(
+                "client {id} is not in this federation's allowed_clients"
+            )));
+        }
+        let mut inbound = request.into_inner();
+        let hello = match tokio::time::timeout(HELLO_TIMEOUT, inbound.message()).await {
+            Ok(Ok(Some(ClientMessage {
+                body: Some(client_message::Body::Hello(hello)),
+            }))) => hello,
+            Ok(Ok(_)) => {
+                return Err(Status::invalid_argument("a session must start with Hello"));
+            }
+            Ok(Err(status)) => return Err(status),
+            Err(_) => return Err(Status::deadline_exceeded("no Hello in time")),
+        };
+        if hello.protocol != PROTOCOL {
+            tracing::warn!(client = %id, protocol = hello.protocol, "refused: protocol version");
+            return Err(Status::failed_precondition(format!(
+                "this server speaks fedra protocol {PROTOCOL}, the client {}",
+                hello.protocol
+            )));
+        }
+        let (outbox, rx) = mpsc::channel(OUTBOX);
+        let (index, session) = {
+            let mut roster = self.shared.roster();
+            if roster.connected.values().any(|s| s.id == id) {
+                tracing::warn!(client = %id, %peer, "refused a second connection under an id already connected");
+                return Err(Status::already_exists(format!(
+                    "client {id} is already connected"
+                )));
+            }
+            let index = self
+                .shared
+                .assign_index(&roster, &id, hello.shard)
+                .inspect_err(|status| {
+                    tracing::warn!(client = %id, "refused: {}", status.message());
+                })?;
+            roster.next_session += 1;
+            let session = roster.next_session;
+            roster.index_of.insert(id.clone(), index);
+            roster.connected.insert(
+                index,
+                Session {
+                    id: id.clone(),
+                    session,
+                    outbox: outbox.clone(),
+                    declared: None,
+                },
+            );
+            (index, session)
+        };
+        tracing::info!(client = %id, index, %peer, "connected");
+        let welcome = message(server_message::Body::Welcome(Welcome {
+            protocol: PROTOCOL,
+            experiment_toml: self.shared.settings.experiment_toml.clone(),
+            client: index as u64,
+        }));
+        // The outbox was just made: it has room.
+        let _ = outbox.try_send(Ok(welcome));
+        let shared = self.shared.clone();
+        tokio::spawn(async move {
+            let reason = read_session(&shared, &id, index, session, &mut inbound).await;
+            let mut roster = shared.roster();
+            if roster
+                .connected
+                .get(&index)
+                .is_some_and(|s| s.session == session)
+            {
+                roster.connected.remove(&index);
+                let ready = roster.ready_ids();
+                drop(roster);
+                if shared.over.load(Ordering::SeqCst) {
+                    tracing::info!(client = %id, index, "left after the end of the run: {reason}");
+                } else {
+                    tracing::warn!(
+                        client = %id,
+                        index,
+                        "left: {reason} ({} ready: {})",
+                        ready.len(),
+                        ready.join(" ")
+                    );
+                }
+                shared.send_event(Event::Left {
+                    client: index,
+                    session,
+                    reason,
+                });
+                shared.roster_changed.notify_all();
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+}
+
+/// An update being received.
+struct Incoming {
+    round: u64,
+    task: u64,
+    num_examples: u64,
+    train_loss: f64,
+    examples_seen: u64,
+    assembler: Assembler,
+    /// The first thing wrong with it; later chunks are drained and ignored.
+    refused: Option<String>,
+}
+
+/// What one message from a client means.
+#[derive(Debug)]
+pub enum Step {
+    /// Nothing to act on yet (a chunk of an update).
+    Continue,
+    /// The client has its data and holds this many training examples.
+    Ready(u64),
+    /// A complete update for (round, task): the result, or why it is refused.
+    Update {
+        round: u64,
+        task: u64,
+        result: Result<FitResult, String>,
+    },
+    /// The session must end, for this reason.
+    End(String),
+}
+
+/// The per-session decoder of a client's messages after Hello: a state machine with no I/O,
+/// so that everything a peer can send is checked in one place (and fuzzed). It never panics
+/// and allocates only what the model's layout sizes, whatever it is given.
+pub struct SessionReader {
+    index: usize,
+    layout: Layout,
+    declared: Option<u64>,
+    incoming: Option<Incoming>,
+}
+
+impl SessionReader {
+    pub fn new(index: usize, layout: Layout) -> SessionReader {
+        SessionReader {
+            index,
+            layout,
+            declared: None,
+            incoming: None,
+        }
+    }
+
+    pub fn handle(&mut self, msg: ClientMessage) -> Step {
+        let Some(body) = msg.body else {
+            return Step::End("sent an empty message".into());
+        };
+        match body {
+            client_message::Body::Ready(ready) => {
+                if ready.num_examples == 0 {
+                    return Step::End("declared no training examples".into());
+                }
+                if self.declared.is_some() {
+                    return Step::End("said Ready twice".into());
+                }
+                self.declared = Some(ready.num_examples);
+                Step::Ready(ready.num_examples)
+            }
+            client_message::Body::Update(header) => {
+                if self.incoming.is_some() {
+                    return Step::End("started an update before finishing the previous one".into());
+                }
+                let refused = match self.declared {
+                    None => Some("sent an update before saying Ready".to_string()),
+                    Some(_) if header.num_examples == 0 => {
+                        Some("claims an update from 0 examples".to_string())
+                    }
+                    Some(d) if header.num_examples > d => Some(format!(
+                        "claims an update from {} examples but declared {d} when it joined",
+                        header.num_examples
+                    )),
+                    Some(_) if !header.train_loss.is_finite() => {
+                        Some(format!("sent a training loss of {}", header.train_loss))
+                    }
+                    Some(_) => None,
+                };
+                self.incoming = Some(Incoming {
+                    round: header.round,
+                    task: header.task,
+                    num_examples: header.num_examples,
+                    train_loss: header.train_loss,
+                    examples_seen: header.examples_seen,
+                    assembler: Assembler::new(&self.layout),
+                    refused,
+                });
+                Step::Continue
+            }
+            client_message::Body::Chunk(chunk) => {
+                let Some(update) = self.incoming.as_mut() else {
+                    return Step::End("sent weights outside an update".into());
+                };
+                if update.refused.is_none()
+                    && let Err(e) = update.assembler.push(&chunk)
+                {
+                    update.refused = Some(e.to_string());
+                }
+                Step::Continue
+            }
+            client_message::Body::UpdateEnd(_) => {
+                let Some(update) = self.incoming.take() else {
+                    return Step::End("ended an update it never started".into());
+                };
+                let result = match update.refused {
+                    Some(reason) => Err(reason),
+                    None => match update.assembler.finish() {
+                        Err(e) => Err(e.to_string()),
+                        Ok((params, buffers)) => Ok(FitResult {
+                            client: self.index,
+                            // At most `declared`, which the client sent as a u64 and the
+                            // server's count of examples fits in a usize.
+                            num_examples: usize::try_from(update.num_examples)
+                                .unwrap_or(usize::MAX),
+                            params,
+                            buffers,
+                            train_loss: update.train_loss,
+                            examples_seen: usize::try_from(update.examples_seen)
+                                .unwrap_or(usize::MAX),
+                        }),
+                    },
+                };
+                Step::Update {
+                    round: update.round,
+                    task: update.task,
+                    result,
+                }
+            }
+            client_message::Body::Goodbye(goodbye) => {
+                Step::End(format!("said goodbye ({})", goodbye.reason))
+            }
+            client_message::Body::Hello(_) => Step::End("said Hello twice".into()),
+        }
+    }
+}
+
+/// Read one client's messages until its session ends; returns why it ended.
+async fn read_session(
+    shared: &Shared,
+    id: &str,
+    index: usize,
+    session: u64,
+    inbound: &mut Streaming<ClientMessage>,
+) -> String {
+    let mut reader = SessionReader::new(index, shared.settings.layout.clone());
+    loop {
+        let msg = match inbound.message().await {
+            Ok(Some(msg)) => msg,
+            Ok(None) => return "closed its session".into(),
+            Err(status) => return format!("connection lost ({})", status.message()),
+        };
+        match reader.handle(msg) {
+            Step::Continue => {}
+            Step::End(reason) => return reason,
+            Step::Ready(examples) => {
+                let mut roster = shared.roster();
+                if let Some(s) = roster.connected.get_mut(&index) {
+                    s.declared = Some(examples);
+                }
+                let ready_ids = roster.ready_ids();
+                drop(roster);
+                tracing::info!(
+                    "{}/{} ready: {} ({id} holds {examples} examples)",
+                    ready_ids.len(),
+                    shared.settings.clients,
+                    ready_ids.join(" "),
+                );
+                shared.roster_changed.notify_all();
+            }
+            Step::Update {
+                round,
+                task,
+                result,
+            } => {
+                if let Err(reason) = &result {
+                    tracing::warn!(client = %id, index, round, "refused its update: {reason}");
+                }
+                shared.send_event(Event::Update {
+                    client: index,
+                    session,
+                    round,
+                    task,
+                    result,
+                });
+            }
+        }
+    }
+}
+
+/// A running server: its address, and a way to tell every client the run is over.
+pub struct ServerHandle {
+    shared: Arc<Shared>,
+    pub addr: SocketAddr,
+    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
+    runtime: tokio::runtime::Handle,
+    serving: Option<std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>>,
+}
+
+impl ServerHandle {
+    /// Start accepting clients (once; later calls do nothing).
+    pub fn serve(&mut self) {
+        if let Some(serving) = self.serving.take() {
+            self.runtime.spawn(serving);
+        }
+    }
+
+    /// Something that can tell every client the run is over, from any task (a signal handler).
+    pub fn announcer(&self) -> Announcer {
+        Announcer {
+            shared: self.shared.clone(),
+        }
+    }
+
+    /// Tell every connected client the run is over (see [`Announcer::announce`]) and stop
+    /// serving.
+    pub fn finish(mut self, complete: bool, reason: &str) {
+        self.runtime
+            .block_on(self.announcer().announce(complete, reason));
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+    }
+}
+
+/// Tells clients the run is over.
+#[derive(Clone)]
+pub struct Announcer {
+    shared: Arc<Shared>,
+}
+
+impl Announcer {
+    /// Send `Finished` to every connected client (`complete`: the run finished; otherwise the
+    /// server is stopping and may be resumed) and give the messages a moment to leave.
+    pub async fn announce(&self, complete: bool, reason: &str) {
+        self.shared.over.store(true, Ordering::SeqCst);
+        let outboxes: Vec<(String, Outbox)> = self
+            .shared
+            .roster()
+            .connected
+            .values()
+            .map(|s| (s.id.clone(), s.outbox.clone()))
+            .collect();
+        let msg = message(server_message::Body::Finished(Finished {
+            reason: reason.to_string(),
+            complete,
+        }));
+        for (id, outbox) in &outboxes {
+            let sent =
+                tokio::time::timeout(Duration::from_secs(5), outbox.send(Ok(msg.clone()))).await;
+            if !matches!(sent, Ok(Ok(()))) {
+                tracing::warn!(client = %id, "could not tell the client the run is over");
+            }
+        }
+        // Let the streams flush before the server goes.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
+/// The round loop's view of the remote clients.
+pub struct NetExecutor {
+    shared: Arc<Shared>,
+    events: Mutex<Receiver<Event>>,
+    runtime: tokio::runtime::Handle,
+    tasks: AtomicU64,
+    /// Whether the first round's wait for `min_clients` is over.
+    started: std::sync::atomic::AtomicBool,
+}
+
+/// Bind `listen` for a server with `tls` on the given runtime; returns the handle (with the
+/// bound address: port 0 picks a free one; [`ServerHandle::serve`] starts accepting clients) and
+/// the executor for the round loop.
+pub fn start(
+    runtime: &tokio::runtime::Handle,
+    listen: SocketAddr,
+    tls: ServerTlsConfig,
+    settings: ServerSettings,
+) -> Result<(ServerHandle, NetExecutor), NetError> {
+    let listener = runtime
+        .block_on(tokio::net::TcpListener::bind(listen))
+        .map_err(|e| NetError::Address {
+            addr: listen.to_string(),
+            message: e.to_string(),
+        })?;
+    let addr = listener.local_addr().map_err(|e| NetError::Address {
+        addr: listen.to_string(),
+        message: e.to_string(),
+    })?;
+    let (events_tx, events_rx) = std::sync::mpsc::channel();
+    let shared = Arc::new(Shared {
+        settings,
+        roster: Mutex::new(Roster::default()),
+        roster_changed: Condvar::new(),
+        events: Mutex::new(events_tx),
+        over: std::sync::atomic::AtomicBool::new(false),
+    });
+    let service = FederationServer::new(Service {
+        shared: shared.clone(),
+    })
+    .max_decoding_message_size(MAX_MESSAGE_BYTES)
+    .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    let router = Server::builder()
+        .tls_config(tls)?
+        .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
+        .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
+        .add_service(service);
+    let (shutdown_tx, shutdown_rx) = tokio::sync::oneshot::channel::<()>();
+    // Futures do nothing until polled: connections wait in the listener's backlog until
+    // `serve` spawns this.
+    let serving = Box::pin(async move {
+        let incoming = TcpListenerStream::new(listener);
+        let stop = async {
+            let _ = shutdown_rx.await;
+        };
+        if let Err(e) = router.serve_with_incoming_shutdown(incoming, stop).await {
+            tracing::error!("server stopped: {e}");
+        }
+    });
+    let handle = ServerHandle {
+        shared: shared.clone(),
+        addr,
+        shutdown: Some(shutdown_tx),
+        runtime: runtime.clone(),
+        serving: Some(serving),
+    };
+    let executor = NetExecutor {
+        shared,
+        events: Mutex::new(events_rx),
+        runtime: runtime.clone(),
+        tasks: AtomicU64::new(0),
+        started: std::sync::atomic::AtomicBool::new(false),
+    };
+    Ok((handle, executor))
+}
+
+impl NetExecutor {
+    /// Block until at least `need` clients are ready or `timeout` passes; log who is there as it
+    /// changes. Returns the ready indices.
+    fn wait_for(&self, need: usize, timeout: Duration) -> Vec<usize> {
+        let deadline = Instant::now() + timeout;
+        let mut roster = self.shared.roster();
+        let mut last_count = usize::MAX;
+        loop {
+            let ready = roster.ready();
+            if ready.len() >= need {
+                return ready;
+            }
+            if ready.len() != last_count {
+                last_count = ready.len();
+                tracing::info!(
+                    "waiting for clients: {}/{} ready: {}",
+                    ready.len(),
+                    need,
+                    roster.ready_ids().join(" ")
+                );
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return ready;
+            }
+            roster = self
+                .shared
+                .roster_changed
+                .wait_timeout(roster, deadline - now)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+
+    /// The clients expected but not ready, by id where `allowed_clients` names them.
+    fn missing(&self) -> String {
+        let roster = self.shared.roster();
+        let settings = &self.shared.settings;
+        let ready = roster.ready_ids();
+        let missing: Vec<String> = match &settings.deploy.allowed_clients {
+            Some(ids) => ids
+                .iter()
+                .filter(|id| !ready.contains(id))
+                .cloned()
+                .collect(),
+            None => {
+                let ready = roster.ready();
+                (0..settings.clients)
+                    .filter(|k| !ready.contains(k))
+                    .map(|k| format!("#{k}"))
+                    .collect()
+            }
+        };
+        missing.join(" ")
+    }
+
+    /// Queue a task's messages towards a client without blocking the round loop.
+    fn send_task(&self, outbox: Outbox, messages: Vec<ServerMessage>) {
+        self.runtime.spawn(async move {
+            for m in messages {
+                if outbox.send(Ok(m)).await.is_err() {
+                    // The session ended; its reader reports the departure.
+                    break;
+                }
+            }
+        });
+    }
+}
+
+impl Executor for NetExecutor {
+    fn available(&self, clients: usize) -> Result<Vec<usize>, FlError> {
+        let deploy = &self.shared.settings.deploy;
+        let timeout = Duration::from_secs_f64(deploy.join_timeout_s);
+        let first = !self.started.swap(true, Ordering::SeqCst);
+        let need = if first {
+            deploy.min_clients.unwrap_or(clients)
+        } else {
+            deploy.min_fit_clients
+        };
+        let ready = self.wait_for(need, timeout);
+        if first && ready.len() < need {
+            let ids = self.shared.roster().ready_ids();
+            return Err(FlError::State(format!(
+                "gave up waiting for clients after deploy.join_timeout_s = {} s: {}/{need} ready \
+                 ({}); missing: {}",
+                deploy.join_timeout_s,
+                ready.len(),
+                ids.join(" "),
+                self.missing()
+            )));
+        }
+        if first {
+            tracing::info!(
+                "{} clients ready: {}",
+                ready.len(),
+                self.shared.roster().ready_ids().join(" ")
+            );
+        }
+        Ok(ready.into_iter().filter(|&k| k < clients).collect())
+    }
+
+    fn fit(&self, jobs: Vec<FitJob<'_>>, data: &Dataset) -> Vec<Result<FitResult, FlError>> {
+        let task = self.tasks.fetch_add(1, Ordering::SeqCst) + 1;
+        let layout = &self.shared.settings.layout;
+        let deploy = &self.shared.settings.deploy;
+        let mut results: Vec<Option<Result<FitResult, FlError>>> = Vec::new();
+        results.resize_with(jobs.len(), || None);
+        // Client index -> (job position, session, round).
+        let mut pending: BTreeMap<usize, (usize, u64, usize)> = BTreeMap::new();
+        let mut local = Vec::new();
+        for (i, job) in jobs.into_iter().enumerate() {
+            if job.client == CENTRAL_ID {
+                local.push((i, job));
+                continue;
+            }
+            let round = job.config.round;
+            let dropped = |reason: String| FlError::Dropped {
+                round,
+                client: job.client,
+                reason,
+            };
+            let target = {
+                let roster = self.shared.roster();
+                roster
+                    .connected
+                    .get(&job.client)
+                    .filter(|s| s.declared.is_some())
+                    .map(|s| (s.session, s.outbox.clone(), s.id.clone()))
+            };
+            let Some((session, outbox, id)) = target else {
+                results[i] = Some(Err(dropped("not connected".into())));
+                continue;
+            };
+            let c = &job.config;
+            let fit = FitTask {
+                round: round as u64,
+                task,
+                run_seed: c.run_seed,
+                local_epochs: c.local_epochs as u32,
+                batch_size: c.batch_size as u64,
+                lr: c.sgd.lr,
+                momentum: c.sgd.momentum,
+                weight_decay: c.sgd.weight_decay,
+                bn: bn_name(c.bn).to_string(),
+                prox_mu: c.prox_mu,
+            };
+            let mut messages = vec![message(server_message::Body::Fit(fit))];
+            messages.extend(
+                layout
+                    .chunks(job.start.params(), job.start.buffers())
+                    .into_iter()
+                    .map(|c| message(server_message::Body::Chunk(c))),
+            );
+            messages.push(message(server_message::Body::TaskEnd(TaskEnd {})));
+            tracing::info!(client = %id, index = job.client, round, "task sent");
+            self.send_task(outbox, messages);
+            pending.insert(job.client, (i, session, round));
+        }
+        // The server's own jobs (the SGD twin) train while the clients do.
+        for (i, job) in local {
+            results[i] = Some(run_job(job, data, self.shared.settings.threads));
+        }
+        let deadline = Instant::now() + Duration::from_secs_f64(deploy.round_timeout_s);
+        let events = self.events.lock().unwrap_or_else(|e| e.into_inner());
+        while !pending.is_empty() {
+            let wait = deadline.saturating_duration_since(Instant::now());
+            match events.recv_timeout(wait) {
+                Ok(Event::Update {
+                    client,
+                    session,
+                    round,
+                    task: answered,
+                    result,
+                }) => {
+                    let current = pending
+                        .get(&client)
+                        .filter(|(_, s, r)| *s == session && *r as u64 == round)
+                        .is_some();
+                    if !current || answered != task {
+                        tracing::warn!(
+                            index = client,
+                            round,
+                            task = answered,
+                            "discarded an update for another round or task than the one in flight"
+                        );
+                        continue;
+                    }
+                    let (i, _, round) = pending.remove(&client).expect("checked above");
+                    results[i] = Some(result.map_err(|reason| FlError::Dropped {
+                        round,
+                        client,
+                        reason: format!("update refused: {reason}"),
+                    }));
+                }
+                Ok(Event::Left {
+                    client,
+                    session,
+                    reason,
+                }) => {
+                    if pending.get(&client).is_some_and(|(_, s, _)| *s == session) {
+                        let (i, _, round) = pending.remove(&client).expect("checked above");
+                        results[i] = Some(Err(FlError::Dropped {
+                            round,
+                            client,
+                            reason: format!("left during the round: {reason}"),
+                        }));
+                    }
+                }
+                Err(RecvTimeoutError::Timeout) | Err(RecvTimeoutError::Disconnected) => {
+                    for (client, (i, _, round)) in std::mem::take(&mut pending) {
+                        results[i] = Some(Err(FlError::Dropped {
+                            round,
+                            client,
+                            reason: format!(
+                                "no answer within deploy.round_timeout_s = {} s",
+                                deploy.round_timeout_s
+                            ),
+                        }));
+                    }
+                }
+            }
+        }
+        results
+            .into_iter()
+            .map(|r| r.expect("every job has an outcome"))
+            .collect()
+    }
+}
+
+/// The protocol's name of a BatchNorm policy.
+pub fn bn_name(bn: fedra_nn::BnPolicy) -> &'static str {
+    match bn {
+        fedra_nn::BnPolicy::Train => "train",
+        fedra_nn::BnPolicy::Frozen => "frozen",
+        fedra_nn::BnPolicy::Local => "local",
+    }
+}
+
+/// The BatchNorm policy a protocol name stands for.
+pub fn bn_from_name(name: &str) -> Option<fedra_nn::BnPolicy> {
+    match name {
+        "train" => Some(fedra_nn::BnPolicy::Train),
+        "frozen" => Some(fedra_nn::BnPolicy::Frozen),
+        "local" => Some(fedra_nn::BnPolicy::Local),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The session decoder against hand-made sessions, arbitrary bytes and mutated valid
+    //! sessions (`PROPTEST_CASES` sets how many; the default keeps the suite quick).
+
+    use super::*;
+    use crate::proto::{Ready, TensorChunk, UpdateEnd, UpdateHeader};
+    use fedra_nn::{Model, ModelSpec};
+    use proptest::prelude::*;
+    use prost::Message;
+
+    fn model() -> Model {
+        Model::new(&ModelSpec::by_name("logreg", [1, 28, 28], 10).unwrap(), 1).unwrap()
+    }
+
+    fn msg(body: client_message::Body) -> ClientMessage {
+        ClientMessage { body: Some(body) }
+    }
+
+    /// Ready, then a complete update of `model`'s weights for round 3, task 7.
+    fn session(model: &Model, examples: u64) -> Vec<ClientMessage> {
+        let layout = Layout::of(model);
+        let mut out = vec![
+            msg(client_message::Body::Ready(Ready { num_examples: 100 })),
+            msg(client_message::Body::Update(UpdateHeader {
+                round: 3,
+                task: 7,
+                num_examples: examples,
+                train_loss: 0.5,
+                examples_seen: examples,
+            })),
+        ];
+        out.extend(
+            layout
+                .chunks(model.params(), model.buffers())
+                .into_iter()
+                .map(|c| msg(client_message::Body::Chunk(c))),
+        );
+        out.push(msg(client_message::Body::UpdateEnd(UpdateEnd {})));
+        out
+    }
+
+    fn run(messages: Vec<ClientMessage>) -> Vec<Step> {
+        let mut reader = SessionReader::new(2, Layout::of(&model()));
+        let mut steps = Vec::new();
+        for m in messages {
+            let step = reader.handle(m);
+            let end = matches!(step, Step::End(_));
+            steps.push(step);
+            if end {
+                break;
+            }
+        }
+        steps
+    }
+
+    fn last_update(steps: &[Step]) -> &Result<FitResult, String> {
+        match steps.last() {
+            Some(Step::Update { result, .. }) => result,
+            other => panic!("no update at the end: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_valid_update_comes_out_exactly() {
+        let m = model();
+        let steps = run(session(&m, 60));
+        assert!(matches!(steps[0], Step::Ready(100)));
+        let Step::Update {
+            round: 3,
+            task: 7,
+            result: Ok(r),
+        } = steps.last().unwrap()
+        else {
+            panic!("{steps:?}");
+        };
+        assert_eq!((r.client, r.num_examples), (2, 60));
+        assert_eq!(r.params, m.params());
+    }
+
+    #[test]
+    fn bad_updates_are_refused_with_the_reason() {
+        let m = model();
+        // More examples than declared.
+        let steps = run(session(&m, 101));
+        let err = last_update(&steps).as_ref().unwrap_err();
+        assert!(err.contains("declared 100"), "{err}");
+        // Zero examples.
+        let err = last_update(&run(session(&m, 0))).clone().unwrap_err();
+        assert!(err.contains("0 examples"), "{err}");
+        // A wrong-shaped tensor: one value short.
+        let mut s = session(&m, 50);
+        if let Some(client_message::Body::Chunk(c)) = &mut s[2].body {
+            c.data = c.data.slice(..c.data.len() - 4);
+        }
+        let err = last_update(&run(s)).clone().unwrap_err();
+        assert!(err.contains("ended after"), "{err}");
+        // NaN.
+        let mut s = session(&m, 50);
+        if let Some(client_message::Body::Chunk(c)) = &mut s[2].body {
+            let mut bytes = c.data.to_vec();
+            bytes[..4].copy_from_slice(&f32::NAN.to_le_bytes());
+            c.data = bytes.into();
+        }
+        let err = last_update(&run(s)).clone().unwrap_err();
+        assert!(err.contains("NaN"), "{err}");
+        // A tensor the model does not have.
+        let mut s = session(&m, 50);
+        if let Some(client_message::Body::Chunk(c)) = &mut s[2].body {
+            c.name = "fc9.weight".into();
+        }
+        let err = last_update(&run(s)).clone().unwrap_err();
+        assert!(err.contains("fc9.weight"), "{err}");
+        // An update before Ready, weights outside an update, a second Hello.
+        let mut s = session(&m, 50);
+        s.remove(0);
+        assert!(last_update(&run(s)).is_err());
+        let steps = run(vec![msg(client_message::Body::Chunk(
+            TensorChunk::default(),
+        ))]);
+        assert!(matches!(steps.last(), Some(Step::End(_))));
+        let steps = run(vec![msg(client_message::Body::Hello(Default::default()))]);
+        assert!(matches!(steps.last(), Some(Step::End(_))));
+    }
+
+    proptest! {
+        #[test]
+        fn arbitrary_bytes_never_panic(frames in prop::collection::vec(
+            prop::collection::vec(any::<u8>(), 0..64), 0..16)) {
+            let mut reader = SessionReader::new(0, Layout::of(&model()));
+            for frame in frames {
+                if let Ok(m) = ClientMessage::decode(&frame[..])
+                    && let Step::End(_) = reader.handle(m)
+                {
+                    break;
+                }
+            }
+        }
+
+        #[test]
+        fn mutated_valid_sessions_are_refused_or_exact(
+            flips in prop::collection::vec((any::<prop::sample::Index>(), any::<prop::sample::Index>(), 1u8..=255), 1..4),
+        ) {
+            let m = model();
+            let mut frames: Vec<Vec<u8>> = session(&m, 50).iter().map(|x| x.encode_to_vec()).collect();
+            for (frame, byte, xor) in flips {
+                let f = frame.index(frames.len());
+                if frames[f].is_empty() { continue; }
+                let b = byte.index(frames[f].len());
+                frames[f][b] ^= xor;
+            }
+            let mut reader = SessionReader::new(0, Layout::of(&m));
+            for frame in &frames {
+                let Ok(decoded) = ClientMessage::decode(&frame[..]) else { break };
+                match reader.handle(decoded) {
+                    Step::End(_) => break,
+                    Step::Update { result: Ok(r), .. } => {
+                        // Accepted: then it has the model's shape and only finite values.
+                        prop_assert_eq!(r.params.len(), m.params().len());
+                        prop_assert!(r.params.iter().all(|v| v.is_finite()));
+                        prop_assert!(r.num_examples >= 1 && r.num_examples <= 100);
+                    }
+                    _ => {}
+                }
+            }
+        }
+    }
+}
