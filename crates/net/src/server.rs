@@ -16,6 +16,7 @@ use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use prost::Message;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
 use tonic::transport::{Server, ServerTlsConfig};
@@ -105,6 +106,8 @@ enum Event {
         task: u64,
         /// The result, or why it was refused.
         result: Result<FitResult, String>,
+        /// Protobuf bytes of the update's messages (header, chunks, end).
+        bytes: usize,
     },
     Left {
         client: usize,
@@ -458,12 +461,15 @@ async fn read_session(
     inbound: &mut Streaming<ClientMessage>,
 ) -> String {
     let mut reader = SessionReader::new(index, shared.settings.layout.clone());
+    // Bytes received since the last complete update.
+    let mut bytes = 0usize;
     loop {
         let msg = match inbound.message().await {
             Ok(Some(msg)) => msg,
             Ok(None) => return "closed its session".into(),
             Err(status) => return format!("connection lost ({})", status.message()),
         };
+        bytes += msg.encoded_len();
         match reader.handle(msg) {
             Step::Continue => {}
             Step::End(reason) => return reason,
@@ -496,6 +502,7 @@ async fn read_session(
                     round,
                     task,
                     result,
+                    bytes: std::mem::take(&mut bytes),
                 });
             }
         }
@@ -757,12 +764,16 @@ impl Executor for NetExecutor {
         // Client index -> (job position, session, round).
         let mut pending: BTreeMap<usize, (usize, u64, usize)> = BTreeMap::new();
         let mut local = Vec::new();
+        let (mut sent_bytes, mut sent_to) = (0usize, 0usize);
+        let (mut received_bytes, mut received_from) = (0usize, 0usize);
+        let mut round_of_task = None;
         for (i, job) in jobs.into_iter().enumerate() {
             if job.client == CENTRAL_ID {
                 local.push((i, job));
                 continue;
             }
             let round = job.config.round;
+            round_of_task = Some(round);
             let dropped = |reason: String| FlError::Dropped {
                 round,
                 client: job.client,
@@ -802,6 +813,8 @@ impl Executor for NetExecutor {
             );
             messages.push(message(server_message::Body::TaskEnd(TaskEnd {})));
             tracing::info!(client = %id, index = job.client, round, "task sent");
+            sent_bytes += messages.iter().map(Message::encoded_len).sum::<usize>();
+            sent_to += 1;
             self.send_task(outbox, messages);
             pending.insert(job.client, (i, session, round));
         }
@@ -820,6 +833,7 @@ impl Executor for NetExecutor {
                     round,
                     task: answered,
                     result,
+                    bytes,
                 }) => {
                     let current = pending
                         .get(&client)
@@ -835,6 +849,10 @@ impl Executor for NetExecutor {
                         continue;
                     }
                     let (i, _, round) = pending.remove(&client).expect("checked above");
+                    if result.is_ok() {
+                        received_bytes += bytes;
+                        received_from += 1;
+                    }
                     results[i] = Some(result.map_err(|reason| FlError::Dropped {
                         round,
                         client,
@@ -868,6 +886,20 @@ impl Executor for NetExecutor {
                     }
                 }
             }
+        }
+        if let (Some(round), true) = (round_of_task, sent_to > 0) {
+            // What the protocol costs against the raw model (f32 bytes), per client and
+            // direction; gRPC, HTTP/2 and TLS framing add about 0.2% on top.
+            let model = layout.payload_bytes() as f64;
+            let down = sent_bytes as f64 / sent_to as f64;
+            let up = received_bytes as f64 / received_from.max(1) as f64;
+            tracing::info!(
+                round,
+                "traffic per client: {down:.0} bytes down ({:.4}x the model's {model:.0}), \
+                 {up:.0} bytes up ({:.4}x) from {received_from} of {sent_to} clients",
+                down / model,
+                up / model
+            );
         }
         results
             .into_iter()
