@@ -34,7 +34,9 @@ pub struct ServeArgs {
     /// Run folder: config.toml, metrics.csv, summary.json, final.safetensors, checkpoint/.
     #[arg(long)]
     out: PathBuf,
-    /// Continue the run in --out from its last checkpoint; clients reconnect by themselves.
+    /// Continue the run in --out from its last checkpoint. Clients of a server that was killed
+    /// reconnect by themselves; a server stopped with SIGINT/SIGTERM told its clients the run
+    /// was over, so they must be started again.
     #[arg(long)]
     resume: bool,
     /// Test data for evaluating the global model on the server (and the dataset's training

@@ -93,6 +93,16 @@ fn certs(dir: &Path, clients: &str) {
     assert!(status.success());
 }
 
+/// One test at a time: the lock, a temporary folder holding `exp.toml` (the experiment) and
+/// `certs/` (a federation for the comma-separated client `ids`).
+fn setup(experiment: &str, ids: &str) -> (std::sync::MutexGuard<'static, ()>, tempfile::TempDir) {
+    let one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::write(tmp.path().join("exp.toml"), experiment).unwrap();
+    certs(&tmp.path().join("certs"), ids);
+    (one, tmp)
+}
+
 /// A `fedra serve` process and what it prints.
 struct Server {
     child: Child,
@@ -162,6 +172,34 @@ fn join(port: u16, id: &str, certs: &Path, shard: Option<usize>, log: &Path) -> 
         cmd.arg("--shard").arg(k.to_string());
     }
     cmd.spawn().unwrap()
+}
+
+/// `fedra serve` of `exp` into `t/net`, with the certificates in `t/certs`, on a free port,
+/// logging to `t/server.log`.
+fn serve_in(t: &Path, exp: &Path) -> Server {
+    serve(
+        exp,
+        &t.join("net"),
+        &t.join("certs"),
+        "127.0.0.1:0",
+        false,
+        &t.join("server.log"),
+    )
+}
+
+/// Clients `c0` .. `c{n-1}` acting as shards 0 .. n-1, logging to `t/cK.log`.
+fn shard_clients(t: &Path, port: u16, n: usize) -> Vec<Child> {
+    (0..n)
+        .map(|k| {
+            join(
+                port,
+                &format!("c{k}"),
+                &t.join("certs"),
+                Some(k),
+                &t.join(format!("c{k}.log")),
+            )
+        })
+        .collect()
 }
 
 fn read(path: &Path) -> String {
@@ -302,31 +340,11 @@ fn in_process(exp: &Path, executor: &dyn Executor) -> Bits {
 
 #[test]
 fn federation_over_tls_equals_the_simulation_bit_for_bit() {
-    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
-    let tmp = tempfile::tempdir().unwrap();
+    let (_one, tmp) = setup(&experiment("mlp", 900, 3, "min_clients = 3"), "c0,c1,c2");
     let t = tmp.path();
     let exp = t.join("exp.toml");
-    std::fs::write(&exp, experiment("mlp", 900, 3, "min_clients = 3")).unwrap();
-    certs(&t.join("certs"), "c0,c1,c2");
-    let mut server = serve(
-        &exp,
-        &t.join("net"),
-        &t.join("certs"),
-        "127.0.0.1:0",
-        false,
-        &t.join("server.log"),
-    );
-    let mut clients: Vec<Child> = (0..3)
-        .map(|k| {
-            join(
-                server.port,
-                &format!("c{k}"),
-                &t.join("certs"),
-                Some(k),
-                &t.join(format!("c{k}.log")),
-            )
-        })
-        .collect();
+    let mut server = serve_in(t, &exp);
+    let mut clients = shard_clients(t, server.port, 3);
     let status = wait(
         &mut server.child,
         Duration::from_secs(300),
@@ -369,42 +387,21 @@ fn federation_over_tls_equals_the_simulation_bit_for_bit() {
 
 #[test]
 fn a_client_killed_during_a_round_is_dropped_and_the_rest_aggregated() {
-    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
-    let tmp = tempfile::tempdir().unwrap();
-    let t = tmp.path();
-    let exp = t.join("exp.toml");
     // mnist-cnn on 1,000 examples a client: a round's training takes long enough to kill a
     // client in the middle of it.
-    std::fs::write(
-        &exp,
-        experiment(
+    let (_one, tmp) = setup(
+        &experiment(
             "mnist-cnn",
             3000,
             3,
             "min_clients = 3\nmin_fit_clients = 2\nround_timeout_s = 120",
         ),
-    )
-    .unwrap();
-    certs(&t.join("certs"), "c0,c1,c2");
-    let mut server = serve(
-        &exp,
-        &t.join("net"),
-        &t.join("certs"),
-        "127.0.0.1:0",
-        false,
-        &t.join("server.log"),
+        "c0,c1,c2",
     );
-    let mut clients: Vec<Child> = (0..3)
-        .map(|k| {
-            join(
-                server.port,
-                &format!("c{k}"),
-                &t.join("certs"),
-                Some(k),
-                &t.join(format!("c{k}.log")),
-            )
-        })
-        .collect();
+    let t = tmp.path();
+    let exp = t.join("exp.toml");
+    let mut server = serve_in(t, &exp);
+    let mut clients = shard_clients(t, server.port, 3);
     // Round 1 (the second): kill c2 once its task is out.
     wait_for_log(
         &server.log,
@@ -454,12 +451,9 @@ fn a_client_killed_during_a_round_is_dropped_and_the_rest_aggregated() {
 
 #[test]
 fn a_killed_server_resumes_and_its_clients_come_back_by_themselves() {
-    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
-    let tmp = tempfile::tempdir().unwrap();
+    let (_one, tmp) = setup(&experiment("mlp", 900, 5, "min_clients = 3"), "c0,c1,c2");
     let t = tmp.path();
     let exp = t.join("exp.toml");
-    std::fs::write(&exp, experiment("mlp", 900, 5, "min_clients = 3")).unwrap();
-    certs(&t.join("certs"), "c0,c1,c2");
     let out = t.join("net");
     let mut server = serve(
         &exp,
@@ -470,17 +464,7 @@ fn a_killed_server_resumes_and_its_clients_come_back_by_themselves() {
         &t.join("server1.log"),
     );
     let port = server.port;
-    let mut clients: Vec<Child> = (0..3)
-        .map(|k| {
-            join(
-                port,
-                &format!("c{k}"),
-                &t.join("certs"),
-                Some(k),
-                &t.join(format!("c{k}.log")),
-            )
-        })
-        .collect();
+    let mut clients = shard_clients(t, port, 3);
     // The row of round 2 is printed after its checkpoint is written.
     loop {
         let line = server
@@ -666,22 +650,18 @@ fn rogue(port: u16, certs: &Path) -> tonic::Status {
 
 #[test]
 fn bad_clients_are_refused_and_change_nothing() {
-    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
-    let tmp = tempfile::tempdir().unwrap();
-    let t = tmp.path();
-    let exp = t.join("exp.toml");
-    std::fs::write(
-        &exp,
-        experiment(
+    let (_one, tmp) = setup(
+        &experiment(
             "mlp",
             900,
             3,
             "min_clients = 3\nmin_fit_clients = 2\nallowed_clients = [\"c0\", \"c1\", \"rogue\"]",
         ),
-    )
-    .unwrap();
+        "c0,c1,rogue,outsider",
+    );
+    let t = tmp.path();
+    let exp = t.join("exp.toml");
     let certs_dir = t.join("certs");
-    certs(&certs_dir, "c0,c1,rogue,outsider");
     // A client certificate from another CA, beside this federation's CA (so that the client
     // itself trusts the server).
     certs(&t.join("other"), "c0");
@@ -691,14 +671,7 @@ fn bad_clients_are_refused_and_change_nothing() {
     for f in ["c0.pem", "c0.key"] {
         std::fs::copy(t.join("other").join(f), forged.join(f)).unwrap();
     }
-    let mut server = serve(
-        &exp,
-        &t.join("net"),
-        &certs_dir,
-        "127.0.0.1:0",
-        false,
-        &t.join("server.log"),
-    );
+    let mut server = serve_in(t, &exp);
     let port = server.port;
     // Refused for who they are: each exits non-zero at once, saying why.
     let refused = |id: &str, certs: &Path, extra: &[&str], log: &str| {
@@ -727,17 +700,7 @@ fn bad_clients_are_refused_and_change_nothing() {
         "not in this federation's allowed_clients",
     );
 
-    let mut clients: Vec<Child> = (0..2)
-        .map(|k| {
-            join(
-                port,
-                &format!("c{k}"),
-                &certs_dir,
-                Some(k),
-                &t.join(format!("c{k}.log")),
-            )
-        })
-        .collect();
+    let mut clients = shard_clients(t, port, 2);
     let second = rogue(port, &certs_dir);
     assert_eq!(second.code(), tonic::Code::AlreadyExists, "{second:?}");
     let status = wait(
@@ -779,29 +742,18 @@ fn bad_clients_are_refused_and_change_nothing() {
 
 #[test]
 fn a_federation_that_never_fills_gives_up_naming_the_missing_clients() {
-    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
-    let tmp = tempfile::tempdir().unwrap();
-    let t = tmp.path();
-    let exp = t.join("exp.toml");
-    std::fs::write(
-        &exp,
-        experiment(
+    let (_one, tmp) = setup(
+        &experiment(
             "mlp",
             900,
             3,
             "join_timeout_s = 3\nallowed_clients = [\"c0\", \"c1\", \"c2\"]",
         ),
-    )
-    .unwrap();
-    certs(&t.join("certs"), "c0,c1,c2");
-    let mut server = serve(
-        &exp,
-        &t.join("net"),
-        &t.join("certs"),
-        "127.0.0.1:0",
-        false,
-        &t.join("server.log"),
+        "c0,c1,c2",
     );
+    let t = tmp.path();
+    let exp = t.join("exp.toml");
+    let mut server = serve_in(t, &exp);
     let mut c1 = join(
         server.port,
         "c1",
@@ -833,12 +785,8 @@ fn a_federation_that_never_fills_gives_up_naming_the_missing_clients() {
 
 #[test]
 fn two_hundred_clients_of_one_swarm_complete_every_round() {
-    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
-    let tmp = tempfile::tempdir().unwrap();
-    let t = tmp.path();
-    let exp = t.join("exp.toml");
-    std::fs::write(
-        &exp,
+    let ids: Vec<String> = (0..200).map(|k| format!("c{k}")).collect();
+    let (_one, tmp) = setup(
         r#"
 [data]
 dataset = "mnist"
@@ -860,18 +808,11 @@ lr = 0.05
 [deploy]
 join_timeout_s = 240
 "#,
-    )
-    .unwrap();
-    let ids: Vec<String> = (0..200).map(|k| format!("c{k}")).collect();
-    certs(&t.join("certs"), &ids.join(","));
-    let mut server = serve(
-        &exp,
-        &t.join("net"),
-        &t.join("certs"),
-        "127.0.0.1:0",
-        false,
-        &t.join("server.log"),
+        &ids.join(","),
     );
+    let t = tmp.path();
+    let exp = t.join("exp.toml");
+    let mut server = serve_in(t, &exp);
     let swarm_log = t.join("swarm.log");
     let mut swarm = fedra()
         .args(["join", "--swarm", "200", "--id", "c", "--server"])

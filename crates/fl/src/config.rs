@@ -50,7 +50,9 @@ pub struct DeployConfig {
     #[serde(default = "default_round_timeout")]
     pub round_timeout_s: f64,
     /// Client ids (from their certificates) allowed to join; absent: any client holding a
-    /// certificate from the federation's CA.
+    /// certificate from the federation's CA. A client without `--shard` takes the index of its
+    /// id in this list; without the list, indices go in order of joining and a restarted server
+    /// hands them out afresh.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub allowed_clients: Option<Vec<String>>,
 }
@@ -503,6 +505,15 @@ impl ExperimentConfig {
                     return Err(bad(
                         "deploy.allowed_clients",
                         format!("lists {:?} twice", w[0]),
+                    ));
+                }
+                if ids.len() > clients {
+                    return Err(bad(
+                        "deploy.allowed_clients",
+                        format!(
+                            "lists {} clients but the partition has {clients} (partition.clients)",
+                            ids.len()
+                        ),
                     ));
                 }
                 if ids.iter().any(|id| id.is_empty()) {

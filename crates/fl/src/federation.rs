@@ -342,7 +342,9 @@ impl Federation {
         } else {
             self.fit_clients(round, data, executor)?
         };
-        let examples: usize = results.iter().map(|r| r.examples_seen).sum();
+        let examples = results
+            .iter()
+            .fold(0usize, |n, r| n.saturating_add(r.examples_seen));
         let total: f64 = results.iter().map(|r| r.num_examples as f64).sum();
         let train_loss = results
             .iter()
@@ -385,7 +387,7 @@ impl Federation {
         }
         self.rounds_done += 1;
         self.pending_seconds += started.elapsed().as_secs_f64();
-        self.pending_examples += examples;
+        self.pending_examples = self.pending_examples.saturating_add(examples);
         let last = self.rounds_done == self.config.train.rounds;
         if self.rounds_done.is_multiple_of(self.config.eval.every) || last {
             let eval_started = Instant::now();
@@ -412,12 +414,13 @@ impl Federation {
     ) -> Result<(Vec<FitResult>, Option<FitResult>), FlError> {
         let needed = self.config.deploy.as_ref().map_or(1, |d| d.min_fit_clients);
         let mut twin_result = None;
-        let mut got = 0;
+        let (mut got, mut attempts) = (0, 0);
         for attempt in 0..MAX_ROUND_ATTEMPTS {
             let available = executor.available(self.partition.clients.len())?;
             if available.is_empty() {
                 break;
             }
+            attempts += 1;
             let picks = if attempt == 0 {
                 self.strategy.configure_round(
                     round,
@@ -482,7 +485,7 @@ impl Federation {
             round,
             got,
             needed,
-            attempts: MAX_ROUND_ATTEMPTS,
+            attempts,
         })
     }
 

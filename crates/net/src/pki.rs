@@ -29,7 +29,14 @@ pub fn valid_client_id(id: &str) -> bool {
 }
 
 fn write(path: &Path, text: &str) -> Result<(), NetError> {
-    std::fs::write(path, text).map_err(io(path))
+    std::fs::write(path, text).map_err(io(path))?;
+    // Private keys are for their owner's eyes only.
+    #[cfg(unix)]
+    if path.extension().is_some_and(|e| e == "key") {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(io(path))?;
+    }
+    Ok(())
 }
 
 /// Write a federation's PKI into `out`: `ca.pem` and `ca.key` (keep the key offline: it signs

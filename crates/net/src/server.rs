@@ -68,6 +68,9 @@ struct Session {
     outbox: mpsc::Sender<Result<ServerMessage, Status>>,
     /// Training examples the client said it holds (`Ready`); `None` until it is ready.
     declared: Option<u64>,
+    /// The task it is training on (task id, most examples its update may say it processed):
+    /// a busy client gets no other task, and an update for anything else is discarded.
+    in_flight: Option<(u64, u64)>,
 }
 
 /// Who is connected, and which index each client id holds.
@@ -80,10 +83,12 @@ struct Roster {
 }
 
 impl Roster {
+    /// Clients that can take a task: ready, and not still training on an earlier one (a client
+    /// cut by the round's deadline may still be).
     fn ready(&self) -> Vec<usize> {
         self.connected
             .iter()
-            .filter(|(_, s)| s.declared.is_some())
+            .filter(|(_, s)| s.declared.is_some() && s.in_flight.is_none())
             .map(|(&k, _)| k)
             .collect()
     }
@@ -142,12 +147,20 @@ impl Shared {
     /// Index for client `id` asking for `shard`, or the reason it cannot join.
     fn assign_index(&self, roster: &Roster, id: &str, shard: Option<u64>) -> Result<usize, Status> {
         let clients = self.settings.clients;
+        // An index is held by the client connected under it; one remembered for a departed
+        // client is only avoided when handing out a new one.
         let taken_by = |index: usize| {
+            roster
+                .connected
+                .get(&index)
+                .filter(|s| s.id != id)
+                .map(|s| s.id.clone())
+        };
+        let remembered_by_other = |index: usize| {
             roster
                 .index_of
                 .iter()
-                .find(|(other, k)| **k == index && other.as_str() != id)
-                .map(|(other, _)| other.clone())
+                .any(|(other, k)| *k == index && other.as_str() != id)
         };
         let index = if let Some(shard) = shard {
             let shard = usize::try_from(shard).unwrap_or(usize::MAX);
@@ -166,7 +179,8 @@ impl Shared {
             k
         } else {
             (0..clients)
-                .find(|&k| taken_by(k).is_none())
+                .find(|&k| taken_by(k).is_none() && !remembered_by_other(k))
+                .or_else(|| (0..clients).find(|&k| taken_by(k).is_none()))
                 .ok_or_else(|| {
                     Status::resource_exhausted(format!(
                         "the federation is full: all {clients} client places are taken"
@@ -265,6 +279,7 @@ impl Federation for Service {
                     session,
                     outbox: outbox.clone(),
                     declared: None,
+                    in_flight: None,
                 },
             );
             (index, session)
@@ -444,9 +459,10 @@ impl SessionReader {
                     result,
                 }
             }
-            client_message::Body::Goodbye(goodbye) => {
-                Step::End(format!("said goodbye ({})", goodbye.reason))
-            }
+            client_message::Body::Goodbye(goodbye) => Step::End(format!(
+                "said goodbye ({})",
+                crate::wire::clip(&goodbye.reason)
+            )),
             client_message::Body::Hello(_) => Step::End("said Hello twice".into()),
         }
     }
@@ -491,8 +507,37 @@ async fn read_session(
             Step::Update {
                 round,
                 task,
-                result,
+                mut result,
             } => {
+                let expected = {
+                    let mut roster = shared.roster();
+                    let session = roster.connected.get_mut(&index);
+                    match session {
+                        Some(s) if s.in_flight.is_some_and(|(t, _)| t == task) => {
+                            s.in_flight.take()
+                        }
+                        _ => None,
+                    }
+                };
+                let Some((_, max_seen)) = expected else {
+                    tracing::warn!(
+                        client = %id,
+                        index,
+                        round,
+                        task,
+                        "discarded an update for another round or task than the one in flight"
+                    );
+                    continue;
+                };
+                if let Ok(r) = &result
+                    && r.examples_seen as u64 > max_seen
+                {
+                    result = Err(format!(
+                        "claims {} examples processed, more than its examples x local epochs \
+                         ({max_seen})",
+                        r.examples_seen
+                    ));
+                }
                 if let Err(reason) = &result {
                     tracing::warn!(client = %id, index, round, "refused its update: {reason}");
                 }
@@ -779,13 +824,20 @@ impl Executor for NetExecutor {
                 client: job.client,
                 reason,
             };
+            let epochs = job.config.local_epochs as u64;
             let target = {
-                let roster = self.shared.roster();
+                let mut roster = self.shared.roster();
                 roster
                     .connected
-                    .get(&job.client)
-                    .filter(|s| s.declared.is_some())
-                    .map(|s| (s.session, s.outbox.clone(), s.id.clone()))
+                    .get_mut(&job.client)
+                    .filter(|s| s.declared.is_some() && s.in_flight.is_none())
+                    .map(|s| {
+                        // An update covers at most its examples x epochs, and its examples at
+                        // most what the client declared.
+                        let bound = epochs.saturating_mul(s.declared.unwrap_or(0));
+                        s.in_flight = Some((task, bound));
+                        (s.session, s.outbox.clone(), s.id.clone())
+                    })
             };
             let Some((session, outbox, id)) = target else {
                 results[i] = Some(Err(dropped("not connected".into())));
@@ -818,11 +870,11 @@ impl Executor for NetExecutor {
             self.send_task(outbox, messages);
             pending.insert(job.client, (i, session, round));
         }
+        let deadline = Instant::now() + Duration::from_secs_f64(deploy.round_timeout_s);
         // The server's own jobs (the SGD twin) train while the clients do.
         for (i, job) in local {
             results[i] = Some(run_job(job, data, self.shared.settings.threads));
         }
-        let deadline = Instant::now() + Duration::from_secs_f64(deploy.round_timeout_s);
         let events = self.events.lock().unwrap_or_else(|e| e.into_inner());
         while !pending.is_empty() {
             let wait = deadline.saturating_duration_since(Instant::now());
@@ -1079,15 +1131,18 @@ mod tests {
                 frames[f][b] ^= xor;
             }
             let mut reader = SessionReader::new(0, Layout::of(&m));
+            let mut declared = 0;
             for frame in &frames {
                 let Ok(decoded) = ClientMessage::decode(&frame[..]) else { break };
                 match reader.handle(decoded) {
                     Step::End(_) => break,
+                    Step::Ready(n) => declared = n,
                     Step::Update { result: Ok(r), .. } => {
-                        // Accepted: then it has the model's shape and only finite values.
+                        // Accepted: then it has the model's shape, only finite values, and no
+                        // more examples than declared (the Ready message may be mutated too).
                         prop_assert_eq!(r.params.len(), m.params().len());
                         prop_assert!(r.params.iter().all(|v| v.is_finite()));
-                        prop_assert!(r.num_examples >= 1 && r.num_examples <= 100);
+                        prop_assert!(r.num_examples >= 1 && r.num_examples as u64 <= declared);
                     }
                     _ => {}
                 }

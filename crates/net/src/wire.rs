@@ -12,6 +12,15 @@ use crate::proto::TensorChunk;
 /// Values per chunk: 1 Mi f32 = 4 MiB, under [`crate::MAX_MESSAGE_BYTES`].
 pub const CHUNK_VALUES: usize = 1024 * 1024;
 
+/// A peer's text shortened for an error or a log line (a tensor name can be megabytes long).
+pub(crate) fn clip(text: &str) -> String {
+    const MAX: usize = 80;
+    match text.char_indices().nth(MAX) {
+        Some((cut, _)) => format!("{}...", &text[..cut]),
+        None => text.to_string(),
+    }
+}
+
 /// What an update or task may not contain.
 #[derive(thiserror::Error, Debug, Clone, PartialEq)]
 pub enum WireError {
@@ -144,7 +153,7 @@ impl Assembler {
         }
         let Some(slot) = slots.get(self.current) else {
             return Err(WireError::ExtraTensor {
-                got: chunk.name.clone(),
+                got: clip(&chunk.name),
             });
         };
         if chunk.name != slot.name && self.filled > 0 {
@@ -159,7 +168,7 @@ impl Assembler {
             // A zero-length tensor could be skipped here, but models have none.
             return Err(WireError::UnexpectedTensor {
                 expected: slot.name.clone(),
-                got: chunk.name.clone(),
+                got: clip(&chunk.name),
             });
         }
         if chunk.offset != self.filled as u64 {
