@@ -1,4 +1,4 @@
-//! The one in-memory representation shared by all three datasets: dense `f32` features, one row
+//! The one in-memory representation shared by every dataset: dense `f32` features, one row
 //! per example laid out as `[C, H, W]`, a `u16` label per row and the class names in label order.
 //! Loaders produce it already normalised the way the study's models expect, so downstream crates
 //! never need to know which file format a dataset came from.
@@ -8,6 +8,7 @@ use std::path::PathBuf;
 use std::str::FromStr;
 
 use crate::error::DataError;
+use crate::medmnist::MedMnist;
 
 /// A dataset in memory: dense f32 features, one row per example, shape `[C, H, W]` per row.
 #[derive(Clone, Debug, PartialEq)]
@@ -124,22 +125,34 @@ pub struct TrainTest {
     pub test: Dataset,
 }
 
-/// The three datasets of the reference study.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "kebab-case")]
+/// A dataset fedra can load: the reference study's three, the 2D MedMNIST v2 sets, and a
+/// folder of images sorted into one sub-folder per class.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum DatasetName {
     Mnist,
     Cifar10,
     SpeechCommands,
+    /// One of MedMNIST's 2D datasets (official `.npz` files).
+    MedMnist(MedMnist),
+    /// `ROOT/<class>/*.png|jpg|jpeg|bmp` (see [`crate::imagefolder`]).
+    ImageFolder,
 }
 
 impl DatasetName {
-    /// All names, in the study's order.
-    pub const ALL: [DatasetName; 3] = [
+    /// The reference study's datasets, in its order.
+    pub const STUDY: [DatasetName; 3] = [
         DatasetName::Mnist,
         DatasetName::Cifar10,
         DatasetName::SpeechCommands,
     ];
+
+    /// Every name fedra accepts.
+    pub fn all() -> impl Iterator<Item = DatasetName> {
+        DatasetName::STUDY
+            .into_iter()
+            .chain(MedMnist::ALL.into_iter().map(DatasetName::MedMnist))
+            .chain(std::iter::once(DatasetName::ImageFolder))
+    }
 
     /// The spelling used on the command line and in configs.
     pub fn as_str(self) -> &'static str {
@@ -147,6 +160,8 @@ impl DatasetName {
             DatasetName::Mnist => "mnist",
             DatasetName::Cifar10 => "cifar10",
             DatasetName::SpeechCommands => "speech-commands",
+            DatasetName::MedMnist(m) => m.as_str(),
+            DatasetName::ImageFolder => "imagefolder",
         }
     }
 }
@@ -159,16 +174,30 @@ impl fmt::Display for DatasetName {
 
 /// The error of parsing an unknown dataset name.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("unknown dataset {0:?}: expected one of mnist, cifar10, speech-commands")]
+#[error(
+    "unknown dataset {0:?}: expected mnist, cifar10, speech-commands, imagefolder or a MedMNIST name (pneumoniamnist, breastmnist, retinamnist, dermamnist, bloodmnist, pathmnist, octmnist, tissuemnist, organamnist, organcmnist, organsmnist)"
+)]
 pub struct UnknownDatasetName(pub String);
 
 impl FromStr for DatasetName {
     type Err = UnknownDatasetName;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        DatasetName::ALL
-            .into_iter()
+        DatasetName::all()
             .find(|n| n.as_str() == s)
             .ok_or_else(|| UnknownDatasetName(s.to_string()))
+    }
+}
+
+impl serde::Serialize for DatasetName {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for DatasetName {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
     }
 }
 
@@ -193,7 +222,7 @@ mod tests {
 
     #[test]
     fn dataset_name_round_trips_through_text_and_serde() {
-        for name in DatasetName::ALL {
+        for name in DatasetName::all() {
             assert_eq!(name.to_string().parse::<DatasetName>().unwrap(), name);
             let json = serde_json::to_string(&name).unwrap();
             assert_eq!(json, format!("\"{name}\""));

@@ -9,6 +9,8 @@
 //! # Checksums
 //! * MNIST: each `.gz` is verified by the SHA-256 of its DECOMPRESSED content, the values given in
 //!   the datasets README (they identify the official files whatever gzip produced the archive).
+//! * MedMNIST (`<name>.npz`): by the MD5 MedMNIST publishes for each file (its `info.py`), the
+//!   only checksum it publishes.
 //! * CIFAR-10 (`cifar-10-binary.tar.gz`) and Speech Commands (`speech_commands_v0.02.tar.gz`):
 //!   the project does not have an authoritative SHA-256 of these archives, so their checksum is
 //!   `None` and they are verified structurally instead: the whole gzip stream must decode (its
@@ -36,6 +38,8 @@ pub struct RemoteFile {
     pub sha256: Option<&'static str>,
     /// SHA-256 (hex) of the gunzipped content, when known.
     pub content_sha256: Option<&'static str>,
+    /// MD5 (hex) of the file as served, when that is what the publisher gives.
+    pub md5: Option<&'static str>,
 }
 
 /// Default base URL (no trailing slash) of each dataset's official files.
@@ -46,15 +50,20 @@ pub fn default_base_url(name: DatasetName) -> &'static str {
         DatasetName::Mnist => "https://ossci-datasets.s3.amazonaws.com/mnist",
         DatasetName::Cifar10 => "https://www.cs.toronto.edu/~kriz",
         DatasetName::SpeechCommands => "http://download.tensorflow.org/data",
+        // MedMNIST's Zenodo record; the 28 x 28 files there carry the MD5s of its info.py.
+        DatasetName::MedMnist(_) => "https://zenodo.org/records/10519652/files",
+        // A user's own folder: nothing to download.
+        DatasetName::ImageFolder => "",
     }
 }
 
 /// The files of each dataset.
-pub fn remote_files(name: DatasetName) -> &'static [RemoteFile] {
+pub fn remote_files(name: DatasetName) -> Vec<RemoteFile> {
     const MNIST: [RemoteFile; 4] = [
         RemoteFile {
             name: "train-images-idx3-ubyte.gz",
             sha256: None,
+            md5: None,
             content_sha256: Some(
                 "ba891046e6505d7aadcbbe25680a0738ad16aec93bde7f9b65e87a2fc25776db",
             ),
@@ -62,6 +71,7 @@ pub fn remote_files(name: DatasetName) -> &'static [RemoteFile] {
         RemoteFile {
             name: "train-labels-idx1-ubyte.gz",
             sha256: None,
+            md5: None,
             content_sha256: Some(
                 "65a50cbbf4e906d70832878ad85ccda5333a97f0f4c3dd2ef09a8a9eef7101c5",
             ),
@@ -69,6 +79,7 @@ pub fn remote_files(name: DatasetName) -> &'static [RemoteFile] {
         RemoteFile {
             name: "t10k-images-idx3-ubyte.gz",
             sha256: None,
+            md5: None,
             content_sha256: Some(
                 "0fa7898d509279e482958e8ce81c8e77db3f2f8254e26661ceb7762c4d494ce7",
             ),
@@ -76,6 +87,7 @@ pub fn remote_files(name: DatasetName) -> &'static [RemoteFile] {
         RemoteFile {
             name: "t10k-labels-idx1-ubyte.gz",
             sha256: None,
+            md5: None,
             content_sha256: Some(
                 "ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2",
             ),
@@ -85,22 +97,35 @@ pub fn remote_files(name: DatasetName) -> &'static [RemoteFile] {
         name: "cifar-10-binary.tar.gz",
         sha256: None,
         content_sha256: None,
+        md5: None,
     }];
     const SPEECH: [RemoteFile; 1] = [RemoteFile {
         name: "speech_commands_v0.02.tar.gz",
         sha256: None,
         content_sha256: None,
+        md5: None,
     }];
     match name {
-        DatasetName::Mnist => &MNIST,
-        DatasetName::Cifar10 => &CIFAR,
-        DatasetName::SpeechCommands => &SPEECH,
+        DatasetName::Mnist => MNIST.to_vec(),
+        DatasetName::Cifar10 => CIFAR.to_vec(),
+        DatasetName::SpeechCommands => SPEECH.to_vec(),
+        DatasetName::MedMnist(which) => vec![RemoteFile {
+            name: which.file_name(),
+            sha256: None,
+            content_sha256: None,
+            md5: Some(which.md5()),
+        }],
+        DatasetName::ImageFolder => Vec::new(),
     }
 }
 
 /// Folder (under a data dir) that [`download`] fills for `name`, and where [`crate::load`] looks.
 pub fn dataset_subdir(name: DatasetName) -> &'static str {
-    name.as_str()
+    match name {
+        // All MedMNIST files share one folder, as MedMNIST's own tools keep them.
+        DatasetName::MedMnist(_) => "medmnist",
+        other => other.as_str(),
+    }
 }
 
 /// Folder (under `<data_dir>/speech-commands/`) the Speech Commands archive is extracted into.
@@ -128,6 +153,13 @@ pub fn download(
         .or(env_mirror)
         .unwrap_or_else(|| default_base_url(name).to_string());
     let base = base.trim_end_matches('/');
+    if name == DatasetName::ImageFolder {
+        return Err(DataError::Options {
+            path: data_dir.to_path_buf(),
+            reason: "imagefolder is a folder of your own images; there is nothing to download"
+                .into(),
+        });
+    }
     let dir = data_dir.join(dataset_subdir(name));
     if name == DatasetName::SpeechCommands {
         let extracted = dir.join(SPEECH_FOLDER);
@@ -137,7 +169,7 @@ pub fn download(
         }
     }
     std::fs::create_dir_all(&dir).map_err(|e| DataError::io(&dir, e))?;
-    for file in remote_files(name) {
+    for file in &remote_files(name) {
         let target = dir.join(file.name);
         if target.is_file() {
             match verify(file, &target, progress) {
@@ -156,6 +188,8 @@ pub fn download(
         DatasetName::SpeechCommands => {
             extract_speech(&dir.join(remote_files(name)[0].name), &dir, progress)
         }
+        DatasetName::MedMnist(which) => Ok(dir.join(which.file_name())),
+        DatasetName::ImageFolder => unreachable!("refused above"),
     }
 }
 
@@ -210,10 +244,12 @@ fn rename_error(e: DataError, part: &Path, target: &Path) -> DataError {
     match e {
         DataError::Checksum {
             path,
+            algorithm,
             expected,
             actual,
         } if path == part => DataError::Checksum {
             path: target.to_path_buf(),
+            algorithm,
             expected,
             actual,
         },
@@ -221,66 +257,81 @@ fn rename_error(e: DataError, part: &Path, target: &Path) -> DataError {
     }
 }
 
-/// A reader that feeds every byte it passes on into a SHA-256.
+/// A reader that feeds every byte it passes on into a SHA-256 and an MD5.
 struct HashingReader<R> {
     inner: R,
-    hasher: Sha256,
+    sha256: Sha256,
+    md5: md5::Md5,
 }
 
 impl<R: Read> Read for HashingReader<R> {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
         let n = self.inner.read(buf)?;
-        self.hasher.update(&buf[..n]);
+        self.sha256.update(&buf[..n]);
+        self.md5.update(&buf[..n]);
         Ok(n)
     }
 }
 
-/// Verifies a downloaded file by its checksums, or structurally when none is known. Streams the
+/// Verifies a downloaded file by its checksums, and a gzip file also structurally. Streams the
 /// file (the Speech Commands archive is 2.3 GB), hashing the raw bytes and the gunzipped content.
 fn verify(file: &RemoteFile, path: &Path, progress: bool) -> Result<(), DataError> {
     let f = std::fs::File::open(path).map_err(|e| DataError::io(path, e))?;
     let len = f.metadata().map(|m| m.len()).unwrap_or(0);
     let bar = progress_bar(len, &format!("verify {}", file.name), progress);
-    let raw = HashingReader {
+    let mut raw = HashingReader {
         inner: bar.wrap_read(std::io::BufReader::with_capacity(1 << 20, f)),
-        hasher: Sha256::new(),
+        sha256: Sha256::new(),
+        md5: md5::Md5::new(),
     };
-    // Decoding the whole gzip stream checks its CRC-32 and length even when no SHA-256 is known.
-    let mut gz = flate2::read::GzDecoder::new(raw);
     let mut content = Sha256::new();
-    let mut buf = vec![0u8; 1 << 16];
-    loop {
-        let n = gz.read(&mut buf).map_err(|cause| DataError::Gzip {
-            path: path.to_path_buf(),
-            cause,
-        })?;
-        if n == 0 {
-            break;
+    if file.name.ends_with(".gz") {
+        // Decoding the whole gzip stream checks its CRC-32 and length even when no checksum is
+        // known.
+        let mut gz = flate2::read::GzDecoder::new(raw);
+        let mut buf = vec![0u8; 1 << 16];
+        loop {
+            let n = gz.read(&mut buf).map_err(|cause| DataError::Gzip {
+                path: path.to_path_buf(),
+                cause,
+            })?;
+            if n == 0 {
+                break;
+            }
+            content.update(&buf[..n]);
         }
-        content.update(&buf[..n]);
+        raw = gz.into_inner();
     }
-    let mut raw = gz.into_inner();
-    // Anything after the gzip stream still belongs to the file's checksum.
+    // Anything after the gzip stream (or the whole of any other file) still belongs to the
+    // file's checksum.
     std::io::copy(&mut raw, &mut std::io::sink()).map_err(|e| DataError::io(path, e))?;
     bar.finish_and_clear();
+    let mismatch = |algorithm, expected: String, actual| DataError::Checksum {
+        path: path.to_path_buf(),
+        algorithm,
+        expected,
+        actual,
+    };
     if let Some(expected) = file.sha256 {
-        let actual = hex(&raw.hasher.finalize());
+        let actual = hex(&raw.sha256.finalize());
         if actual != expected {
-            return Err(DataError::Checksum {
-                path: path.to_path_buf(),
-                expected: expected.into(),
-                actual,
-            });
+            return Err(mismatch("SHA-256", expected.into(), actual));
+        }
+    }
+    if let Some(expected) = file.md5 {
+        let actual = hex(&raw.md5.finalize());
+        if actual != expected {
+            return Err(mismatch("MD5", expected.into(), actual));
         }
     }
     if let Some(expected) = file.content_sha256 {
         let actual = hex(&content.finalize());
         if actual != expected {
-            return Err(DataError::Checksum {
-                path: path.to_path_buf(),
-                expected: format!("{expected} (of the decompressed content)"),
+            return Err(mismatch(
+                "SHA-256",
+                format!("{expected} (of the decompressed content)"),
                 actual,
-            });
+            ));
         }
     }
     Ok(())

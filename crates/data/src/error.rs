@@ -25,12 +25,14 @@ pub enum DataError {
     /// The bytes were read but are not what the format says they must be.
     #[error("{path}: {reason}")]
     Format { path: PathBuf, reason: String },
-    /// A downloaded or cached file does not have the expected SHA-256.
+    /// A downloaded or cached file does not have the expected checksum.
     #[error(
-        "{path}: SHA-256 mismatch (expected {expected}, got {actual}); the file is damaged or not the official one"
+        "{path}: {algorithm} mismatch (expected {expected}, got {actual}); the file is damaged or not the official one"
     )]
     Checksum {
         path: PathBuf,
+        /// `SHA-256` or `MD5`.
+        algorithm: &'static str,
         expected: String,
         actual: String,
     },

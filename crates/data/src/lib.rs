@@ -1,6 +1,7 @@
 //! Datasets for fedra: loaders for the real distribution formats of the study's three datasets
-//! (MNIST IDX, CIFAR-10 binary, Speech Commands WAV turned into MFCC features), the partitioners
-//! that split a training set over clients, and the label statistics (EMD) that describe a split.
+//! (MNIST IDX, CIFAR-10 binary, Speech Commands WAV turned into MFCC features), of MedMNIST's
+//! official `.npz` files and of plain image folders; the partitioners that split a training set
+//! over clients, and the label statistics (EMD) that describe a split.
 //!
 //! Everything here is plain data: this crate knows nothing of models, training or federation.
 
@@ -10,6 +11,8 @@ pub mod download;
 pub mod embedded;
 pub mod error;
 mod files;
+pub mod imagefolder;
+pub mod medmnist;
 pub mod mfcc;
 pub mod mnist;
 pub mod partition;
@@ -24,6 +27,8 @@ pub use dataset::{Dataset, DatasetName, TrainTest, UnknownDatasetName};
 pub use download::download;
 pub use embedded::embedded_mnist;
 pub use error::DataError;
+pub use imagefolder::{ImageFolderOptions, load_image_folder};
+pub use medmnist::{MedMnist, MedMnistSplits, load_medmnist};
 pub use mnist::load_mnist;
 pub use partition::{Partition, PartitionError, Scheme, partition};
 pub use speech::{FeatureCache, SpeechOptions, load_speech_commands};
@@ -37,6 +42,8 @@ pub const DATA_DIR_ENV: &str = "FEDRA_DATA";
 pub struct LoadOptions {
     /// Speech Commands options (ignored for the other datasets).
     pub speech: SpeechOptions,
+    /// Image-folder options (ignored for the other datasets).
+    pub image: ImageFolderOptions,
     /// Draw progress bars (only ever drawn when stdout is a terminal).
     pub progress: bool,
 }
@@ -54,7 +61,8 @@ pub fn default_data_dir() -> PathBuf {
 
 /// Loads a dataset. `data_dir` may be the dataset's own folder (or, for CIFAR-10, its archive)
 /// or a data folder holding it in the sub-folder [`download::download`] uses (`mnist/`,
-/// `cifar10/`, `speech-commands/`). With `data_dir` `None`, MNIST is the embedded subset
+/// `cifar10/`, `speech-commands/`, `medmnist/`); for a MedMNIST set it may also be the `.npz`
+/// file, and for `imagefolder` it is the folder of class folders. With `data_dir` `None`, MNIST is the embedded subset
 /// ([`embedded_mnist`]) and the others are looked up under [`default_data_dir`].
 pub fn load(
     name: DatasetName,
@@ -64,6 +72,12 @@ pub fn load(
     let dir = match data_dir {
         Some(d) => d.to_path_buf(),
         None if name == DatasetName::Mnist => return embedded_mnist(),
+        None if name == DatasetName::ImageFolder => {
+            return Err(DataError::Options {
+                path: PathBuf::from("imagefolder"),
+                reason: "an image folder needs its path (data.data_dir or --data-dir)".into(),
+            });
+        }
         None => default_data_dir(),
     };
     let sub = dir.join(download::dataset_subdir(name));
@@ -94,5 +108,7 @@ pub fn load(
             };
             speech::load_speech_commands_with_progress(&folder, &opts.speech, opts.progress)
         }
+        DatasetName::MedMnist(which) => load_medmnist(&dir, which).map(MedMnistSplits::train_test),
+        DatasetName::ImageFolder => load_image_folder(&dir, &opts.image),
     }
 }

@@ -256,3 +256,38 @@ fn speech_archive_download_extracts_and_loads() {
     .unwrap();
     assert_eq!(mirror.requests.load(Ordering::SeqCst), before);
 }
+
+#[test]
+fn medmnist_download_is_md5_checked_and_loads() {
+    let official = std::fs::read(test_data().join("medmnist/breastmnist.npz")).unwrap();
+    let mut damaged = official.clone();
+    damaged[1000] ^= 1;
+    let mirror = Mirror::new(HashMap::from([("breastmnist.npz".to_string(), damaged)]));
+    let name = DatasetName::MedMnist(fedra_data::MedMnist::Breast);
+    let tmp = tempfile::tempdir().unwrap();
+    let err = download(name, tmp.path(), Some(&mirror.url), false).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            DataError::Checksum {
+                algorithm: "MD5",
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    assert!(
+        err.to_string().contains("750601b1f35ba3300ea97c75c52ff8f6"),
+        "{err}"
+    );
+    assert!(names_in(&tmp.path().join("medmnist")).is_empty());
+    mirror.set("breastmnist.npz", official);
+    let path = download(name, tmp.path(), Some(&mirror.url), false).unwrap();
+    assert_eq!(path, tmp.path().join("medmnist/breastmnist.npz"));
+    let tt = fedra_data::load(name, Some(tmp.path()), &Default::default()).unwrap();
+    assert_eq!((tt.train.len(), tt.test.len()), (546, 156));
+    // Present and verified: no second request.
+    let before = mirror.requests.load(Ordering::SeqCst);
+    download(name, tmp.path(), Some(&mirror.url), false).unwrap();
+    assert_eq!(mirror.requests.load(Ordering::SeqCst), before);
+}

@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use anyhow::Context;
 use clap::{Args, Subcommand};
-use fedra_data::{DatasetName, FeatureCache, LoadOptions, SpeechOptions, TrainTest};
+use fedra_data::{Dataset, DatasetName, FeatureCache, LoadOptions, SpeechOptions, TrainTest};
 
 /// Arguments of `fedra data`.
 #[derive(Args, Debug)]
@@ -21,19 +21,22 @@ pub struct DataArgs {
 pub enum DataCommand {
     /// Load a dataset and print its sizes, example shape and per-class counts of train and test.
     Info {
-        /// Dataset: mnist, cifar10 or speech-commands.
+        /// Dataset: mnist, cifar10, speech-commands, a MedMNIST name (pneumoniamnist, ...) or
+        /// imagefolder.
         name: DatasetName,
-        /// The dataset's folder (CIFAR-10: also its .tar.gz archive), or a data folder holding it
-        /// where `fedra data download` puts it. Without it, MNIST is the embedded subset (first
+        /// The dataset's folder (CIFAR-10: also its .tar.gz archive; MedMNIST: also its .npz), or
+        /// a data folder holding it where `fedra data download` puts it. Without it, MNIST is the embedded subset (first
         /// 10,000 train / 2,000 test images) and the others are looked up in the per-user cache.
         #[arg(long, env = "FEDRA_DATA")]
         data_dir: Option<PathBuf>,
         #[command(flatten)]
         speech: SpeechArgs,
+        #[command(flatten)]
+        image: ImageArgs,
     },
-    /// Download the official archives (SHA-256- or gzip-verified, atomic, cached).
+    /// Download the official archives (SHA-256-, MD5- or gzip-verified, atomic, cached).
     Download {
-        /// Dataset: mnist, cifar10 or speech-commands.
+        /// Dataset: mnist, cifar10, speech-commands or a MedMNIST name (pneumoniamnist, ...).
         name: DatasetName,
         /// Data folder to download into (a sub-folder named after the dataset is used);
         /// default: the per-user cache folder.
@@ -65,6 +68,30 @@ pub struct SpeechArgs {
     no_cache: bool,
 }
 
+/// Image-folder options of `fedra data info`.
+#[derive(Args, Debug)]
+pub struct ImageArgs {
+    /// imagefolder: resize every image to H,W (default: all images must share one size).
+    #[arg(long, value_delimiter = ',', num_args = 2, value_names = ["H", "W"])]
+    image_size: Option<Vec<usize>>,
+    /// imagefolder: 1 (gray) or 3 (RGB); default 1 when every image is gray.
+    #[arg(long)]
+    channels: Option<usize>,
+    /// imagefolder: skip (and count) images that cannot be decoded.
+    #[arg(long)]
+    skip_unreadable: bool,
+}
+
+impl ImageArgs {
+    fn options(&self) -> fedra_data::ImageFolderOptions {
+        fedra_data::ImageFolderOptions {
+            size: self.image_size.as_ref().map(|s| [s[0], s[1]]),
+            channels: self.channels,
+            skip_unreadable: self.skip_unreadable,
+        }
+    }
+}
+
 impl SpeechArgs {
     fn options(&self) -> SpeechOptions {
         let defaults = SpeechOptions::default();
@@ -89,14 +116,31 @@ pub fn run(args: DataArgs) -> anyhow::Result<()> {
             name,
             data_dir,
             speech,
+            image,
         } => {
             let opts = LoadOptions {
                 speech: speech.options(),
+                image: image.options(),
                 progress: true,
             };
             let start = Instant::now();
-            let data = fedra_data::load(name, data_dir.as_deref(), &opts)
-                .with_context(|| format!("cannot load {name}"))?;
+            // MedMNIST's validation split is shown too (it is never trained or reported on).
+            let (data, val) = match name {
+                DatasetName::MedMnist(which) => {
+                    let dir = data_dir
+                        .clone()
+                        .unwrap_or_else(fedra_data::default_data_dir);
+                    let s = fedra_data::load_medmnist(&dir, which)
+                        .with_context(|| format!("cannot load {name}"))?;
+                    let val = s.val.clone();
+                    (s.train_test(), Some(val))
+                }
+                _ => (
+                    fedra_data::load(name, data_dir.as_deref(), &opts)
+                        .with_context(|| format!("cannot load {name}"))?,
+                    None,
+                ),
+            };
             let source = match &data_dir {
                 Some(d) => d.display().to_string(),
                 None if name == DatasetName::Mnist => {
@@ -107,7 +151,7 @@ pub fn run(args: DataArgs) -> anyhow::Result<()> {
             };
             let text = format!(
                 "{}loaded in {:.2} s\n",
-                info_table(name, &source, &data),
+                info_table(name, &source, &data, val.as_ref()),
                 start.elapsed().as_secs_f64()
             );
             print_stdout(&text)
@@ -139,8 +183,8 @@ fn print_stdout(text: &str) -> anyhow::Result<()> {
     }
 }
 
-/// The text `fedra data info` prints.
-fn info_table(name: DatasetName, source: &str, data: &TrainTest) -> String {
+/// The text `fedra data info` prints; `val` is a validation split shown beside train and test.
+fn info_table(name: DatasetName, source: &str, data: &TrainTest, val: Option<&Dataset>) -> String {
     use std::fmt::Write;
     let TrainTest { train, test } = data;
     let mut out = String::new();
@@ -156,6 +200,13 @@ fn info_table(name: DatasetName, source: &str, data: &TrainTest) -> String {
         train.example_len()
     );
     let _ = writeln!(out, "train    {} examples", train.len());
+    if let Some(val) = val {
+        let _ = writeln!(
+            out,
+            "val      {} examples (for choosing a round; never reported)",
+            val.len()
+        );
+    }
     let _ = writeln!(out, "test     {} examples", test.len());
     let _ = writeln!(out, "classes  {}", train.num_classes());
     let _ = writeln!(out);
@@ -166,39 +217,32 @@ fn info_table(name: DatasetName, source: &str, data: &TrainTest) -> String {
         .max()
         .unwrap_or(5)
         .max(5);
-    let _ = writeln!(
-        out,
-        "{:>5}  {:<width$}  {:>8}  {:>8}  {:>8}",
-        "label", "class", "train", "test", "total"
-    );
-    let (tr, te) = (train.class_counts(), test.class_counts());
-    for (i, class) in train.class_names.iter().enumerate() {
-        let _ = writeln!(
-            out,
-            "{:>5}  {:<width$}  {:>8}  {:>8}  {:>8}",
-            i,
-            class,
-            tr[i],
-            te[i],
-            tr[i] + te[i]
-        );
+    let mut sets = vec![("train", train)];
+    sets.extend(val.map(|v| ("val", v)));
+    sets.push(("test", test));
+    let mut header = format!("{:>5}  {:<width$}", "label", "class");
+    for (title, _) in &sets {
+        let _ = write!(header, "  {title:>8}");
     }
-    let _ = writeln!(
-        out,
-        "{:>5}  {:<width$}  {:>8}  {:>8}  {:>8}",
-        "",
-        "all",
-        train.len(),
-        test.len(),
-        train.len() + test.len()
-    );
+    let _ = writeln!(out, "{header}  {:>8}", "total");
+    let counts: Vec<Vec<usize>> = sets.iter().map(|(_, d)| d.class_counts()).collect();
+    let mut row = |label: &str, class: &str, values: Vec<usize>| {
+        let mut line = format!("{label:>5}  {class:<width$}");
+        for v in &values {
+            let _ = write!(line, "  {v:>8}");
+        }
+        let _ = writeln!(out, "{line}  {:>8}", values.iter().sum::<usize>());
+    };
+    for (i, class) in train.class_names.iter().enumerate() {
+        row(&i.to_string(), class, counts.iter().map(|c| c[i]).collect());
+    }
+    row("", "all", sets.iter().map(|(_, d)| d.len()).collect());
     out
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use fedra_data::Dataset;
 
     fn tiny(labels: Vec<u16>) -> Dataset {
         Dataset {
@@ -216,7 +260,7 @@ mod tests {
             train: tiny(vec![0, 1, 1]),
             test: tiny(vec![1]),
         };
-        let text = info_table(DatasetName::Cifar10, "here", &data);
+        let text = info_table(DatasetName::Cifar10, "here", &data, None);
         assert!(text.contains("train    3 examples"), "{text}");
         assert!(
             text.contains("    0  cat              1         0         1"),

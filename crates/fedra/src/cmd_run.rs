@@ -57,7 +57,7 @@ fn threads(args: &RunArgs) -> usize {
 pub(crate) fn load_data(config: &ExperimentConfig) -> anyhow::Result<TrainTest> {
     let opts = LoadOptions {
         progress: std::io::stderr().is_terminal(),
-        ..LoadOptions::default()
+        ..config.data.load_options()
     };
     load(config.data.dataset, config.data.data_dir.as_deref(), &opts)
         .with_context(|| format!("loading {}", config.data.dataset))
@@ -229,6 +229,9 @@ pub(crate) fn describe(row: &RoundMetrics) -> String {
         row.test_accuracy * 100.0,
         row.test_loss
     );
+    if let Some(auc) = row.clinical.auc {
+        line.push_str(&format!("  auc {auc:.4}"));
+    }
     if let Some(loss) = row.train_loss {
         line.push_str(&format!("  train loss {loss:.4}"));
     }
@@ -250,6 +253,34 @@ pub(crate) fn print_summary(name: &str, s: &Summary) {
         s.total_seconds,
         s.samples_per_s
     );
+    if let (Some(auc), Some(best)) = (s.final_auc, s.best_auc) {
+        let mut line = format!(
+            "{name}: final AUC {auc:.4} (best {best:.4} at round {})",
+            s.best_auc_round.unwrap_or(0)
+        );
+        if let Some(ba) = s.final_balanced_accuracy {
+            line.push_str(&format!(", balanced accuracy {:.2}%", ba * 100.0));
+        }
+        let per_class: Vec<String> = s
+            .final_per_class
+            .iter()
+            .filter_map(|c| {
+                Some(format!(
+                    "{} {:.1}/{:.1}",
+                    c.class,
+                    c.sensitivity? * 100.0,
+                    c.specificity? * 100.0
+                ))
+            })
+            .collect();
+        if !per_class.is_empty() && per_class.len() <= 10 {
+            line.push_str(&format!(
+                "; sensitivity/specificity % {}",
+                per_class.join(", ")
+            ));
+        }
+        println!("{line}");
+    }
     if let Some(mib) = s.peak_rss_mib {
         println!("{name}: peak memory (RSS) of this process so far {mib:.0} MiB");
     }

@@ -79,7 +79,8 @@ fn default_round_timeout() -> f64 {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DataConfig {
-    /// `mnist`, `cifar10` or `speech-commands`.
+    /// `mnist`, `cifar10`, `speech-commands`, a MedMNIST name (`pneumoniamnist`, ...) or
+    /// `imagefolder`.
     pub dataset: fedra_data::DatasetName,
     /// Folder holding the dataset; `--data-dir` and `FEDRA_DATA` override it. Without any,
     /// MNIST uses the subset embedded in fedra.
@@ -91,9 +92,31 @@ pub struct DataConfig {
     /// Use only the first N test examples (file order).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub test_examples: Option<usize>,
+    /// `imagefolder`: height and width every image is resized to (without it, all images must
+    /// share one size).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_size: Option<[usize; 2]>,
+    /// `imagefolder`: 1 (gray) or 3 (RGB); without it, 1 when every image is gray.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub channels: Option<usize>,
+    /// `imagefolder`: skip (and count) images that cannot be decoded instead of failing.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub skip_unreadable: bool,
 }
 
 impl DataConfig {
+    /// How [`fedra_data::load`] reads this dataset.
+    pub fn load_options(&self) -> fedra_data::LoadOptions {
+        fedra_data::LoadOptions {
+            image: fedra_data::ImageFolderOptions {
+                size: self.image_size,
+                channels: self.channels,
+                skip_unreadable: self.skip_unreadable,
+            },
+            ..fedra_data::LoadOptions::default()
+        }
+    }
+
     /// The loaded data cut to `train_examples` / `test_examples`; asking for more examples than
     /// the dataset has is an error naming the key, never a silent truncation.
     pub fn select(&self, data: TrainTest) -> Result<TrainTest, ConfigError> {
@@ -345,6 +368,36 @@ impl ExperimentConfig {
             if limit == Some(0) {
                 return Err(bad(key, "must be at least 1".into()));
             }
+        }
+        let image_folder = self.data.dataset == fedra_data::DatasetName::ImageFolder;
+        for (key, set) in [
+            ("data.image_size", self.data.image_size.is_some()),
+            ("data.channels", self.data.channels.is_some()),
+            ("data.skip_unreadable", self.data.skip_unreadable),
+        ] {
+            if set && !image_folder {
+                return Err(bad(
+                    key,
+                    format!(
+                        "applies to dataset = \"imagefolder\" only, not {}",
+                        self.data.dataset
+                    ),
+                ));
+            }
+        }
+        if let Some(c) = self.data.channels
+            && c != 1
+            && c != 3
+        {
+            return Err(bad("data.channels", format!("must be 1 or 3, got {c}")));
+        }
+        if let Some([h, w]) = self.data.image_size
+            && (!(1..=4096).contains(&h) || !(1..=4096).contains(&w))
+        {
+            return Err(bad(
+                "data.image_size",
+                format!("must be [H, W] between 1 and 4096, got [{h}, {w}]"),
+            ));
         }
         if t.rounds == 0 {
             return Err(bad("train.rounds", "must be at least 1".into()));

@@ -10,7 +10,9 @@ use std::time::Instant;
 
 use fedra_data::partition::{Partition, Scheme, partition};
 use fedra_data::{Dataset, TrainTest};
-use fedra_nn::{BnPolicy, Model, ModelSpec, SgdConfig, TensorKind, Trainer};
+use fedra_nn::{
+    BnPolicy, ClinicalMetrics, Model, ModelSpec, SgdConfig, TensorKind, Trainer, clinical_metrics,
+};
 
 use crate::client::{CENTRAL_ID, FitConfig, FitResult};
 use crate::config::ExperimentConfig;
@@ -75,6 +77,9 @@ pub struct RoundMetrics {
     pub examples: usize,
     pub sgd_test_accuracy: Option<f64>,
     pub divergence: Vec<Divergence>,
+    /// ROC AUC, balanced accuracy, per-class sensitivity and specificity on the test set.
+    #[serde(default)]
+    pub clinical: ClinicalMetrics,
 }
 
 /// A federated run in progress.
@@ -503,24 +508,29 @@ impl Federation {
     fn evaluate(&self, data: &TrainTest, train_loss: Option<f64>) -> Result<RoundMetrics, FlError> {
         let mut trainer = self.eval_trainer()?;
         let test = &data.test;
-        let (test_accuracy, test_loss) = if self.local_params.is_empty()
+        let classes = self.spec.classes;
+        let (test_accuracy, test_loss, clinical) = if self.local_params.is_empty()
             && self.local_buffers.is_empty()
             || self.local.is_empty()
         {
-            let stats = trainer.evaluate(&self.global, &test.features, &test.labels)?;
-            (stats.accuracy(), stats.mean_loss())
+            let (stats, probs) =
+                trainer.evaluate_with_probs(&self.global, &test.features, &test.labels)?;
+            let clinical = clinical_metrics(&probs, &test.labels, classes);
+            (stats.accuracy(), stats.mean_loss(), clinical)
         } else {
             // FedBN: no global normalisation layers exist; report the mean over the clients of
             // the global weights combined with each client's own normalisation layers.
-            let (mut acc, mut loss) = (0f64, 0f64);
+            let (mut acc, mut loss, mut each) = (0f64, 0f64, Vec::new());
             for &client in self.local.keys() {
                 let model = self.with_local_state(client);
-                let stats = trainer.evaluate(&model, &test.features, &test.labels)?;
+                let (stats, probs) =
+                    trainer.evaluate_with_probs(&model, &test.features, &test.labels)?;
                 acc += stats.accuracy();
                 loss += stats.mean_loss();
+                each.push(clinical_metrics(&probs, &test.labels, classes));
             }
             let n = self.local.len() as f64;
-            (acc / n, loss / n)
+            (acc / n, loss / n, mean_clinical(&each))
         };
         let (sgd_test_accuracy, divergence) = match &self.twin {
             Some(twin) => {
@@ -542,7 +552,32 @@ impl Federation {
             examples: 0,
             sgd_test_accuracy,
             divergence,
+            clinical,
         })
+    }
+}
+
+/// The mean of several evaluations' clinical metrics, value by value (`None` where any is).
+fn mean_clinical(each: &[ClinicalMetrics]) -> ClinicalMetrics {
+    let mean = |values: Vec<Option<f64>>| -> Option<f64> {
+        let n = values.len() as f64;
+        values
+            .into_iter()
+            .sum::<Option<f64>>()
+            .filter(|_| n > 0.0)
+            .map(|s| s / n)
+    };
+    let per_class = |get: fn(&ClinicalMetrics) -> &Vec<Option<f64>>| -> Vec<Option<f64>> {
+        let classes = each.first().map_or(0, |m| get(m).len());
+        (0..classes)
+            .map(|c| mean(each.iter().map(|m| get(m)[c]).collect()))
+            .collect()
+    };
+    ClinicalMetrics {
+        auc: mean(each.iter().map(|m| m.auc).collect()),
+        balanced_accuracy: mean(each.iter().map(|m| m.balanced_accuracy).collect()),
+        sensitivity: per_class(|m| &m.sensitivity),
+        specificity: per_class(|m| &m.specificity),
     }
 }
 

@@ -496,6 +496,29 @@ impl Trainer {
     /// Forward in eval mode (running statistics, no dropout, centre crop) over any number of
     /// examples, batched internally.
     pub fn evaluate(&mut self, model: &Model, x: &[f32], y: &[u16]) -> Result<EvalStats, NnError> {
+        self.evaluate_inner(model, x, y, None)
+    }
+
+    /// [`Trainer::evaluate`], also returning each example's class probabilities (softmax of the
+    /// logits, in f64; `y.len()` rows of `classes` values) for ranking metrics such as AUC.
+    pub fn evaluate_with_probs(
+        &mut self,
+        model: &Model,
+        x: &[f32],
+        y: &[u16],
+    ) -> Result<(EvalStats, Vec<f64>), NnError> {
+        let mut probs = Vec::with_capacity(y.len() * self.spec.classes);
+        let stats = self.evaluate_inner(model, x, y, Some(&mut probs))?;
+        Ok((stats, probs))
+    }
+
+    fn evaluate_inner(
+        &mut self,
+        model: &Model,
+        x: &[f32],
+        y: &[u16],
+        mut probs: Option<&mut Vec<f64>>,
+    ) -> Result<EvalStats, NnError> {
         self.check_inputs(model, x, y)?;
         let mut stats = EvalStats::default();
         let mut rng = ChaCha8Rng::seed_from_u64(0);
@@ -510,6 +533,17 @@ impl Trainer {
             stats.loss_sum += loss;
             stats.correct += correct;
             stats.count += n;
+            if let Some(out) = probs.as_deref_mut() {
+                let k = self.spec.classes;
+                let logits = &self.acts[self.acts.len() - 1][..n * k];
+                for row in logits.chunks_exact(k) {
+                    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                    let start = out.len();
+                    out.extend(row.iter().map(|&v| f64::from(v - max).exp()));
+                    let sum: f64 = out[start..].iter().sum();
+                    out[start..].iter_mut().for_each(|p| *p /= sum);
+                }
+            }
         }
         if !stats.loss_sum.is_finite() {
             return Err(NnError::NonFinite {

@@ -31,6 +31,19 @@ pub struct Summary {
     pub best_accuracy: f64,
     pub best_round: usize,
     pub final_sgd_accuracy: Option<f64>,
+    /// ROC AUC of the final model (binary: of class 1; else macro one-vs-rest).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub final_auc: Option<f64>,
+    /// Highest AUC over the evaluated rounds, and its round.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub best_auc: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub best_auc_round: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub final_balanced_accuracy: Option<f64>,
+    /// The final model's sensitivity and specificity per class, by class name.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub final_per_class: Vec<ClassSummary>,
     pub mean_emd: f64,
     /// With data sharing: the clients' mean EMD before their share of G was mixed in.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -42,6 +55,14 @@ pub struct Summary {
     /// With several runs in one process it is the peak over all of them.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub peak_rss_mib: Option<f64>,
+}
+
+/// One class's sensitivity and specificity (absent when undefined on the test set).
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct ClassSummary {
+    pub class: String,
+    pub sensitivity: Option<f64>,
+    pub specificity: Option<f64>,
 }
 
 /// The process's peak resident set size in MiB, from `/proc/self/status` (Linux only).
@@ -290,6 +311,24 @@ impl Run {
             .history
             .iter()
             .max_by(|a, b| a.test_accuracy.total_cmp(&b.test_accuracy));
+        let best_auc = fed
+            .history
+            .iter()
+            .filter_map(|r| r.clinical.auc.map(|auc| (auc, r.round)))
+            .max_by(|a, b| a.0.total_cmp(&b.0));
+        let final_per_class = last.map_or_else(Vec::new, |r| {
+            self.data
+                .test
+                .class_names
+                .iter()
+                .enumerate()
+                .map(|(c, class)| ClassSummary {
+                    class: class.clone(),
+                    sensitivity: r.clinical.sensitivity.get(c).copied().flatten(),
+                    specificity: r.clinical.specificity.get(c).copied().flatten(),
+                })
+                .collect()
+        });
         let seconds: f64 = fed.history.iter().map(|r| r.seconds).sum();
         let examples: usize = fed.history.iter().map(|r| r.examples).sum();
         let summary = Summary {
@@ -298,6 +337,11 @@ impl Run {
             best_accuracy: best.map_or(f64::NAN, |r| r.test_accuracy),
             best_round: best.map_or(0, |r| r.round),
             final_sgd_accuracy: last.and_then(|r| r.sgd_test_accuracy),
+            final_auc: last.and_then(|r| r.clinical.auc),
+            best_auc: best_auc.map(|b| b.0),
+            best_auc_round: best_auc.map(|b| b.1),
+            final_balanced_accuracy: last.and_then(|r| r.clinical.balanced_accuracy),
+            final_per_class,
             mean_emd: self.mean_emd,
             mean_emd_before_share: fed
                 .before_share
@@ -343,7 +387,9 @@ impl Run {
 
 /// The metrics table as CSV: `round,lr,test_accuracy,test_loss,train_loss,seconds`, then
 /// `sgd_test_accuracy` and one `wd_<tensor or layer>` column per divergence figure when the SGD
-/// twin runs. Empty cells where a value does not exist (train loss of round 0).
+/// twin runs, then the clinical metrics: `test_auc,test_balanced_accuracy`, and
+/// `sensitivity_<c>` and `specificity_<c>` for each class index c. Empty cells where a value does
+/// not exist (train loss of round 0, sensitivity of a class absent from the test set).
 pub fn metrics_csv(history: &[RoundMetrics]) -> String {
     let mut out = String::from("round,lr,test_accuracy,test_loss,train_loss,seconds");
     let twin = history.iter().any(|r| r.sgd_test_accuracy.is_some());
@@ -355,6 +401,17 @@ pub fn metrics_csv(history: &[RoundMetrics]) -> String {
         out.push_str(",sgd_test_accuracy");
         for name in &wd_names {
             out.push_str(&format!(",wd_{name}"));
+        }
+    }
+    let classes = history
+        .iter()
+        .map(|r| r.clinical.sensitivity.len())
+        .max()
+        .unwrap_or(0);
+    out.push_str(",test_auc,test_balanced_accuracy");
+    for kind in ["sensitivity", "specificity"] {
+        for c in 0..classes {
+            out.push_str(&format!(",{kind}_{c}"));
         }
     }
     out.push('\n');
@@ -378,6 +435,14 @@ pub fn metrics_csv(history: &[RoundMetrics]) -> String {
                     .map(|d| format!("{:.8}", d.value))
                     .unwrap_or_default();
                 out.push_str(&format!(",{value}"));
+            }
+        }
+        let cell = |v: Option<f64>| v.map(|v| format!("{v:.6}")).unwrap_or_default();
+        let m = &r.clinical;
+        out.push_str(&format!(",{},{}", cell(m.auc), cell(m.balanced_accuracy)));
+        for values in [&m.sensitivity, &m.specificity] {
+            for c in 0..classes {
+                out.push_str(&format!(",{}", cell(values.get(c).copied().flatten())));
             }
         }
         out.push('\n');

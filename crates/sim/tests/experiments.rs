@@ -66,20 +66,26 @@ fn load_dataset(name: DatasetName) -> TrainTest {
             cache: FeatureCache::Disabled,
             ..SpeechOptions::default()
         },
-        progress: false,
+        ..LoadOptions::default()
     };
     let root = test_data();
     let dir = match name {
         DatasetName::Mnist => root.join("mnist"),
         DatasetName::Cifar10 => root.join("cifar-10-batches-bin"),
         DatasetName::SpeechCommands => root.join("speech_commands_subset"),
+        DatasetName::MedMnist(_) => root.join("medmnist"),
+        DatasetName::ImageFolder => panic!("experiments/ must not depend on a user's image folder"),
     };
     let data = load(name, Some(&dir), &opts).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
     if name != DatasetName::SpeechCommands {
         // Cut here, once: each run clones what it is given.
         return TrainTest {
-            train: data.train.subset(&(0..MAX_TRAIN).collect::<Vec<_>>()),
-            test: data.test.subset(&(0..MAX_TEST).collect::<Vec<_>>()),
+            train: data
+                .train
+                .subset(&(0..MAX_TRAIN.min(data.train.len())).collect::<Vec<_>>()),
+            test: data
+                .test
+                .subset(&(0..MAX_TEST.min(data.test.len())).collect::<Vec<_>>()),
         };
     }
     // Every clip of the shared subset is in the testing split: train on four in five of each

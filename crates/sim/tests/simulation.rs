@@ -172,9 +172,17 @@ fn sgd_twin_divergence_is_reported_and_zero_at_round_zero() {
         "{header}"
     );
     let row0: Vec<&str> = csv.lines().nth(1).unwrap().split(',').collect();
+    let wd_columns = header.split(',').filter(|c| c.starts_with("wd_")).count();
     assert!(
-        row0[7..].iter().all(|v| v.parse::<f64>().unwrap() == 0.0),
+        row0[7..7 + wd_columns]
+            .iter()
+            .all(|v| v.parse::<f64>().unwrap() == 0.0),
         "{row0:?}"
+    );
+    // The clinical metrics follow the divergence columns.
+    assert!(
+        header.contains(",wd_fc3,test_auc,test_balanced_accuracy,sensitivity_0,"),
+        "{header}"
     );
 }
 
