@@ -166,7 +166,15 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
                 config.train.rounds,
                 dir.display()
             );
-            Run::start(config, data, &dir, threads)?
+            let run = Run::start(config, data, &dir, threads)?;
+            let (trainable, all) = run.federation.trainable_params();
+            if trainable < all {
+                eprintln!(
+                    "{name}: {trainable} of {all} parameters trainable ({} frozen by model.freeze)",
+                    all - trainable
+                );
+            }
+            run
         };
         let summary = drive(run)?;
         print_summary(&name, &summary);

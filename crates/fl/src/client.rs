@@ -34,6 +34,9 @@ pub struct FitConfig {
     pub bn: BnPolicy,
     /// FedProx: add mu * (w - w_global) to every gradient.
     pub prox_mu: Option<f32>,
+    /// Parameters (ranges of the parameter vector) that training leaves unchanged
+    /// (`model.freeze`).
+    pub frozen: Vec<std::ops::Range<usize>>,
 }
 
 /// What a client sends back: its new weights and how much data produced them.
@@ -103,6 +106,7 @@ pub fn fit(
     let correction = proximal.as_ref().map(|p| p as &dyn GradCorrection);
 
     trainer.reset_optimizer();
+    trainer.set_frozen(config.frozen.clone());
     let mut order = indices.to_vec();
     let mut x = vec![0f32; config.batch_size.min(indices.len()) * row];
     let mut y = vec![0u16; config.batch_size.min(indices.len())];

@@ -168,6 +168,15 @@ pub struct ModelConfig {
     /// seeded initialisation.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub init: Option<PathBuf>,
+    /// Glob patterns over parameter names (`conv1.*`, `fc1.weight`, `*`): matching parameters
+    /// never change in training (no update, momentum or weight decay) and the server leaves
+    /// them out of aggregation. Running statistics follow `bn`, not this list.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub freeze: Vec<String>,
+    /// Glob patterns over tensor names re-initialised (seeded) instead of read from `init`: a
+    /// new head, possibly of another shape. Needs `init`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub reset: Vec<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -368,6 +377,20 @@ impl ExperimentConfig {
             if limit == Some(0) {
                 return Err(bad(key, "must be at least 1".into()));
             }
+        }
+        for (key, patterns) in [
+            ("model.freeze", &self.model.freeze),
+            ("model.reset", &self.model.reset),
+        ] {
+            if let Err((pattern, e)) = crate::federation::compile_patterns(patterns) {
+                return Err(bad(key, format!("{pattern:?} is not a glob pattern: {e}")));
+            }
+        }
+        if !self.model.reset.is_empty() && self.model.init.is_none() {
+            return Err(bad(
+                "model.reset",
+                "re-initialises tensors of model.init, which is not set".into(),
+            ));
         }
         let image_folder = self.data.dataset == fedra_data::DatasetName::ImageFolder;
         for (key, set) in [

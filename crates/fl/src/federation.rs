@@ -98,6 +98,8 @@ pub struct Federation {
     scope: AggregationScope,
     local_params: Vec<Range<usize>>,
     local_buffers: Vec<Range<usize>>,
+    /// Parameters `model.freeze` keeps fixed.
+    frozen: Vec<Range<usize>>,
     all_indices: Vec<usize>,
     threads: usize,
     /// Wall time of the rounds run since the last evaluated row (it goes into the next row's
@@ -173,9 +175,19 @@ impl Federation {
         let seed = config.run.seed;
         let mut global = match (given, &config.model.init) {
             (Some(model), _) => model,
+            (None, Some(path)) if !config.model.reset.is_empty() => {
+                let reset = compile_patterns(&config.model.reset)
+                    .map_err(|(p, e)| FlError::State(format!("model.reset {p:?}: {e}")))?;
+                let fresh = Model::new(&spec, seed)?;
+                match_patterns_somewhere(&reset, &fresh, "model.reset", false)?;
+                Model::load_safetensors_keeping(path, fresh, &|name| {
+                    reset.iter().any(|p| p.matches(name))
+                })?
+            }
             (None, Some(path)) => Model::load_safetensors(&spec, path)?,
             (None, None) => Model::new(&spec, seed)?,
         };
+        let frozen = frozen_ranges(&global, &config.model.freeze)?;
         let (partition, before_share) = match &config.share {
             None => (
                 partition(labels, classes, config.partition.clients, &scheme, seed)?,
@@ -218,6 +230,7 @@ impl Federation {
                             },
                             bn: config.model.bn,
                             prox_mu: None,
+                            frozen: frozen.clone(),
                         },
                     };
                     let warmed = run_job(job, &data.train, threads.max(1))?;
@@ -230,7 +243,11 @@ impl Federation {
         };
         let twin = config.eval.sgd_twin.then(|| global.clone());
         let strategy = from_config(&config.strategy)?;
-        let scope = AggregationScope::new(&global, config.model.bn, config.model.average_buffers);
+        let mut scope =
+            AggregationScope::new(&global, config.model.bn, config.model.average_buffers);
+        // Frozen tensors never change on any client: the server leaves them as they are (an
+        // average of equal values need not be exactly that value in floating point).
+        scope.params.retain(|r| !frozen.contains(r));
         let (mut local_params, mut local_buffers) = (Vec::new(), Vec::new());
         if config.model.bn == BnPolicy::Local {
             for t in global.tensors().iter().filter(|t| t.norm) {
@@ -262,6 +279,7 @@ impl Federation {
             scope,
             local_params,
             local_buffers,
+            frozen,
             threads: threads.max(1),
             pending_seconds: 0.0,
             pending_examples: 0,
@@ -304,7 +322,17 @@ impl Federation {
             },
             bn: self.config.model.bn,
             prox_mu: self.strategy.prox_mu(),
+            frozen: self.frozen.clone(),
         }
+    }
+
+    /// Parameters trained (not frozen) and parameters in all.
+    pub fn trainable_params(&self) -> (usize, usize) {
+        let all = self.global.params().len();
+        (
+            all - self.frozen.iter().map(|r| r.len()).sum::<usize>(),
+            all,
+        )
     }
 
     fn with_local_state(&self, client: usize) -> Model {
@@ -555,6 +583,60 @@ impl Federation {
             clinical,
         })
     }
+}
+
+/// Compiles glob patterns; the error names the pattern that is not one.
+pub fn compile_patterns(patterns: &[String]) -> Result<Vec<glob::Pattern>, (String, String)> {
+    patterns
+        .iter()
+        .map(|p| glob::Pattern::new(p).map_err(|e| (p.clone(), e.to_string())))
+        .collect()
+}
+
+/// Fails naming `key` and the pattern when a pattern matches no tensor of `model` (with
+/// `params_only`, no parameter): a typo must not silently freeze or reset nothing.
+fn match_patterns_somewhere(
+    patterns: &[glob::Pattern],
+    model: &Model,
+    key: &str,
+    params_only: bool,
+) -> Result<(), FlError> {
+    for p in patterns {
+        let hit = model
+            .tensors()
+            .iter()
+            .filter(|t| !params_only || t.kind == TensorKind::Param)
+            .any(|t| p.matches(&t.name));
+        if !hit {
+            let names: Vec<&str> = model
+                .tensors()
+                .iter()
+                .filter(|t| !params_only || t.kind == TensorKind::Param)
+                .map(|t| t.name.as_str())
+                .collect();
+            return Err(FlError::State(format!(
+                "{key}: pattern {:?} matches no {} of model {} ({})",
+                p.as_str(),
+                if params_only { "parameter" } else { "tensor" },
+                model.spec().name,
+                names.join(", ")
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// The parameter ranges `model.freeze`'s patterns select in `model` (whole tensors, in order).
+pub fn frozen_ranges(model: &Model, patterns: &[String]) -> Result<Vec<Range<usize>>, FlError> {
+    let compiled = compile_patterns(patterns)
+        .map_err(|(p, e)| FlError::State(format!("model.freeze {p:?}: {e}")))?;
+    match_patterns_somewhere(&compiled, model, "model.freeze", true)?;
+    Ok(model
+        .tensors()
+        .iter()
+        .filter(|t| t.kind == TensorKind::Param && compiled.iter().any(|p| p.matches(&t.name)))
+        .map(|t| t.offset..t.offset + t.len)
+        .collect())
 }
 
 /// The mean of several evaluations' clinical metrics, value by value (`None` where any is).

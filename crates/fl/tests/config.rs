@@ -80,6 +80,31 @@ fn bad_values_are_rejected_naming_the_key() {
             "dataset = \"mnist\"\ntrain_examples = 0",
             "data.train_examples",
         ),
+        (
+            "bn = \"train\"",
+            "bn = \"train\"\nfreeze = [\"conv[1\"]",
+            "model.freeze",
+        ),
+        (
+            "bn = \"train\"",
+            "bn = \"train\"\nreset = [\"fc2.*\"]",
+            "model.reset",
+        ),
+        (
+            "dataset = \"mnist\"",
+            "dataset = \"mnist\"\nimage_size = [28, 28]",
+            "data.image_size",
+        ),
+        (
+            "dataset = \"mnist\"",
+            "dataset = \"imagefolder\"\nchannels = 2",
+            "data.channels",
+        ),
+        (
+            "dataset = \"mnist\"",
+            "dataset = \"imagefolder\"\nimage_size = [0, 28]",
+            "data.image_size",
+        ),
     ] {
         let e = error_of(&EXAMPLE.replace(from, to));
         assert!(e.contains(key), "{to}: {e}");

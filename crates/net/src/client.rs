@@ -96,6 +96,8 @@ struct Prepared {
     indices: Vec<usize>,
     spec: ModelSpec,
     layout: Layout,
+    /// Parameters `model.freeze` keeps fixed.
+    frozen: Vec<std::ops::Range<usize>>,
 }
 
 /// Why a session ended badly.
@@ -520,7 +522,9 @@ fn prepare(
             "client {index} has no training examples"
         )));
     }
-    let layout = Layout::of(&Model::new(&spec, 0)?);
+    let shape = Model::new(&spec, 0)?;
+    let layout = Layout::of(&shape);
+    let frozen = fedra_fl::federation::frozen_ranges(&shape, &config.model.freeze)?;
     Ok(Prepared {
         toml,
         index,
@@ -529,6 +533,7 @@ fn prepare(
         indices,
         spec,
         layout,
+        frozen,
     })
 }
 
@@ -557,6 +562,7 @@ fn train(
         },
         bn,
         prox_mu: fit.prox_mu,
+        frozen: p.frozen.clone(),
     };
     let job = FitJob {
         client: p.index,

@@ -191,33 +191,69 @@ impl Model {
         })
     }
 
-    /// Reads a model of `spec` from safetensors bytes; every tensor of the spec must be present
-    /// with its shape and dtype, and no other tensor may be. `origin` names the source in errors.
+    /// Reads a model of `spec` from safetensors bytes, strictly (as PyTorch's
+    /// `load_state_dict(strict=True)`): every tensor of the spec must be present with its shape
+    /// and dtype, and no other tensor may be; one error lists every missing, unexpected and
+    /// mis-shaped tensor by name. `origin` names the source in errors.
     pub fn from_safetensors_bytes(
         spec: &ModelSpec,
         bytes: &[u8],
         origin: &str,
     ) -> Result<Model, NnError> {
+        let mut model = Model::zeroed(spec)?;
+        model.read_safetensors(bytes, origin, &|_| false)?;
+        Ok(model)
+    }
+
+    /// Loads `path` into `base` strictly, except the tensors `keep` selects by name: those keep
+    /// `base`'s values and may be missing from the file, of another shape there, or present
+    /// under names the model lacks (a new classification head over pre-trained features).
+    pub fn load_safetensors_keeping(
+        path: &Path,
+        mut base: Model,
+        keep: &dyn Fn(&str) -> bool,
+    ) -> Result<Model, NnError> {
+        let bytes = std::fs::read(path).map_err(|source| NnError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        base.read_safetensors(&bytes, &path.display().to_string(), keep)?;
+        Ok(base)
+    }
+
+    fn read_safetensors(
+        &mut self,
+        bytes: &[u8],
+        origin: &str,
+        keep: &dyn Fn(&str) -> bool,
+    ) -> Result<(), NnError> {
         let err = |tensor: Option<&str>, msg: String| NnError::Safetensors {
             origin: origin.into(),
             tensor: tensor.map(str::to_string),
             msg,
         };
         let file = SafeTensors::deserialize(bytes).map_err(|e| err(None, e.to_string()))?;
-        let mut model = Model::zeroed(spec)?;
-        for t in &model.tensors.clone() {
-            let view = file
-                .tensor(&t.name)
-                .map_err(|_| err(Some(&t.name), "missing from the file".into()))?;
+        let (mut missing, mut misshaped) = (Vec::new(), Vec::new());
+        for t in &self.tensors.clone() {
+            if keep(&t.name) {
+                continue;
+            }
+            let Ok(view) = file.tensor(&t.name) else {
+                missing.push(t.name.clone());
+                continue;
+            };
             if view.shape() != t.shape.as_slice() {
-                return Err(err(
-                    Some(&t.name),
-                    format!("shape {:?}, the model expects {:?}", view.shape(), t.shape),
+                misshaped.push(format!(
+                    "{} is {:?} in the file, {:?} in the model",
+                    t.name,
+                    view.shape(),
+                    t.shape
                 ));
+                continue;
             }
             let dst = match t.kind {
-                TensorKind::Param => &mut model.params[t.offset..t.offset + t.len],
-                TensorKind::Buffer => &mut model.buffers[t.offset..t.offset + t.len],
+                TensorKind::Param => &mut self.params[t.offset..t.offset + t.len],
+                TensorKind::Buffer => &mut self.buffers[t.offset..t.offset + t.len],
             };
             match (view.dtype(), is_counter(&t.name)) {
                 (Dtype::F32, _) => {
@@ -243,14 +279,31 @@ impl Model {
             }
         }
         let known: std::collections::HashSet<&str> =
-            model.tensors.iter().map(|t| t.name.as_str()).collect();
-        if let Some(extra) = file.names().into_iter().find(|n| !known.contains(*n)) {
-            return Err(err(
-                Some(extra),
-                format!("not a tensor of model {:?}", spec.name),
+            self.tensors.iter().map(|t| t.name.as_str()).collect();
+        let mut unexpected: Vec<&str> = file
+            .names()
+            .into_iter()
+            .filter(|n| !known.contains(*n) && !keep(n))
+            .collect();
+        unexpected.sort_unstable();
+        if missing.is_empty() && unexpected.is_empty() && misshaped.is_empty() {
+            return Ok(());
+        }
+        let mut problems = Vec::new();
+        if !missing.is_empty() {
+            problems.push(format!("missing: {}", missing.join(", ")));
+        }
+        if !unexpected.is_empty() {
+            problems.push(format!(
+                "unexpected (not tensors of model {:?}): {}",
+                self.spec.name,
+                unexpected.join(", ")
             ));
         }
-        Ok(model)
+        if !misshaped.is_empty() {
+            problems.push(format!("wrong shape: {}", misshaped.join("; ")));
+        }
+        Err(err(None, problems.join("; ")))
     }
 
     pub fn save_safetensors(&self, path: &Path) -> Result<(), NnError> {

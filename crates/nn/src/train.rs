@@ -150,6 +150,8 @@ pub struct Trainer {
     momentum_started: bool,
     /// The ops' parameter ranges cover every parameter, so backward can apply SGD layer by layer.
     fused_sgd: bool,
+    /// Parameters SGD never changes (sorted, disjoint ranges of the parameter vector).
+    frozen: Vec<std::ops::Range<usize>>,
     row_len: usize,
     in_len: usize,
 }
@@ -260,6 +262,7 @@ impl Trainer {
                 .map(|(_, len)| len)
                 .sum::<usize>()
                 == plan.num_params,
+            frozen: Vec::new(),
             row_len: spec.input.iter().product(),
             in_len,
             plan,
@@ -270,6 +273,31 @@ impl Trainer {
     /// the value.
     pub fn set_threads(&mut self, threads: usize) {
         self.threads = threads.max(1);
+    }
+
+    /// Parameters (ranges of the parameter vector) that training steps must leave unchanged:
+    /// they get no update, no momentum and no weight decay. Their gradients are still computed
+    /// where earlier layers need them.
+    pub fn set_frozen(&mut self, mut ranges: Vec<std::ops::Range<usize>>) {
+        ranges.retain(|r| !r.is_empty());
+        ranges.sort_by_key(|r| r.start);
+        self.frozen = ranges;
+    }
+
+    /// The parameter ranges SGD updates: everything outside the frozen ranges.
+    fn trainable_ranges(&self) -> Vec<std::ops::Range<usize>> {
+        let mut out = Vec::new();
+        let mut at = 0;
+        for r in &self.frozen {
+            if r.start > at {
+                out.push(at..r.start);
+            }
+            at = at.max(r.end);
+        }
+        if at < self.plan.num_params {
+            out.push(at..self.plan.num_params);
+        }
+        out
     }
 
     /// Zeroes the momentum buffers (the next step starts momentum afresh, as a new optimiser).
@@ -471,7 +499,7 @@ impl Trainer {
         correction: Option<&dyn GradCorrection>,
     ) -> Result<StepStats, NnError> {
         check_sgd(sgd)?;
-        if correction.is_none() && self.fused_sgd {
+        if correction.is_none() && self.fused_sgd && self.frozen.is_empty() {
             // No hook between backward and update: backward applies the update layer by layer.
             return self.step(model, x, y, bn, seed, Some(sgd));
         }
@@ -480,13 +508,15 @@ impl Trainer {
             c.correct(model.params(), &mut self.grads);
         }
         let first = !self.momentum_started;
-        sgd_update(
-            model.params_mut(),
-            &self.grads,
-            &mut self.momentum,
-            sgd,
-            first,
-        );
+        for r in self.trainable_ranges() {
+            sgd_update(
+                &mut model.params_mut()[r.clone()],
+                &self.grads[r.clone()],
+                &mut self.momentum[r],
+                sgd,
+                first,
+            );
+        }
         if sgd.momentum != 0.0 {
             self.momentum_started = true;
         }

@@ -567,3 +567,101 @@ fn evaluation_is_the_same_whatever_the_threads() {
         assert_eq!(sum.to_bits(), a.loss_sum.to_bits(), "{name}: per batch");
     }
 }
+
+#[test]
+fn frozen_parameters_take_no_step_and_the_others_the_usual_one() {
+    // One step with conv1 frozen: conv1 keeps its bits (no update, momentum or weight decay)
+    // and every other parameter equals the unfrozen step's (a first step's gradients of later
+    // layers do not depend on whether conv1 moves). Further steps keep conv1 fixed.
+    for name in ["mnist-cnn-bn", "cifar-cnn"] {
+        let spec = ModelSpec::by_name(name, input_of(name), 10).unwrap();
+        let start = Model::new(&spec, 3).unwrap();
+        let conv1: Vec<std::ops::Range<usize>> = start
+            .tensors()
+            .iter()
+            .filter(|t| t.name.starts_with("conv1."))
+            .map(|t| t.offset..t.offset + t.len)
+            .collect();
+        let (x, y) = batch(&spec, 4, 1);
+        let mut free = start.clone();
+        Trainer::new(&spec, 4)
+            .unwrap()
+            .train_step(&mut free, &x, &y, &SGD, BnPolicy::Train, 1, None)
+            .unwrap();
+        let mut part = start.clone();
+        let mut trainer = Trainer::new(&spec, 4).unwrap();
+        trainer.set_frozen(conv1.clone());
+        trainer
+            .train_step(&mut part, &x, &y, &SGD, BnPolicy::Train, 1, None)
+            .unwrap();
+        let end = conv1.iter().map(|r| r.end).max().unwrap();
+        assert_eq!(conv1.iter().map(|r| r.start).min(), Some(0), "{name}");
+        assert_eq!(
+            bits(&part.params()[..end]),
+            bits(&start.params()[..end]),
+            "{name}"
+        );
+        assert_eq!(
+            bits(&part.params()[end..]),
+            bits(&free.params()[end..]),
+            "{name}"
+        );
+        assert_ne!(
+            bits(&free.params()[..end]),
+            bits(&start.params()[..end]),
+            "{name}"
+        );
+        for step in 2..4 {
+            let (x, y) = batch(&spec, 4, step);
+            trainer
+                .train_step(&mut part, &x, &y, &SGD, BnPolicy::Train, step, None)
+                .unwrap();
+        }
+        assert_eq!(
+            bits(&part.params()[..end]),
+            bits(&start.params()[..end]),
+            "{name}"
+        );
+    }
+}
+
+#[test]
+fn strict_load_lists_every_problem_and_keeping_loads_a_new_head() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = ModelSpec::by_name("mlp", [1, 28, 28], 10).unwrap();
+    let other = ModelSpec::by_name("mnist-cnn", [1, 28, 28], 12).unwrap();
+    let path = dir.path().join("other.safetensors");
+    Model::new(&other, 1)
+        .unwrap()
+        .save_safetensors(&path)
+        .unwrap();
+    let e = Model::load_safetensors(&spec, &path)
+        .unwrap_err()
+        .to_string();
+    // mlp has fc1..fc3; the file has conv1, conv2, fc1 (of another shape) and fc2.
+    for part in [
+        "missing: fc3.weight, fc3.bias",
+        "unexpected",
+        "conv1.weight",
+        "conv2.bias",
+        "wrong shape: fc1.weight is [512, 3136] in the file, [200, 784] in the model",
+        "fc2.weight is [12, 512] in the file, [200, 200] in the model",
+    ] {
+        assert!(e.contains(part), "{part:?} not in: {e}");
+    }
+
+    // A head of another size: everything but fc2 from the file, fc2 as `base` had it.
+    let spec10 = ModelSpec::by_name("mnist-cnn", [1, 28, 28], 10).unwrap();
+    let pretrained = Model::new(&other, 1).unwrap();
+    let base = Model::new(&spec10, 2).unwrap();
+    let loaded =
+        Model::load_safetensors_keeping(&path, base.clone(), &|n| n.starts_with("fc2.")).unwrap();
+    assert_eq!(
+        bits(loaded.tensor("conv2.weight").unwrap()),
+        bits(pretrained.tensor("conv2.weight").unwrap())
+    );
+    assert_eq!(
+        bits(loaded.tensor("fc2.weight").unwrap()),
+        bits(base.tensor("fc2.weight").unwrap())
+    );
+}

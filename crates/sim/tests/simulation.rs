@@ -463,3 +463,178 @@ warmup_epochs = 1
     assert_eq!(run.federation.rounds_done, 2);
     finish_like(run, &p_ref, Some(&b_ref), &h_ref, "resumed");
 }
+
+fn bits(v: &[f32]) -> Vec<u32> {
+    v.iter().map(|x| x.to_bits()).collect()
+}
+
+fn transfer_config(model: &str, bn: &str, freeze: &str, extra_model: &str) -> ExperimentConfig {
+    let text = format!(
+        r#"
+[data]
+dataset = "mnist"
+train_examples = 2000
+[partition]
+scheme = "classes:1"
+clients = 10
+[model]
+name = "{model}"
+bn = "{bn}"
+freeze = {freeze}
+{extra_model}
+[train]
+rounds = 2
+batch_size = 10
+lr = 0.05
+momentum = 0.9
+weight_decay = 0.0005
+[run]
+seed = 5
+"#
+    );
+    ExperimentConfig::from_toml_str(&text, "test").unwrap()
+}
+
+/// Class probabilities of the first 200 test images under `model`.
+fn outputs(model: &fedra_nn::Model, data: &fedra_data::TrainTest) -> Vec<f64> {
+    let n = 200;
+    let mut trainer = fedra_nn::Trainer::new(model.spec(), 64).unwrap();
+    let x = &data.test.features[..n * data.test.example_len()];
+    trainer
+        .evaluate_with_probs(model, x, &data.test.labels[..n])
+        .unwrap()
+        .1
+}
+
+/// The BatchNorm trap on real data: a model with every weight frozen still changes under
+/// `bn = "train"` (clients' running statistics move towards their own classes and the server
+/// averages them), while `bn = "frozen"` leaves weights, statistics and outputs bit-identical.
+#[test]
+fn every_weight_frozen_still_moves_batchnorm_unless_bn_is_frozen() {
+    let data = embedded_mnist().unwrap();
+    for (bn, moves) in [("train", true), ("frozen", false)] {
+        let config = transfer_config("mnist-cnn-bn", bn, r#"["*"]"#, "");
+        let dir = tempfile::tempdir().unwrap();
+        let mut run = Run::start(config, data.clone(), dir.path(), 2).unwrap();
+        assert_eq!(run.federation.trainable_params().0, 0);
+        let before = run.federation.global.clone();
+        while !run.federation.finished() {
+            run.step().unwrap();
+        }
+        let after = run.federation.global.clone();
+        assert_eq!(bits(after.params()), bits(before.params()), "bn = {bn}");
+        let (out_before, out_after) = (outputs(&before, &data), outputs(&after, &data));
+        if moves {
+            let mean = after.tensor("bn1.running_mean").unwrap();
+            let moved = mean
+                .iter()
+                .zip(before.tensor("bn1.running_mean").unwrap())
+                .filter(|(a, b)| a != b)
+                .count();
+            assert!(moved > 0, "running means did not move");
+            let changed = out_before
+                .iter()
+                .zip(&out_after)
+                .filter(|(a, b)| (*a - *b).abs() > 1e-3)
+                .count();
+            assert!(changed > 100, "outputs barely changed: {changed}");
+        } else {
+            assert_eq!(bits(after.buffers()), bits(before.buffers()));
+            assert_eq!(out_after, out_before);
+        }
+        run.finish().unwrap();
+    }
+}
+
+/// Frozen layers stay bit-identical through two rounds (2,000 examples) of SGD with momentum and weight decay
+/// and server aggregation; the others train, and the run counts what it trains.
+#[test]
+fn frozen_layers_never_change_and_the_rest_trains() {
+    let data = embedded_mnist().unwrap();
+    let config = transfer_config("mnist-cnn", "train", r#"["conv*"]"#, "");
+    let dir = tempfile::tempdir().unwrap();
+    let mut run = Run::start(config, data, dir.path(), 2).unwrap();
+    let (trainable, all) = run.federation.trainable_params();
+    // conv1 32x1x5x5 + 32, conv2 64x32x5x5 + 64.
+    assert_eq!(all - trainable, 832 + 51_264);
+    let before = run.federation.global.clone();
+    while !run.federation.finished() {
+        run.step().unwrap();
+    }
+    let after = &run.federation.global;
+    for name in ["conv1.weight", "conv1.bias", "conv2.weight", "conv2.bias"] {
+        assert_eq!(
+            bits(after.tensor(name).unwrap()),
+            bits(before.tensor(name).unwrap()),
+            "{name}"
+        );
+    }
+    for name in ["fc1.weight", "fc2.bias"] {
+        assert_ne!(
+            bits(after.tensor(name).unwrap()),
+            bits(before.tensor(name).unwrap()),
+            "{name}"
+        );
+    }
+    run.finish().unwrap();
+
+    // A pattern that matches nothing is an error naming it, not a silent no-op.
+    let config = transfer_config("mnist-cnn", "train", r#"["conv3.*"]"#, "");
+    let err = Run::start(
+        config,
+        embedded_mnist().unwrap(),
+        tempfile::tempdir().unwrap().path(),
+        1,
+    )
+    .err()
+    .unwrap()
+    .to_string();
+    assert!(
+        err.contains("model.freeze") && err.contains("conv3.*"),
+        "{err}"
+    );
+}
+
+/// `model.reset` re-initialises the head of a pre-trained model, even one of another shape,
+/// and keeps every other tensor; without it the shape mismatch is an error listing the tensors.
+#[test]
+fn reset_gives_a_pretrained_model_a_new_head() {
+    let data = embedded_mnist().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    // "Pre-trained" on 12 classes: fc2 is [12, 512] in the file, [10, 512] in the model.
+    let spec12 = fedra_nn::ModelSpec::by_name("mnist-cnn", [1, 28, 28], 12).unwrap();
+    let pretrained = fedra_nn::Model::new(&spec12, 99).unwrap();
+    let file = dir.path().join("pretrained.safetensors");
+    pretrained.save_safetensors(&file).unwrap();
+    let init = format!("init = {:?}", file.display().to_string());
+
+    let strict = transfer_config("mnist-cnn", "train", "[]", &init);
+    let err = Run::start(strict, data.clone(), &dir.path().join("a"), 1)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.contains("wrong shape") && err.contains("fc2.weight") && err.contains("fc2.bias"),
+        "{err}"
+    );
+
+    let reset = transfer_config(
+        "mnist-cnn",
+        "train",
+        r#"["conv*", "fc1.*"]"#,
+        &format!("{init}\nreset = [\"fc2.*\"]"),
+    );
+    let run = Run::start(reset, data, &dir.path().join("b"), 1).unwrap();
+    let global = &run.federation.global;
+    assert_eq!(
+        bits(global.tensor("conv2.weight").unwrap()),
+        bits(pretrained.tensor("conv2.weight").unwrap())
+    );
+    let fresh = fedra_nn::Model::new(global.spec(), 5).unwrap();
+    assert_eq!(
+        bits(global.tensor("fc2.weight").unwrap()),
+        bits(fresh.tensor("fc2.weight").unwrap())
+    );
+    // Only the new head trains.
+    assert_eq!(run.federation.trainable_params().0, 10 * 512 + 10);
+}
