@@ -8,7 +8,9 @@
 //!   every round is in `metrics.csv` once, and the weights equal an uninterrupted run's;
 //! - refused: a client without a certificate, one from another CA, one not allowed, and a
 //!   client that sends a wrong-shaped update, a NaN update and a stale one, none of which
-//!   changes the result.
+//!   changes the result;
+//! - two sites holding only their own folders of PNG images (no `--shard`) federate, the server
+//!   evaluating on its own folder.
 //!
 //! The tests run one at a time (a lock): each starts several processes on a 2-core machine.
 //! Needs `FEDRA_TEST_DATA` (the shared datasets folder); it only reads it.
@@ -851,4 +853,138 @@ join_timeout_s = 240
     let log = read(&server.log);
     assert!(log.contains("200 clients ready"), "{log}");
     assert!(!log.contains("client dropped"), "{log}");
+}
+
+/// Writes `rows` of `data` as gray PNGs (upscaled to 32x32, as a scanner's export differs from
+/// the model's input) under `dir/<class>/`.
+fn write_pngs(dir: &Path, data: &Dataset, rows: std::ops::Range<usize>) {
+    for i in rows {
+        let class = &data.class_names[usize::from(data.labels[i])];
+        let folder = dir.join(class);
+        std::fs::create_dir_all(&folder).unwrap();
+        // MNIST rows are normalised; any monotone map back to bytes keeps the picture.
+        let (lo, hi) = data
+            .example(i)
+            .iter()
+            .fold((f32::MAX, f32::MIN), |(a, b), &v| (a.min(v), b.max(v)));
+        let pixels: Vec<u8> = data
+            .example(i)
+            .iter()
+            .map(|&v| ((v - lo) / (hi - lo).max(1e-6) * 255.0).round() as u8)
+            .collect();
+        let image = image::GrayImage::from_raw(28, 28, pixels).unwrap();
+        image::imageops::resize(&image, 32, 32, image::imageops::FilterType::Triangle)
+            .save(folder.join(format!("{i:05}.png")))
+            .unwrap();
+    }
+}
+
+/// Two sites, each with nothing but its own folder of PNG images (a hospital's export, another
+/// size than the model's input), join without `--shard` and train on all of their own data;
+/// the server evaluates on its own folder and records the clinical metrics.
+#[test]
+fn sites_with_their_own_image_folders_federate() {
+    let experiment = r#"
+[data]
+dataset = "imagefolder"
+image_size = [28, 28]
+
+[partition]
+scheme = "iid"
+clients = 2
+
+[model]
+name = "mnist-cnn"
+
+[train]
+rounds = 2
+batch_size = 10
+lr = 0.05
+
+[run]
+seed = 3
+
+[deploy]
+min_clients = 2
+min_fit_clients = 2
+"#;
+    let (_one, tmp) = setup(experiment, "site-a,site-b");
+    let t = tmp.path();
+    let mnist = fedra_data::load_mnist(&mnist_dir()).unwrap();
+    write_pngs(&t.join("site-a"), &mnist.train, 0..300);
+    write_pngs(&t.join("site-b"), &mnist.train, 300..600);
+    write_pngs(&t.join("server/train"), &mnist.train, 600..700);
+    write_pngs(&t.join("server/test"), &mnist.test, 0..300);
+
+    let mut server = fedra()
+        .args(["serve"])
+        .arg(t.join("exp.toml"))
+        .args(["--listen", "127.0.0.1:0", "--certs"])
+        .arg(t.join("certs"))
+        .arg("--out")
+        .arg(t.join("net"))
+        .arg("--data-dir")
+        .arg(t.join("server"))
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(t.join("server.log")).unwrap())
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(server.stdout.take().unwrap()).lines();
+    let first = out.next().unwrap().unwrap();
+    let port: u16 = first
+        .split_whitespace()
+        .nth(2)
+        .and_then(|a| a.rsplit(':').next())
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("{first}"));
+    let mut sites: Vec<Child> = ["site-a", "site-b"]
+        .iter()
+        .map(|id| {
+            fedra()
+                .args(["join", "--server"])
+                .arg(format!("127.0.0.1:{port}"))
+                .args(["--server-name", "localhost", "--id", id, "--certs"])
+                .arg(t.join("certs"))
+                .arg("--data-dir")
+                .arg(t.join(id))
+                .env("RUST_LOG", "info")
+                .stdout(Stdio::null())
+                .stderr(std::fs::File::create(t.join(format!("{id}.log"))).unwrap())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let log = t.join("server.log");
+    assert!(wait(&mut server, Duration::from_secs(300), "server", &log).success());
+    for ((site, child), rows) in ["site-a", "site-b"]
+        .iter()
+        .zip(&mut sites)
+        .zip([0..300, 300..600])
+    {
+        let site_log = t.join(format!("{site}.log"));
+        assert!(wait(child, Duration::from_secs(60), site, &site_log).success());
+        // Each site trains on its own folder: every fifth image of each class is its test split.
+        let mut counts = [0usize; 10];
+        for i in rows {
+            counts[usize::from(mnist.train.labels[i])] += 1;
+        }
+        let train: usize = counts.iter().map(|c| c - c / 5).sum();
+        assert!(
+            read(&site_log).contains(&format!("update sent ({train} examples)")),
+            "{train}: {}",
+            read(&site_log)
+        );
+    }
+    let rows: Vec<String> = out.map_while(Result::ok).collect();
+    assert!(
+        rows.iter()
+            .any(|r| r.starts_with("round    2") && r.contains("auc")),
+        "{rows:?}"
+    );
+    let summary: fedra_sim::Summary =
+        serde_json::from_str(&read(&t.join("net/summary.json"))).unwrap();
+    assert_eq!(summary.rounds, 2);
+    assert!(summary.final_accuracy > 0.3, "{summary:?}");
+    assert_eq!(summary.final_per_class.len(), 10);
 }
