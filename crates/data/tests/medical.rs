@@ -113,34 +113,28 @@ enum Values {
     F32(Vec<f32>),
 }
 
-fn npy(shape: &[u64], values: &Values) -> Vec<u8> {
+/// An `.npy` file of `values` (of any type NumPy knows) with `shape`.
+fn npy_of<T: npyz::AutoSerialize + Copy>(shape: &[u64], values: &[T]) -> Vec<u8> {
     let mut buf = Vec::new();
-    match values {
-        Values::U8(v) => {
-            let mut w = npyz::WriteOptions::<u8>::new()
-                .default_dtype()
-                .shape(shape)
-                .writer(&mut buf)
-                .begin_nd()
-                .unwrap();
-            w.extend(v.iter().copied()).unwrap();
-            w.finish().unwrap();
-        }
-        Values::F32(v) => {
-            let mut w = npyz::WriteOptions::<f32>::new()
-                .default_dtype()
-                .shape(shape)
-                .writer(&mut buf)
-                .begin_nd()
-                .unwrap();
-            w.extend(v.iter().copied()).unwrap();
-            w.finish().unwrap();
-        }
-    }
+    let mut w = npyz::WriteOptions::<T>::new()
+        .default_dtype()
+        .shape(shape)
+        .writer(&mut buf)
+        .begin_nd()
+        .unwrap();
+    w.extend(values.iter().copied()).unwrap();
+    w.finish().unwrap();
     buf
 }
 
-fn write_npz(path: &Path, arrays: &[(&str, Vec<u64>, Values)]) {
+fn npy(shape: &[u64], values: &Values) -> Vec<u8> {
+    match values {
+        Values::U8(v) => npy_of(shape, v),
+        Values::F32(v) => npy_of(shape, v),
+    }
+}
+
+fn write_npz(path: &Path, arrays: &[(String, Vec<u64>, Values)]) {
     let mut zip = zip::ZipWriter::new(std::fs::File::create(path).unwrap());
     let opts =
         zip::write::SimpleFileOptions::default().compression_method(zip::CompressionMethod::Stored);
@@ -152,12 +146,11 @@ fn write_npz(path: &Path, arrays: &[(&str, Vec<u64>, Values)]) {
 }
 
 /// A well-formed gray two-class file of `n` images per split; `change` edits it first.
-fn fake(path: &Path, change: impl FnOnce(&mut Vec<(&'static str, Vec<u64>, Values)>)) {
+fn fake(path: &Path, change: impl FnOnce(&mut Vec<(String, Vec<u64>, Values)>)) {
     let n = 4u64;
     let mut arrays = Vec::new();
     for split in ["train", "val", "test"] {
-        let images: &'static str = Box::leak(format!("{split}_images").into_boxed_str());
-        let labels: &'static str = Box::leak(format!("{split}_labels").into_boxed_str());
+        let (images, labels) = (format!("{split}_images"), format!("{split}_labels"));
         arrays.push((
             images,
             vec![n, 28, 28],
@@ -209,7 +202,7 @@ fn bad_npz_files_are_errors_naming_the_file_and_array() {
     let e = load_err(&path);
     assert!(e.contains("not a readable .npz"), "{e}");
 
-    fake(&path, |a| a.retain(|(k, _, _)| *k != "val_images"));
+    fake(&path, |a| a.retain(|(k, _, _)| k != "val_images"));
     let e = load_err(&path);
     assert!(e.contains("array val_images: missing"), "{e}");
 
@@ -228,7 +221,7 @@ fn bad_npz_files_are_errors_naming_the_file_and_array() {
 
     fake(&path, |a| {
         a[0] = (
-            "train_images",
+            "train_images".into(),
             vec![4, 28, 28, 3],
             Values::U8(vec![0; 4 * 784 * 3]),
         )
@@ -237,7 +230,7 @@ fn bad_npz_files_are_errors_naming_the_file_and_array() {
     assert!(e.contains("1 channel"), "{e}");
 
     fake(&path, |a| {
-        a[5] = ("test_labels", vec![3, 1], Values::U8(vec![0, 1, 0]))
+        a[5] = ("test_labels".into(), vec![3, 1], Values::U8(vec![0, 1, 0]))
     });
     let e = load_err(&path);
     assert!(
@@ -246,7 +239,11 @@ fn bad_npz_files_are_errors_naming_the_file_and_array() {
     );
 
     fake(&path, |a| {
-        a[3] = ("val_labels", vec![4, 1], Values::U8(vec![0, 1, 2, 0]))
+        a[3] = (
+            "val_labels".into(),
+            vec![4, 1],
+            Values::U8(vec![0, 1, 2, 0]),
+        )
     });
     let e = load_err(&path);
     assert!(
