@@ -208,8 +208,9 @@ pub struct TrainConfig {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StrategyConfig {
-    /// `fedavg`, `fedprox`, `fedavgm`, `fedadam`, or `sgd` (the centralised baseline: pooled data,
-    /// batch 10 x B, one epoch per round).
+    /// `fedavg`, `fedprox`, `fedavgm`, `fedadam`, `fedyogi`, `fedadagrad`, `median`,
+    /// `trimmed-mean`, or `sgd` (the centralised baseline: pooled data, batch 10 x B, one epoch
+    /// per round).
     #[serde(default = "default_strategy")]
     pub name: String,
     /// FedProx proximal weight mu.
@@ -221,13 +222,16 @@ pub struct StrategyConfig {
     /// Server momentum (FedAvgM).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub server_momentum: Option<f32>,
-    /// FedAdam's beta1, beta2 and tau (adaptivity).
+    /// FedAdam's, FedYogi's and FedAdagrad's beta1, beta2 and tau (adaptivity).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub beta1: Option<f32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub beta2: Option<f32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tau: Option<f32>,
+    /// Trimmed mean: the fraction of clients' values dropped at each end, per coordinate.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trim: Option<f32>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -284,6 +288,7 @@ impl Default for StrategyConfig {
             beta1: None,
             beta2: None,
             tau: None,
+            trim: None,
         }
     }
 }
@@ -325,7 +330,17 @@ pub enum ConfigError {
 }
 
 /// The strategy names fedra knows.
-pub const STRATEGIES: &[&str] = &["fedavg", "fedprox", "fedavgm", "fedadam", "sgd"];
+pub const STRATEGIES: &[&str] = &[
+    "fedavg",
+    "fedprox",
+    "fedavgm",
+    "fedadam",
+    "fedyogi",
+    "fedadagrad",
+    "median",
+    "trimmed-mean",
+    "sgd",
+];
 
 impl ExperimentConfig {
     /// Parse and validate a TOML text; `origin` (usually the file name) prefixes every error.
@@ -478,7 +493,8 @@ impl ExperimentConfig {
         let allowed: &[&str] = match s.name.as_str() {
             "fedprox" => &["mu"],
             "fedavgm" => &["server_lr", "server_momentum"],
-            "fedadam" => &["server_lr", "beta1", "beta2", "tau"],
+            "fedadam" | "fedyogi" | "fedadagrad" => &["server_lr", "beta1", "beta2", "tau"],
+            "trimmed-mean" => &["trim"],
             _ => &[],
         };
         let given = [
@@ -488,6 +504,7 @@ impl ExperimentConfig {
             ("beta1", s.beta1),
             ("beta2", s.beta2),
             ("tau", s.tau),
+            ("trim", s.trim),
         ];
         for (name, value) in given {
             if let Some(v) = value {
@@ -523,6 +540,14 @@ impl ExperimentConfig {
             && let Err((key, message)) = share.validate()
         {
             return Err(bad(key, message));
+        }
+        if let Some(t) = s.trim
+            && t >= 0.5
+        {
+            return Err(bad(
+                "strategy.trim",
+                format!("must be < 0.5 (the fraction dropped at each end), got {t}"),
+            ));
         }
         if s.tau == Some(0.0) {
             return Err(bad(

@@ -157,13 +157,22 @@ pub fn from_config(config: &StrategyConfig) -> Result<Box<dyn Strategy>, FlError
             momentum: config.server_momentum.unwrap_or(0.9),
             velocity: Vec::new(),
         }),
-        "fedadam" => Box::new(FedAdam {
+        name @ ("fedadam" | "fedyogi" | "fedadagrad") => Box::new(FedAdam {
+            rule: match name {
+                "fedadam" => SecondMoment::Adam,
+                "fedyogi" => SecondMoment::Yogi,
+                _ => SecondMoment::Adagrad,
+            },
             server_lr: config.server_lr.unwrap_or(0.1),
             beta1: config.beta1.unwrap_or(0.9),
             beta2: config.beta2.unwrap_or(0.99),
             tau: config.tau.unwrap_or(1e-3),
             m: Vec::new(),
             v: Vec::new(),
+        }),
+        "median" => Box::new(CoordinateWise { trim: None }),
+        "trimmed-mean" => Box::new(CoordinateWise {
+            trim: Some(f64::from(config.trim.unwrap_or(0.1))),
         }),
         other => {
             return Err(FlError::State(format!("unknown strategy {other:?}")));
@@ -422,8 +431,23 @@ impl Strategy for FedAvgM {
     }
 }
 
-/// FedAdam (Reddi et al. 2021): Adam on the server over the averaged update.
+/// How an adaptive server optimiser updates its second moment v from the mean update d
+/// (Reddi et al. 2021, "Adaptive Federated Optimization", Algorithm 2).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SecondMoment {
+    /// FedAdam: v = beta2 v + (1 - beta2) d^2.
+    Adam,
+    /// FedYogi: v = v - (1 - beta2) d^2 sign(v - d^2).
+    Yogi,
+    /// FedAdagrad: v = v + d^2.
+    Adagrad,
+}
+
+/// FedAdam, FedYogi and FedAdagrad (Reddi et al. 2021): an adaptive optimiser on the server over
+/// the averaged update d, with m = beta1 m + (1 - beta1) d, the second moment by `rule`, and the
+/// step server_lr * m / (sqrt(v) + tau). No bias correction, as in the paper.
 pub struct FedAdam {
+    pub rule: SecondMoment,
     pub server_lr: f32,
     pub beta1: f32,
     pub beta2: f32,
@@ -432,9 +456,28 @@ pub struct FedAdam {
     v: Vec<f32>,
 }
 
+impl FedAdam {
+    /// A fresh optimiser (zero moments).
+    pub fn new(rule: SecondMoment, server_lr: f32, beta1: f32, beta2: f32, tau: f32) -> FedAdam {
+        FedAdam {
+            rule,
+            server_lr,
+            beta1,
+            beta2,
+            tau,
+            m: Vec::new(),
+            v: Vec::new(),
+        }
+    }
+}
+
 impl Strategy for FedAdam {
     fn name(&self) -> &'static str {
-        "fedadam"
+        match self.rule {
+            SecondMoment::Adam => "fedadam",
+            SecondMoment::Yogi => "fedyogi",
+            SecondMoment::Adagrad => "fedadagrad",
+        }
     }
 
     fn aggregate(
@@ -446,13 +489,30 @@ impl Strategy for FedAdam {
     ) -> Result<(), FlError> {
         let delta = mean_update(round, global, results, scope)?;
         let n = scope_len(scope);
-        ensure_len("fedadam", "m", &mut self.m, n)?;
-        ensure_len("fedadam", "v", &mut self.v, n)?;
+        let name = self.name();
+        ensure_len(name, "m", &mut self.m, n)?;
+        ensure_len(name, "v", &mut self.v, n)?;
         let mut change = vec![0f32; n];
         for j in 0..n {
             let d = delta[j];
+            let d2 = d * d;
             self.m[j] = self.beta1 * self.m[j] + (1.0 - self.beta1) * d;
-            self.v[j] = self.beta2 * self.v[j] + (1.0 - self.beta2) * d * d;
+            let v = self.v[j];
+            self.v[j] = match self.rule {
+                SecondMoment::Adam => self.beta2 * v + (1.0 - self.beta2) * d2,
+                SecondMoment::Yogi => {
+                    // sign(0) = 0: v stays where it is when it equals d^2.
+                    let sign = if v > d2 {
+                        1.0
+                    } else if v < d2 {
+                        -1.0
+                    } else {
+                        0.0
+                    };
+                    v - (1.0 - self.beta2) * d2 * sign
+                }
+                SecondMoment::Adagrad => v + d2,
+            };
             change[j] = self.server_lr * self.m[j] / (self.v[j].sqrt() + self.tau);
         }
         apply_server_step(global, scope, &change);
@@ -469,10 +529,83 @@ impl Strategy for FedAdam {
         scope: &AggregationScope,
     ) -> Result<(), FlError> {
         restore_vectors(
-            "fedadam",
+            self.name(),
             state,
             &mut [("m", &mut self.m), ("v", &mut self.v)],
             scope_len(scope),
         )
+    }
+}
+
+/// Byzantine-robust coordinate-wise rules (Yin et al. 2018, "Byzantine-Robust Distributed
+/// Learning"): every parameter (and averaged buffer) of the new global model is, over the
+/// clients' values of that coordinate, the median (`trim` = `None`) or the mean after dropping
+/// the `floor(trim * K)` largest and as many smallest of the K values. Clients count equally,
+/// whatever their example counts: weighting by a count the client reports would hand an attacker
+/// the weight it claims.
+pub struct CoordinateWise {
+    pub trim: Option<f64>,
+}
+
+impl CoordinateWise {
+    /// The rule applied to one coordinate's values (sorted in place).
+    pub fn combine(&self, values: &mut [f32]) -> f32 {
+        values.sort_unstable_by(f32::total_cmp);
+        let k = values.len();
+        match self.trim {
+            None if k % 2 == 1 => values[k / 2],
+            None => ((f64::from(values[k / 2 - 1]) + f64::from(values[k / 2])) / 2.0) as f32,
+            Some(trim) => {
+                let cut = ((trim * k as f64).floor() as usize).min((k - 1) / 2);
+                let kept = &values[cut..k - cut];
+                (kept.iter().map(|&v| f64::from(v)).sum::<f64>() / kept.len() as f64) as f32
+            }
+        }
+    }
+
+    fn apply(
+        &self,
+        results: &[FitResult],
+        pick: impl Fn(&FitResult) -> &[f32],
+        ranges: &[Range<usize>],
+        out: &mut [f32],
+    ) {
+        let mut column = vec![0f32; results.len()];
+        for range in ranges {
+            for i in range.clone() {
+                for (c, r) in column.iter_mut().zip(results) {
+                    *c = pick(r)[i];
+                }
+                out[i] = self.combine(&mut column);
+            }
+        }
+    }
+}
+
+impl Strategy for CoordinateWise {
+    fn name(&self) -> &'static str {
+        if self.trim.is_some() {
+            "trimmed-mean"
+        } else {
+            "median"
+        }
+    }
+
+    fn aggregate(
+        &mut self,
+        round: usize,
+        global: &mut Model,
+        results: &[FitResult],
+        scope: &AggregationScope,
+    ) -> Result<(), FlError> {
+        check_results(round, global, results)?;
+        self.apply(results, |r| &r.params, &scope.params, global.params_mut());
+        self.apply(
+            results,
+            |r| &r.buffers,
+            &scope.buffers,
+            global.buffers_mut(),
+        );
+        Ok(())
     }
 }

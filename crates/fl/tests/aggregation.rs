@@ -223,3 +223,111 @@ fn fedavgm_with_zero_momentum_and_unit_lr_equals_fedavg() {
     let e = fresh.restore(Vec::new(), &scope).unwrap_err().to_string();
     assert!(e.contains("`velocity`") && e.contains("missing"), "{e}");
 }
+
+/// A model of six parameters (logreg on 2 inputs, 2 classes) with every weight zero.
+fn tiny() -> Model {
+    let spec = ModelSpec::by_name("logreg", [1, 1, 2], 2).unwrap();
+    let mut m = Model::new(&spec, 1).unwrap();
+    m.params_mut().fill(0.0);
+    m
+}
+
+#[test]
+fn adaptive_server_optimisers_follow_reddi_et_al_algorithm_2() {
+    // Three rounds whose mean update is d = 0.5, 0.1, 0.01 in every coordinate (two clients at
+    // w + d - 0.1 and w + d + 0.1). The paper's rules, in f64:
+    //   m = b1 m + (1 - b1) d;  step = lr m / (sqrt(v) + tau), with
+    //   Adam v = b2 v + (1 - b2) d^2;  Yogi v = v - (1 - b2) d^2 sign(v - d^2);  Adagrad v = v + d^2.
+    // Round 3 is where Yogi and Adam part: v (0.0026) > d^2 (1e-4), so Yogi's v shrinks.
+    let (lr, b1, b2, tau) = (0.1f64, 0.9f64, 0.99f64, 0.001f64);
+    for name in ["fedadam", "fedyogi", "fedadagrad"] {
+        let config = fedra_fl::config::StrategyConfig {
+            name: name.into(),
+            mu: None,
+            server_lr: Some(lr as f32),
+            server_momentum: None,
+            beta1: Some(b1 as f32),
+            beta2: Some(b2 as f32),
+            tau: Some(tau as f32),
+            trim: None,
+        };
+        let mut strategy = from_config(&config).unwrap();
+        assert_eq!(strategy.name(), name);
+        let mut global = tiny();
+        let scope = AggregationScope::everything(&global);
+        let (mut m, mut v, mut w) = (0f64, 0f64, 0f64);
+        for (round, d) in [0.5f64, 0.1, 0.01].into_iter().enumerate() {
+            let at = |shift: f64| vec![(w + d + shift) as f32; 6];
+            let results = vec![
+                result(0, 1, at(-0.1), vec![]),
+                result(1, 1, at(0.1), vec![]),
+            ];
+            strategy
+                .aggregate(round, &mut global, &results, &scope)
+                .unwrap();
+            m = b1 * m + (1.0 - b1) * d;
+            let d2 = d * d;
+            v = match name {
+                "fedadam" => b2 * v + (1.0 - b2) * d2,
+                "fedyogi" => v - (1.0 - b2) * d2 * (v - d2).signum(),
+                _ => v + d2,
+            };
+            w += lr * m / (v.sqrt() + tau);
+            for &got in global.params() {
+                assert!(
+                    (f64::from(got) - w).abs() <= 1e-5 * w.abs().max(1e-3),
+                    "{name} round {round}: {got} vs {w}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn median_and_trimmed_mean_by_hand_ignore_outliers_and_example_counts() {
+    use fedra_fl::strategy::CoordinateWise;
+    let median = CoordinateWise { trim: None };
+    let trimmed = CoordinateWise { trim: Some(0.2) };
+    assert_eq!(median.combine(&mut [1.0, 2.0, 3.0, 100.0, -50.0]), 2.0);
+    assert_eq!(median.combine(&mut [4.0, 1.0, 3.0, 2.0]), 2.5);
+    // K = 5, trim 0.2: one value dropped at each end.
+    assert_eq!(trimmed.combine(&mut [1.0, 2.0, 3.0, 4.0, 1000.0]), 3.0);
+    assert_eq!(trimmed.combine(&mut [-1e9, 2.0, 3.0, 4.0, 1e9]), 3.0);
+    // K = 4, trim 0.2: floor(0.8) = 0 dropped, the plain mean.
+    assert_eq!(trimmed.combine(&mut [1.0, 2.0, 3.0, 10.0]), 4.0);
+    // Trim never empties the set: K = 2 with trim 0.4 keeps both.
+    let wide = CoordinateWise { trim: Some(0.4) };
+    assert_eq!(wide.combine(&mut [1.0, 3.0]), 2.0);
+
+    // Through `aggregate`: five clients, one sending huge values and claiming many examples.
+    for (name, want) in [("median", 2.0f32), ("trimmed-mean", 2.0)] {
+        let config = fedra_fl::config::StrategyConfig {
+            name: name.into(),
+            mu: None,
+            server_lr: None,
+            server_momentum: None,
+            beta1: None,
+            beta2: None,
+            tau: None,
+            trim: (name == "trimmed-mean").then_some(0.2),
+        };
+        let mut strategy = from_config(&config).unwrap();
+        let mut global = tiny();
+        let scope = AggregationScope::everything(&global);
+        let results: Vec<FitResult> = [1.0f32, 2.0, 3.0, 1e6, 1.5]
+            .iter()
+            .enumerate()
+            .map(|(k, &x)| result(k, if k == 3 { 1_000_000 } else { 10 }, vec![x; 6], vec![]))
+            .collect();
+        strategy
+            .aggregate(1, &mut global, &results, &scope)
+            .unwrap();
+        // median of {1, 1.5, 2, 3, 1e6} = 2; trimmed: mean of {1.5, 2, 3} = 2.1666..
+        let want = if name == "median" { want } else { 6.5 / 3.0 };
+        assert!(
+            global.params().iter().all(|&p| (p - want).abs() < 1e-6),
+            "{name}: {:?}",
+            global.params()
+        );
+    }
+}

@@ -86,6 +86,16 @@ fn bad_values_are_rejected_naming_the_key() {
             "model.freeze",
         ),
         (
+            "name = \"fedavg\"",
+            "name = \"trimmed-mean\"\ntrim = 0.5",
+            "strategy.trim",
+        ),
+        (
+            "name = \"fedavg\"",
+            "name = \"median\"\ntrim = 0.1",
+            "`trim` does not apply",
+        ),
+        (
             "bn = \"train\"",
             "bn = \"train\"\nreset = [\"fc2.*\"]",
             "model.reset",
