@@ -34,6 +34,11 @@ pub struct ImageFolderOptions {
     pub channels: Option<usize>,
     /// Skip (and count) images that cannot be decoded instead of failing.
     pub skip_unreadable: bool,
+    /// The class names in label order. Without it the labels are the folder's own class
+    /// folders in sorted order, which differ between sites that lack a class; a federation
+    /// fixes them here so that label k means the same class everywhere. A class folder not in
+    /// the list is an error; a listed class with no folder is simply absent.
+    pub classes: Option<Vec<String>>,
 }
 
 /// What a load read and skipped.
@@ -87,19 +92,36 @@ pub fn load_image_folder_with_report(
                 ),
             });
         }
-        let classes = class_folders(&train_root)?;
+        let found = class_folders(&train_root)?;
         let test_classes = class_folders(&test_root)?;
-        if let Some(extra) = test_classes.iter().find(|c| !classes.contains(c)) {
-            return Err(DataError::format(
-                test_root.join(extra),
-                "a test class with no train/ folder of the same name",
-            ));
-        }
+        let classes = match &opts.classes {
+            Some(list) => {
+                known_classes(&train_root, &found, list)?;
+                known_classes(&test_root, &test_classes, list)?;
+                list.clone()
+            }
+            None => {
+                if let Some(extra) = test_classes.iter().find(|c| !found.contains(c)) {
+                    return Err(DataError::format(
+                        test_root.join(extra),
+                        "a test class with no train/ folder of the same name",
+                    ));
+                }
+                found
+            }
+        };
         let train = list_images(&train_root, &classes)?;
         let test = list_images(&test_root, &classes)?;
         (train, test, classes)
     } else {
-        let classes = class_folders(root)?;
+        let found = class_folders(root)?;
+        let classes = match &opts.classes {
+            Some(list) => {
+                known_classes(root, &found, list)?;
+                list.clone()
+            }
+            None => found,
+        };
         let all = list_images(root, &classes)?;
         let (mut train, mut test) = (Vec::new(), Vec::new());
         let mut seen = vec![0usize; classes.len()];
@@ -218,6 +240,20 @@ fn class_folders(dir: &Path) -> Result<Vec<String>, DataError> {
     Ok(classes)
 }
 
+/// Fails naming the folder when a class folder under `dir` is not one of `list`.
+fn known_classes(dir: &Path, found: &[String], list: &[String]) -> Result<(), DataError> {
+    match found.iter().find(|c| !list.contains(c)) {
+        Some(extra) => Err(DataError::format(
+            dir.join(extra),
+            format!(
+                "class folder not among the experiment's classes ({})",
+                list.join(", ")
+            ),
+        )),
+        None => Ok(()),
+    }
+}
+
 fn is_image(path: &Path) -> bool {
     path.extension()
         .and_then(|e| e.to_str())
@@ -235,7 +271,11 @@ fn list_images(dir: &Path, classes: &[String]) -> Result<Vec<(PathBuf, u16)>, Da
         let mut files = Vec::new();
         for entry in std::fs::read_dir(&folder).map_err(|e| DataError::io(&folder, e))? {
             let path = entry.map_err(|e| DataError::io(&folder, e))?.path();
-            if path.is_file() && is_image(&path) {
+            // Hidden files (macOS's `._name.png` resource forks in zipped exports) are not images.
+            let hidden = path
+                .file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with('.'));
+            if path.is_file() && is_image(&path) && !hidden {
                 files.push(path);
             }
         }

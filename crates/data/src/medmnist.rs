@@ -394,13 +394,18 @@ impl Npz {
             }
             Err(e) => return Err(bad(format!("cannot read {member}: {e}"))),
         };
-        // The declared size bounds the allocation: a corrupt header cannot ask for more.
+        // The declared size sets the first allocation (capped); deflate's ratio (at most ~1,000:1)
+        // bounds what a small damaged member can decompress to.
         let mut bytes = Vec::with_capacity(entry.size().min(1 << 28) as usize);
         entry
             .read_to_end(&mut bytes)
             .map_err(|e| bad(format!("corrupt or truncated data in {member}: {e}")))?;
-        let npy = npyz::NpyFile::new(&bytes[..])
-            .map_err(|e| bad(format!("not a valid .npy array: {e}")))?;
+        // npyz multiplies the header's dimensions while parsing it; a damaged header with huge
+        // dimensions overflows there (a panic where overflow checks are on), so the parse runs
+        // under catch_unwind and the product is checked again below.
+        let parsed = std::panic::catch_unwind(|| npyz::NpyFile::new(&bytes[..]))
+            .map_err(|_| bad("damaged .npy header (its shape overflows)".into()))?;
+        let npy = parsed.map_err(|e| bad(format!("not a valid .npy array: {e}")))?;
         let dtype = npy.dtype();
         let is_u8 = matches!(&dtype, npyz::DType::Plain(t) if t.to_string() == "|u1");
         if !is_u8 {
@@ -415,10 +420,19 @@ impl Npz {
             ));
         }
         let shape: Vec<usize> = npy.shape().iter().map(|&d| d as usize).collect();
+        let expected = shape
+            .iter()
+            .try_fold(1usize, |a, &d| a.checked_mul(d))
+            .filter(|&n| n <= bytes.len())
+            .ok_or_else(|| {
+                bad(format!(
+                    "shape {shape:?} needs more values than the {} bytes stored",
+                    bytes.len()
+                ))
+            })?;
         let values = npy
             .into_vec::<u8>()
             .map_err(|e| bad(format!("truncated or unreadable values: {e}")))?;
-        let expected: usize = shape.iter().product();
         if values.len() != expected {
             return Err(bad(format!("{} values for shape {shape:?}", values.len())));
         }
@@ -453,7 +467,13 @@ fn to_dataset(
             ));
         }
     };
-    if c != which.channels() || h == 0 || w == 0 {
+    if h == 0 || w == 0 {
+        return Err(bad(
+            &images.key,
+            format!("shape {:?}: images of height or width 0", images.shape),
+        ));
+    }
+    if c != which.channels() {
         return Err(bad(
             &images.key,
             format!(

@@ -251,6 +251,31 @@ fn bad_npz_files_are_errors_naming_the_file_and_array() {
         "{e}"
     );
 
+    // A damaged header whose shape overflows (2^32 x 2^32 pixels in a few bytes): an error.
+    let mut header = String::from(
+        "{'descr': '|u1', 'fortran_order': False, 'shape': (1, 4294967296, 4294967296), }",
+    );
+    while (10 + header.len() + 1) % 64 != 0 {
+        header.push(' ');
+    }
+    header.push('\n');
+    let mut huge = b"\x93NUMPY\x01\x00".to_vec();
+    huge.extend((header.len() as u16).to_le_bytes());
+    huge.extend(header.as_bytes());
+    huge.extend([0u8; 16]);
+    let mut zip = zip::ZipWriter::new(std::fs::File::create(&path).unwrap());
+    let opts =
+        zip::write::SimpleFileOptions::default().compression_method(zip::CompressionMethod::Stored);
+    zip.start_file("train_images.npy", opts).unwrap();
+    zip.write_all(&huge).unwrap();
+    zip.finish().unwrap();
+    let e = load_err(&path);
+    assert!(
+        e.contains("array train_images")
+            && (e.contains("damaged .npy header") || e.contains("needs more values")),
+        "{e}"
+    );
+
     // A missing file names the file and how to get it.
     let e = load_medmnist(tmp.path(), MedMnist::Breast).unwrap_err();
     assert!(matches!(e, DataError::NotFound { .. }), "{e:?}");
@@ -419,6 +444,34 @@ fn image_folder_with_train_and_test_and_bad_images() {
     .unwrap_err()
     .to_string();
     assert!(e.contains("cyst") && e.contains("no train/"), "{e}");
+
+    // The experiment's class list fixes the labels: a site without "benign" still calls
+    // "malignant" label 2; a folder outside the list is an error; hidden files are skipped.
+    let site = tmp.path().join("site-without-benign");
+    for i in 0..5u8 {
+        write_gray(&site.join(format!("malignant/{i}.png")), 5, 5, |_, _| i);
+        write_gray(&site.join(format!("normal/{i}.png")), 5, 5, |_, _| i);
+    }
+    std::fs::write(
+        site.join("normal/._0.png"),
+        b"\x00\x05\x16\x07 resource fork",
+    )
+    .unwrap();
+    let listed = ImageFolderOptions {
+        classes: Some(vec!["benign".into(), "normal".into(), "malignant".into()]),
+        ..ImageFolderOptions::default()
+    };
+    let tt = load_image_folder(&site, &listed).unwrap();
+    assert_eq!(tt.train.class_names, ["benign", "normal", "malignant"]);
+    assert_eq!(tt.train.class_counts(), [0, 4, 4]);
+    assert_eq!(tt.test.labels, [1, 2]);
+    std::fs::create_dir_all(site.join("cyst")).unwrap();
+    write_gray(&site.join("cyst/0.png"), 5, 5, |_, _| 0);
+    let e = load_image_folder(&site, &listed).unwrap_err().to_string();
+    assert!(
+        e.contains("cyst") && e.contains("not among the experiment's classes"),
+        "{e}"
+    );
 
     // No class folders at all, and bad options.
     let empty = tmp.path().join("empty");

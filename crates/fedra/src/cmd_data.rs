@@ -70,7 +70,7 @@ pub struct SpeechArgs {
 
 /// Image-folder options of `fedra data info`.
 #[derive(Args, Debug)]
-pub struct ImageArgs {
+pub(crate) struct ImageArgs {
     /// imagefolder: resize every image to H,W (default: all images must share one size).
     #[arg(long, value_delimiter = ',', num_args = 2, value_names = ["H", "W"])]
     image_size: Option<Vec<usize>>,
@@ -80,14 +80,18 @@ pub struct ImageArgs {
     /// imagefolder: skip (and count) images that cannot be decoded.
     #[arg(long)]
     skip_unreadable: bool,
+    /// imagefolder: the class names in label order (default: the sorted class folders).
+    #[arg(long, value_delimiter = ',')]
+    classes: Option<Vec<String>>,
 }
 
 impl ImageArgs {
-    fn options(&self) -> fedra_data::ImageFolderOptions {
+    pub(crate) fn options(&self) -> fedra_data::ImageFolderOptions {
         fedra_data::ImageFolderOptions {
             size: self.image_size.as_ref().map(|s| [s[0], s[1]]),
             channels: self.channels,
             skip_unreadable: self.skip_unreadable,
+            classes: self.classes.clone(),
         }
     }
 }

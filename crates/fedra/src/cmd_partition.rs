@@ -16,9 +16,12 @@ use crate::plot;
 /// Arguments of `fedra partition`.
 #[derive(Args, Debug)]
 pub struct PartitionArgs {
-    /// Dataset: mnist, cifar10 or speech-commands (its training set is partitioned).
+    /// Dataset: mnist, cifar10, speech-commands, a MedMNIST name or imagefolder (its training
+    /// set is partitioned).
     #[arg(long)]
     dataset: DatasetName,
+    #[command(flatten)]
+    image: crate::cmd_data::ImageArgs,
     /// The dataset's folder, or a data folder holding it. Without it, MNIST is the embedded
     /// subset (10,000 training images) and the others are looked up in the per-user cache.
     #[arg(long, env = "FEDRA_DATA")]
@@ -66,6 +69,7 @@ pub fn run(args: PartitionArgs) -> anyhow::Result<()> {
     }
     let opts = LoadOptions {
         progress: true,
+        image: args.image.options(),
         ..LoadOptions::default()
     };
     let data = load(args.dataset, args.data_dir.as_deref(), &opts)

@@ -79,6 +79,16 @@ fn experiment(args: &ServeArgs) -> anyhow::Result<ExperimentConfig> {
         config.data.data_dir = args.data_dir.clone();
     }
     config.validate("experiment")?;
+    let d = &config.data;
+    if d.dataset == fedra_data::DatasetName::ImageFolder
+        && (d.classes.is_none() || d.channels.is_none() || d.image_size.is_none())
+    {
+        bail!(
+            "experiment: a federation of image folders must set data.classes, data.channels and \
+             data.image_size, so that every site numbers the classes and shapes its images alike \
+             (a site lacking a class would otherwise shift the labels of the others)"
+        );
+    }
     Ok(config)
 }
 

@@ -856,9 +856,9 @@ join_timeout_s = 240
 }
 
 /// Writes `rows` of `data` as gray PNGs (upscaled to 32x32, as a scanner's export differs from
-/// the model's input) under `dir/<class>/`.
-fn write_pngs(dir: &Path, data: &Dataset, rows: std::ops::Range<usize>) {
-    for i in rows {
+/// the model's input) under `dir/<class>/`, except those of class `skip`.
+fn write_pngs(dir: &Path, data: &Dataset, rows: std::ops::Range<usize>, skip: Option<u16>) {
+    for i in rows.filter(|&i| Some(data.labels[i]) != skip) {
         let class = &data.class_names[usize::from(data.labels[i])];
         let folder = dir.join(class);
         std::fs::create_dir_all(&folder).unwrap();
@@ -881,13 +881,17 @@ fn write_pngs(dir: &Path, data: &Dataset, rows: std::ops::Range<usize>) {
 
 /// Two sites, each with nothing but its own folder of PNG images (a hospital's export, another
 /// size than the model's input), join without `--shard` and train on all of their own data;
-/// the server evaluates on its own folder and records the clinical metrics.
+/// site-b has no images of class 9, and `data.classes` keeps its labels those of the others.
+/// The server evaluates on its own folder and records the clinical metrics. Without
+/// `data.classes` the server refuses to start.
 #[test]
 fn sites_with_their_own_image_folders_federate() {
     let experiment = r#"
 [data]
 dataset = "imagefolder"
 image_size = [28, 28]
+channels = 1
+classes = ["0", "1", "2", "3", "4", "5", "6", "7", "8", "9"]
 
 [partition]
 scheme = "iid"
@@ -911,10 +915,29 @@ min_fit_clients = 2
     let (_one, tmp) = setup(experiment, "site-a,site-b");
     let t = tmp.path();
     let mnist = fedra_data::load_mnist(&mnist_dir()).unwrap();
-    write_pngs(&t.join("site-a"), &mnist.train, 0..300);
-    write_pngs(&t.join("site-b"), &mnist.train, 300..600);
-    write_pngs(&t.join("server/train"), &mnist.train, 600..700);
-    write_pngs(&t.join("server/test"), &mnist.test, 0..300);
+    write_pngs(&t.join("site-a"), &mnist.train, 0..300, None);
+    write_pngs(&t.join("site-b"), &mnist.train, 300..600, Some(9));
+    write_pngs(&t.join("server/train"), &mnist.train, 600..700, None);
+    write_pngs(&t.join("server/test"), &mnist.test, 0..300, None);
+
+    let loose = t.join("loose.toml");
+    std::fs::write(&loose, experiment.replace("classes = [", "# classes = [")).unwrap();
+    let refused = fedra()
+        .arg("serve")
+        .arg(&loose)
+        .args(["--listen", "127.0.0.1:0", "--certs"])
+        .arg(t.join("certs"))
+        .arg("--out")
+        .arg(t.join("loose"))
+        .arg("--data-dir")
+        .arg(t.join("server"))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        !refused.status.success() && text.contains("data.classes"),
+        "{text}"
+    );
 
     let mut server = fedra()
         .args(["serve"])
@@ -957,16 +980,16 @@ min_fit_clients = 2
         .collect();
     let log = t.join("server.log");
     assert!(wait(&mut server, Duration::from_secs(300), "server", &log).success());
-    for ((site, child), rows) in ["site-a", "site-b"]
+    for ((site, child), (rows, skip)) in ["site-a", "site-b"]
         .iter()
         .zip(&mut sites)
-        .zip([0..300, 300..600])
+        .zip([(0..300, None), (300..600, Some(9))])
     {
         let site_log = t.join(format!("{site}.log"));
         assert!(wait(child, Duration::from_secs(60), site, &site_log).success());
         // Each site trains on its own folder: every fifth image of each class is its test split.
         let mut counts = [0usize; 10];
-        for i in rows {
+        for i in rows.filter(|&i| Some(mnist.train.labels[i]) != skip) {
             counts[usize::from(mnist.train.labels[i])] += 1;
         }
         let train: usize = counts.iter().map(|c| c - c / 5).sum();

@@ -102,6 +102,11 @@ pub struct DataConfig {
     /// `imagefolder`: skip (and count) images that cannot be decoded instead of failing.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub skip_unreadable: bool,
+    /// `imagefolder`: the class names in label order (default: the folder's sorted class
+    /// folders). A federation needs it: sites lacking a class would otherwise number the others
+    /// differently.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub classes: Option<Vec<String>>,
 }
 
 impl DataConfig {
@@ -112,6 +117,7 @@ impl DataConfig {
                 size: self.image_size,
                 channels: self.channels,
                 skip_unreadable: self.skip_unreadable,
+                classes: self.classes.clone(),
             },
             ..fedra_data::LoadOptions::default()
         }
@@ -412,6 +418,7 @@ impl ExperimentConfig {
             ("data.image_size", self.data.image_size.is_some()),
             ("data.channels", self.data.channels.is_some()),
             ("data.skip_unreadable", self.data.skip_unreadable),
+            ("data.classes", self.data.classes.is_some()),
         ] {
             if set && !image_folder {
                 return Err(bad(
@@ -420,6 +427,17 @@ impl ExperimentConfig {
                         "applies to dataset = \"imagefolder\" only, not {}",
                         self.data.dataset
                     ),
+                ));
+            }
+        }
+        if let Some(list) = &self.data.classes {
+            let mut sorted = list.clone();
+            sorted.sort();
+            sorted.dedup();
+            if list.len() < 2 || sorted.len() != list.len() {
+                return Err(bad(
+                    "data.classes",
+                    "must list at least two distinct class names".into(),
                 ));
             }
         }

@@ -112,6 +112,16 @@ fn bad_values_are_rejected_naming_the_key() {
         ),
         (
             "dataset = \"mnist\"",
+            "dataset = \"imagefolder\"\nclasses = [\"a\", \"a\"]",
+            "data.classes",
+        ),
+        (
+            "dataset = \"mnist\"",
+            "dataset = \"mnist\"\nclasses = [\"a\", \"b\"]",
+            "data.classes",
+        ),
+        (
+            "dataset = \"mnist\"",
             "dataset = \"imagefolder\"\nimage_size = [0, 28]",
             "data.image_size",
         ),
