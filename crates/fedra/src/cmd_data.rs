@@ -72,8 +72,8 @@ pub struct SpeechArgs {
 #[derive(Args, Debug)]
 pub(crate) struct ImageArgs {
     /// imagefolder: resize every image to H,W (default: all images must share one size).
-    #[arg(long, value_delimiter = ',', num_args = 2, value_names = ["H", "W"])]
-    image_size: Option<Vec<usize>>,
+    #[arg(long, value_name = "H,W", value_parser = parse_size)]
+    image_size: Option<[usize; 2]>,
     /// imagefolder: 1 (gray) or 3 (RGB); default 1 when every image is gray.
     #[arg(long)]
     channels: Option<usize>,
@@ -85,10 +85,24 @@ pub(crate) struct ImageArgs {
     classes: Option<Vec<String>>,
 }
 
+/// `H,W` (or `HxW`) as two positive numbers.
+fn parse_size(text: &str) -> Result<[usize; 2], String> {
+    let parts: Vec<&str> = text.split([',', 'x']).map(str::trim).collect();
+    match parts[..] {
+        [h, w] => match (h.parse::<usize>(), w.parse::<usize>()) {
+            (Ok(h), Ok(w)) if h > 0 && w > 0 => Ok([h, w]),
+            _ => Err(format!(
+                "{text:?}: expected two positive numbers H,W such as 28,28"
+            )),
+        },
+        _ => Err(format!("{text:?}: expected H,W such as 28,28")),
+    }
+}
+
 impl ImageArgs {
     pub(crate) fn options(&self) -> fedra_data::ImageFolderOptions {
         fedra_data::ImageFolderOptions {
-            size: self.image_size.as_ref().map(|s| [s[0], s[1]]),
+            size: self.image_size,
             channels: self.channels,
             skip_unreadable: self.skip_unreadable,
             classes: self.classes.clone(),
