@@ -148,10 +148,10 @@ pub fn run(args: DataArgs) -> anyhow::Result<()> {
                     let dir = data_dir
                         .clone()
                         .unwrap_or_else(fedra_data::default_data_dir);
-                    let s = fedra_data::load_medmnist(&dir, which)
-                        .with_context(|| format!("cannot load {name}"))?;
-                    let val = s.val.clone();
-                    (s.train_test(), Some(val))
+                    let fedra_data::MedMnistSplits { train, val, test } =
+                        fedra_data::load_medmnist(&dir, which)
+                            .with_context(|| format!("cannot load {name}"))?;
+                    (TrainTest { train, test }, Some(val))
                 }
                 _ => (
                     fedra_data::load(name, data_dir.as_deref(), &opts)

@@ -243,13 +243,11 @@ fn adaptive_server_optimisers_follow_reddi_et_al_algorithm_2() {
     for name in ["fedadam", "fedyogi", "fedadagrad"] {
         let config = fedra_fl::config::StrategyConfig {
             name: name.into(),
-            mu: None,
             server_lr: Some(lr as f32),
-            server_momentum: None,
             beta1: Some(b1 as f32),
             beta2: Some(b2 as f32),
             tau: Some(tau as f32),
-            trim: None,
+            ..Default::default()
         };
         let mut strategy = from_config(&config).unwrap();
         assert_eq!(strategy.name(), name);
@@ -303,13 +301,8 @@ fn median_and_trimmed_mean_by_hand_ignore_outliers_and_example_counts() {
     for (name, want) in [("median", 2.0f32), ("trimmed-mean", 2.0)] {
         let config = fedra_fl::config::StrategyConfig {
             name: name.into(),
-            mu: None,
-            server_lr: None,
-            server_momentum: None,
-            beta1: None,
-            beta2: None,
-            tau: None,
             trim: (name == "trimmed-mean").then_some(0.2),
+            ..Default::default()
         };
         let mut strategy = from_config(&config).unwrap();
         let mut global = tiny();
