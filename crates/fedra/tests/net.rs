@@ -902,6 +902,7 @@ name = "mnist-cnn"
 
 [train]
 rounds = 2
+local_epochs = 3
 batch_size = 10
 lr = 0.05
 
@@ -1008,6 +1009,8 @@ min_fit_clients = 2
     let summary: fedra_sim::Summary =
         serde_json::from_str(&read(&t.join("net/summary.json"))).unwrap();
     assert_eq!(summary.rounds, 2);
-    assert!(summary.final_accuracy > 0.3, "{summary:?}");
+    // 0.82 and 0.985 on this data with these settings: far from chance (0.1, 0.5).
+    assert!(summary.final_accuracy > 0.6, "{summary:?}");
+    assert!(summary.final_auc.is_some_and(|auc| auc > 0.9), "{summary:?}");
     assert_eq!(summary.final_per_class.len(), 10);
 }
