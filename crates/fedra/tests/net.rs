@@ -1011,6 +1011,9 @@ min_fit_clients = 2
     assert_eq!(summary.rounds, 2);
     // 0.82 and 0.985 on this data with these settings: far from chance (0.1, 0.5).
     assert!(summary.final_accuracy > 0.6, "{summary:?}");
-    assert!(summary.final_auc.is_some_and(|auc| auc > 0.9), "{summary:?}");
+    assert!(
+        summary.final_auc.is_some_and(|auc| auc > 0.9),
+        "{summary:?}"
+    );
     assert_eq!(summary.final_per_class.len(), 10);
 }
