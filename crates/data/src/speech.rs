@@ -243,6 +243,19 @@ fn file_name(p: &Path) -> String {
         .unwrap_or_default()
 }
 
+/// The class names `opts` gives: its keywords, then the unknown and silence classes if asked
+/// for (the label order of [`load_speech_commands`]).
+pub fn class_names(opts: &SpeechOptions) -> Vec<String> {
+    let mut names = opts.keywords.clone();
+    if opts.unknown {
+        names.push(UNKNOWN_CLASS.to_string());
+    }
+    if opts.silence {
+        names.push(SILENCE_CLASS.to_string());
+    }
+    names
+}
+
 /// Every example to load, in a fixed order (classes' folders and files sorted by name).
 fn list_items(dir: &Path, opts: &SpeechOptions) -> Result<(Vec<Item>, Vec<String>), DataError> {
     let bad_opts = |reason: String| DataError::Options {

@@ -172,6 +172,51 @@ fn load_err(path: &Path) -> String {
     text
 }
 
+/// `describe` gives, without reading a file, the shape and classes a load gives: what a server
+/// whose clients hold all the data builds its model from.
+#[test]
+fn described_shapes_and_classes_are_those_of_the_loaded_data() {
+    let same = |name: DatasetName, dir: &Path, opts: &LoadOptions| {
+        let loaded = load(name, Some(dir), opts).unwrap();
+        let described = fedra_data::describe(name, opts).unwrap();
+        for (l, d) in [
+            (&loaded.train, &described.train),
+            (&loaded.test, &described.test),
+        ] {
+            assert_eq!(
+                (l.shape, &l.class_names),
+                (d.shape, &d.class_names),
+                "{name}"
+            );
+            assert!(d.is_empty());
+        }
+    };
+    let opts = LoadOptions::default();
+    for which in [MedMnist::Pneumonia, MedMnist::Retina] {
+        same(DatasetName::MedMnist(which), &medmnist_dir(), &opts);
+    }
+    same(DatasetName::Mnist, &test_data().join("mnist"), &opts);
+    let tmp = tempfile::tempdir().unwrap();
+    for (class, i) in [("b", 0), ("a", 1), ("b", 2)] {
+        write_gray(
+            &tmp.path().join(format!("{class}/{i}.png")),
+            5,
+            4,
+            |x, y| (x + y) as u8,
+        );
+    }
+    let mut opts = LoadOptions::default();
+    opts.image.size = Some([4, 5]);
+    opts.image.channels = Some(1);
+    opts.image.classes = Some(vec!["b".into(), "a".into(), "c".into()]);
+    same(DatasetName::ImageFolder, tmp.path(), &opts);
+    opts.image.channels = None;
+    let e = fedra_data::describe(DatasetName::ImageFolder, &opts)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("data.channels"), "{e}");
+}
+
 #[test]
 fn bad_npz_files_are_errors_naming_the_file_and_array() {
     let tmp = tempfile::tempdir().unwrap();

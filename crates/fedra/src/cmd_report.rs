@@ -305,7 +305,7 @@ fn write_runs_table(md: &mut String, runs: &[RunInfo]) -> anyhow::Result<()> {
             c.train.batch_size,
             c.train.local_epochs,
             r.summary.rounds,
-            r.summary.mean_emd,
+            r.summary.mean_emd.unwrap_or(f64::NAN),
             pct(r.summary.final_accuracy),
             pct(r.summary.best_accuracy),
             study.map_or("–".into(), |s| format!("{s:.2}")),
@@ -461,7 +461,11 @@ fn write_emd_sweep(md: &mut String, runs: &[RunInfo], out: &Path) -> anyhow::Res
             .map(|(r, _)| r.summary.final_accuracy)
             .sum::<f64>()
             / n;
-        let emd = group.iter().map(|(r, _)| r.summary.mean_emd).sum::<f64>() / n;
+        let emd = group
+            .iter()
+            .map(|(r, _)| r.summary.mean_emd.unwrap_or(f64::NAN))
+            .sum::<f64>()
+            / n;
         let rounds = group
             .iter()
             .map(|(r, _)| r.summary.rounds)
@@ -542,7 +546,7 @@ fn write_sharing(md: &mut String, runs: &[RunInfo], out: &Path) -> anyhow::Resul
             s.alpha * 100.0,
             s.warmup_epochs,
             r.summary.mean_emd_before_share.unwrap_or(f64::NAN),
-            r.summary.mean_emd,
+            r.summary.mean_emd.unwrap_or(f64::NAN),
             r.summary.rounds,
             pct(r.summary.final_accuracy)
         )?;
@@ -710,7 +714,7 @@ fn write_clinical(md: &mut String, runs: &[RunInfo], out: &Path) -> anyhow::Resu
                 "| {} | {} | {:.3} | {} | {} | {} | {} ({}) | {} | {} | {} |",
                 r.name,
                 training_label(&r.config),
-                s.mean_emd,
+                s.mean_emd.unwrap_or(f64::NAN),
                 s.rounds,
                 pct(s.final_accuracy),
                 s.final_auc.map_or("–".into(), |a| format!("{a:.3}")),

@@ -140,7 +140,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         let folder = Run::inspect(&dir, &config)?;
         if let RunFolder::Finished(summary) = folder {
             eprintln!("{name}: already finished in {}, skipped", dir.display());
-            done.push((name, summary));
+            done.push((name, *summary));
             continue;
         }
         let data = load_data(&config)?;
@@ -252,12 +252,15 @@ pub(crate) fn describe(row: &RoundMetrics) -> String {
 
 pub(crate) fn print_summary(name: &str, s: &Summary) {
     println!(
-        "{name}: {} rounds, final test accuracy {:.2}% (best {:.2}% at round {}), mean EMD {:.3}, {:.1}s training, {:.0} samples/s",
+        "{name}: {} rounds, final test accuracy {:.2}% (best {:.2}% at round {}), {}, {:.1}s training, {:.0} samples/s",
         s.rounds,
         s.final_accuracy * 100.0,
         s.best_accuracy * 100.0,
         s.best_round,
-        s.mean_emd,
+        s.mean_emd.map_or_else(
+            || "mean EMD unknown (the clients hold the data)".to_string(),
+            |emd| format!("mean EMD {emd:.3}")
+        ),
         s.total_seconds,
         s.samples_per_s
     );
@@ -308,7 +311,7 @@ fn print_comparison(done: &[(String, Summary)]) {
         println!(
             "{:<24} {:>9.3} {:>9.2}% {:>10.2} pt",
             name,
-            s.mean_emd,
+            s.mean_emd.unwrap_or(f64::NAN),
             s.final_accuracy * 100.0,
             (s.final_accuracy - best) * 100.0
         );

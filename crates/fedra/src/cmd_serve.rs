@@ -8,6 +8,7 @@ use std::process::{Child, Command};
 use anyhow::{Context, bail};
 
 use fedra_fl::ExperimentConfig;
+use fedra_fl::config::Evaluation;
 use fedra_fl::federation::model_spec;
 use fedra_fl::sweep::expand;
 use fedra_net::pki;
@@ -41,7 +42,8 @@ pub struct ServeArgs {
     resume: bool,
     /// Test data for evaluating the global model on the server (and the dataset's training
     /// labels for the partition the --shard clients use). Without it, MNIST uses the embedded
-    /// subset.
+    /// subset; with `deploy.evaluate = "clients"` the server needs no data at all (the clients
+    /// evaluate on their own test data).
     #[arg(long, env = "FEDRA_DATA")]
     data_dir: Option<PathBuf>,
     /// Apply the experiment's `[profile.NAME]` overrides.
@@ -156,7 +158,22 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         (None, None) => bail!("--certs is required (or --local-clients for a one-machine try)"),
     };
     let tls = pki::server_tls(&certs)?;
-    let data = load_data(&config)?;
+    let evaluate = config
+        .deploy
+        .as_ref()
+        .map(|d| d.evaluate)
+        .unwrap_or_default();
+    let data = if evaluate == Evaluation::Clients && config.data.data_dir.is_none() {
+        // The clients hold every example: the server needs only the dataset's shape and classes.
+        let data = fedra_data::describe(config.data.dataset, &config.data.load_options())
+            .with_context(|| format!("describing {}", config.data.dataset))?;
+        eprintln!(
+            "no data on the server: the clients evaluate the global model on their own test data"
+        );
+        data
+    } else {
+        load_data(&config)?
+    };
     let selected = config.data.select(data.clone())?;
     let spec = model_spec(&config, &selected.train)?;
     let layout = Layout::of(&Model::new(&spec, 0)?);
@@ -170,6 +187,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         clients: config.partition.clients,
         deploy: config.deploy.clone().unwrap_or_default(),
         layout,
+        classes: spec.classes,
         threads: args.threads,
     };
     let (mut server, executor) = start(runtime.handle(), args.listen, tls, settings)?;

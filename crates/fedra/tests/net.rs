@@ -114,7 +114,16 @@ struct Server {
     lines: std::sync::mpsc::Receiver<String>,
 }
 
-fn serve(exp: &Path, out: &Path, certs: &Path, listen: &str, resume: bool, log: &Path) -> Server {
+/// `fedra serve`; with `data`, the server has the MNIST folder (`--data-dir`).
+fn serve(
+    exp: &Path,
+    out: &Path,
+    certs: &Path,
+    listen: &str,
+    resume: bool,
+    data: bool,
+    log: &Path,
+) -> Server {
     let mut cmd = fedra();
     cmd.arg("serve");
     if resume {
@@ -126,11 +135,12 @@ fn serve(exp: &Path, out: &Path, certs: &Path, listen: &str, resume: bool, log: 
         .arg(certs)
         .arg("--out")
         .arg(out)
-        .arg("--data-dir")
-        .arg(mnist_dir())
         .env("RUST_LOG", "info")
         .stdout(Stdio::piped())
         .stderr(std::fs::File::create(log).unwrap());
+    if data {
+        cmd.arg("--data-dir").arg(mnist_dir());
+    }
     let mut child = cmd.spawn().unwrap();
     let stdout = child.stdout.take().unwrap();
     let (tx, lines) = std::sync::mpsc::channel();
@@ -185,6 +195,7 @@ fn serve_in(t: &Path, exp: &Path) -> Server {
         &t.join("certs"),
         "127.0.0.1:0",
         false,
+        true,
         &t.join("server.log"),
     )
 }
@@ -387,6 +398,99 @@ fn federation_over_tls_equals_the_simulation_bit_for_bit() {
     assert!(read(&t.join("sim/config.toml")).contains("[deploy]"));
 }
 
+/// The cells of column `name` of a run's `metrics.csv`.
+fn column(run: &Path, name: &str) -> Vec<String> {
+    let text = read(&run.join("metrics.csv"));
+    let mut lines = text.lines();
+    let header: Vec<&str> = lines.next().unwrap_or_default().split(',').collect();
+    let at = header
+        .iter()
+        .position(|h| *h == name)
+        .unwrap_or_else(|| panic!("no column {name} in {header:?}"));
+    lines
+        .map(|l| l.split(',').nth(at).unwrap_or_default().to_string())
+        .collect()
+}
+
+/// A server with no data of its own (`deploy.evaluate = "clients"`, no `--data-dir`): three
+/// `--shard` clients train as in the simulation and evaluate the global model on their own
+/// copies of the 500 test images. The weights are the simulation's bit for bit; accuracy,
+/// balanced accuracy, sensitivity and specificity (three copies of one test set) are the
+/// simulation's exactly, the loss to the last printed digit, the AUC within its binning.
+#[test]
+fn a_server_without_data_evaluates_on_its_clients() {
+    let (_one, tmp) = setup(
+        &experiment("mlp", 900, 2, "min_clients = 3\nevaluate = \"clients\""),
+        "c0,c1,c2",
+    );
+    let t = tmp.path();
+    let exp = t.join("exp.toml");
+    let mut server = serve(
+        &exp,
+        &t.join("net"),
+        &t.join("certs"),
+        "127.0.0.1:0",
+        false,
+        false,
+        &t.join("server.log"),
+    );
+    let mut clients = shard_clients(t, server.port, 3);
+    let status = wait(
+        &mut server.child,
+        Duration::from_secs(300),
+        "server",
+        &server.log,
+    );
+    let log = read(&server.log);
+    assert!(status.success(), "server failed:\n{log}");
+    for (k, c) in clients.iter_mut().enumerate() {
+        let client_log = t.join(format!("c{k}.log"));
+        assert!(wait(c, Duration::from_secs(30), "client", &client_log).success());
+        assert!(
+            read(&client_log).contains("evaluation sent (500 test examples)"),
+            "{}",
+            read(&client_log)
+        );
+    }
+    assert!(log.contains("no data on the server"), "{log}");
+    for round in 0..=2 {
+        assert!(
+            log.lines().any(|l| l.contains(&format!("round={round}"))
+                && l.contains("evaluated on 1500 test examples of 3 of 3 clients")),
+            "round {round}:\n{log}"
+        );
+    }
+
+    simulate(&exp, &t.join("sim"));
+    let (net, sim) = (t.join("net"), t.join("sim"));
+    assert!(final_weights(&net) == final_weights(&sim));
+    for exact in [
+        "round",
+        "test_accuracy",
+        "train_loss",
+        "test_balanced_accuracy",
+    ]
+    .into_iter()
+    .chain(["sensitivity_3", "specificity_7"])
+    {
+        assert_eq!(column(&net, exact), column(&sim, exact), "{exact}");
+    }
+    let close = |name: &str, tolerance: f64| {
+        for (a, b) in column(&net, name).iter().zip(column(&sim, name)) {
+            let (a, b): (f64, f64) = (a.parse().unwrap(), b.parse().unwrap());
+            assert!((a - b).abs() <= tolerance, "{name}: {a} vs {b}");
+        }
+    };
+    close("test_loss", 2e-6);
+    close("test_auc", 2e-3);
+    assert_eq!(column(&net, "test_auc").len(), 3);
+    // No training set on the server: no partition file, no EMD.
+    assert!(!net.join("partition.json").exists());
+    let summary = read(&net.join("summary.json"));
+    assert!(!summary.contains("mean_emd"), "{summary}");
+    assert!(sim.join("partition.json").exists());
+}
+
 #[test]
 fn a_client_killed_during_a_round_is_dropped_and_the_rest_aggregated() {
     // mnist-cnn on 1,000 examples a client: a round's training takes long enough to kill a
@@ -463,6 +567,7 @@ fn a_killed_server_resumes_and_its_clients_come_back_by_themselves() {
         &t.join("certs"),
         "127.0.0.1:0",
         false,
+        true,
         &t.join("server1.log"),
     );
     let port = server.port;
@@ -484,6 +589,7 @@ fn a_killed_server_resumes_and_its_clients_come_back_by_themselves() {
         &out,
         &t.join("certs"),
         &format!("127.0.0.1:{port}"),
+        true,
         true,
         &t.join("server2.log"),
     );
@@ -577,6 +683,7 @@ fn rogue(port: u16, certs: &Path) -> tonic::Status {
         };
         tx.send(msg(client_message::Body::Ready(Ready {
             num_examples: 300,
+            test_examples: 0,
         })))
         .await
         .unwrap();
@@ -882,8 +989,9 @@ fn write_pngs(dir: &Path, data: &Dataset, rows: std::ops::Range<usize>, skip: Op
 /// Two sites, each with nothing but its own folder of PNG images (a hospital's export, another
 /// size than the model's input), join without `--shard` and train on all of their own data;
 /// site-b has no images of class 9, and `data.classes` keeps its labels those of the others.
-/// The server evaluates on its own folder and records the clinical metrics. Without
-/// `data.classes` the server refuses to start.
+/// The server evaluates on its own folder and records the clinical metrics; then, with
+/// `deploy.evaluate = "clients"`, a server holding no image at all has the sites evaluate on
+/// their own held-out images. Without `data.classes` the server refuses to start.
 #[test]
 fn sites_with_their_own_image_folders_federate() {
     let experiment = r#"
@@ -940,80 +1048,112 @@ min_fit_clients = 2
         "{text}"
     );
 
-    let mut server = fedra()
-        .args(["serve"])
-        .arg(t.join("exp.toml"))
-        .args(["--listen", "127.0.0.1:0", "--certs"])
-        .arg(t.join("certs"))
-        .arg("--out")
-        .arg(t.join("net"))
-        .arg("--data-dir")
-        .arg(t.join("server"))
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::piped())
-        .stderr(std::fs::File::create(t.join("server.log")).unwrap())
-        .spawn()
-        .unwrap();
-    let mut out = BufReader::new(server.stdout.take().unwrap()).lines();
-    let first = out.next().unwrap().unwrap();
-    let port: u16 = first
-        .split_whitespace()
-        .nth(2)
-        .and_then(|a| a.rsplit(':').next())
-        .and_then(|p| p.parse().ok())
-        .unwrap_or_else(|| panic!("{first}"));
-    let mut sites: Vec<Child> = ["site-a", "site-b"]
-        .iter()
-        .map(|id| {
-            fedra()
-                .args(["join", "--server"])
-                .arg(format!("127.0.0.1:{port}"))
-                .args(["--server-name", "localhost", "--id", id, "--certs"])
-                .arg(t.join("certs"))
-                .arg("--data-dir")
-                .arg(t.join(id))
-                .env("RUST_LOG", "info")
-                .stdout(Stdio::null())
-                .stderr(std::fs::File::create(t.join(format!("{id}.log"))).unwrap())
-                .spawn()
-                .unwrap()
-        })
-        .collect();
-    let log = t.join("server.log");
-    assert!(wait(&mut server, Duration::from_secs(300), "server", &log).success());
-    for ((site, child), (rows, skip)) in ["site-a", "site-b"]
-        .iter()
-        .zip(&mut sites)
-        .zip([(0..300, None), (300..600, Some(9))])
-    {
-        let site_log = t.join(format!("{site}.log"));
-        assert!(wait(child, Duration::from_secs(60), site, &site_log).success());
-        // Each site trains on its own folder: every fifth image of each class is its test split.
+    // Run 1: the server evaluates on its own folder. Run 2: it holds no image at all, and
+    // each site evaluates the global model on its own held-out images.
+    let sites = [("site-a", 0..300, None), ("site-b", 300..600, Some(9))];
+    let split = |rows: &std::ops::Range<usize>, skip: Option<u16>| {
+        // Each site's folder: every fifth image of each class is its test split.
         let mut counts = [0usize; 10];
-        for i in rows.filter(|&i| Some(mnist.train.labels[i]) != skip) {
+        for i in rows
+            .clone()
+            .filter(|&i| Some(mnist.train.labels[i]) != skip)
+        {
             counts[usize::from(mnist.train.labels[i])] += 1;
         }
-        let train: usize = counts.iter().map(|c| c - c / 5).sum();
+        let test: usize = counts.iter().map(|c| c / 5).sum();
+        (counts.iter().sum::<usize>() - test, test)
+    };
+    std::fs::write(
+        t.join("exp2.toml"),
+        format!("{experiment}evaluate = \"clients\"\n"),
+    )
+    .unwrap();
+    for (exp, out, server_data) in [
+        ("exp.toml", "net", Some(t.join("server"))),
+        ("exp2.toml", "net2", None),
+    ] {
+        let log = t.join(format!("{out}.log"));
+        let mut serve = fedra();
+        serve
+            .arg("serve")
+            .arg(t.join(exp))
+            .args(["--listen", "127.0.0.1:0", "--certs"])
+            .arg(t.join("certs"))
+            .arg("--out")
+            .arg(t.join(out))
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(&log).unwrap());
+        if let Some(dir) = &server_data {
+            serve.arg("--data-dir").arg(dir);
+        }
+        let mut server = serve.spawn().unwrap();
+        let mut lines = BufReader::new(server.stdout.take().unwrap()).lines();
+        let first = lines.next().unwrap().unwrap();
+        let port: u16 = first
+            .split_whitespace()
+            .nth(2)
+            .and_then(|a| a.rsplit(':').next())
+            .and_then(|p| p.parse().ok())
+            .unwrap_or_else(|| panic!("{first}"));
+        let mut children: Vec<Child> = sites
+            .iter()
+            .map(|(id, ..)| {
+                fedra()
+                    .args(["join", "--server"])
+                    .arg(format!("127.0.0.1:{port}"))
+                    .args(["--server-name", "localhost", "--id", id, "--certs"])
+                    .arg(t.join("certs"))
+                    .arg("--data-dir")
+                    .arg(t.join(id))
+                    .env("RUST_LOG", "info")
+                    .stdout(Stdio::null())
+                    .stderr(std::fs::File::create(t.join(format!("{out}-{id}.log"))).unwrap())
+                    .spawn()
+                    .unwrap()
+            })
+            .collect();
+        assert!(wait(&mut server, Duration::from_secs(300), "server", &log).success());
+        let mut tested = 0;
+        for ((id, rows, skip), child) in sites.iter().zip(&mut children) {
+            let site_log = t.join(format!("{out}-{id}.log"));
+            assert!(wait(child, Duration::from_secs(60), id, &site_log).success());
+            let (train, test) = split(rows, *skip);
+            tested += test;
+            let text = read(&site_log);
+            assert!(
+                text.contains(&format!("update sent ({train} examples)")),
+                "{train}: {text}"
+            );
+            // Only a server without data asks the sites to evaluate.
+            let evaluated = format!("evaluation sent ({test} test examples)");
+            assert_eq!(text.contains(&evaluated), server_data.is_none(), "{text}");
+        }
+        if server_data.is_none() {
+            let text = read(&log);
+            assert!(
+                text.contains(&format!(
+                    "evaluated on {tested} test examples of 2 of 2 clients round=2"
+                )),
+                "{text}"
+            );
+        }
+        let rows: Vec<String> = lines.map_while(Result::ok).collect();
         assert!(
-            read(&site_log).contains(&format!("update sent ({train} examples)")),
-            "{train}: {}",
-            read(&site_log)
+            rows.iter()
+                .any(|r| r.starts_with("round    2") && r.contains("auc")),
+            "{rows:?}"
         );
+        let summary: fedra_sim::Summary =
+            serde_json::from_str(&read(&t.join(out).join("summary.json"))).unwrap();
+        assert_eq!(summary.rounds, 2);
+        // 0.82 and 0.985 on the server's images after round 2 (0.85 and 0.978 on the sites'):
+        // far from chance (0.1, 0.5).
+        assert!(summary.final_accuracy > 0.6, "{summary:?}");
+        assert!(
+            summary.final_auc.is_some_and(|auc| auc > 0.9),
+            "{summary:?}"
+        );
+        assert_eq!(summary.final_per_class.len(), 10);
     }
-    let rows: Vec<String> = out.map_while(Result::ok).collect();
-    assert!(
-        rows.iter()
-            .any(|r| r.starts_with("round    2") && r.contains("auc")),
-        "{rows:?}"
-    );
-    let summary: fedra_sim::Summary =
-        serde_json::from_str(&read(&t.join("net/summary.json"))).unwrap();
-    assert_eq!(summary.rounds, 2);
-    // 0.82 and 0.985 on this data with these settings: far from chance (0.1, 0.5).
-    assert!(summary.final_accuracy > 0.6, "{summary:?}");
-    assert!(
-        summary.final_auc.is_some_and(|auc| auc > 0.9),
-        "{summary:?}"
-    );
-    assert_eq!(summary.final_per_class.len(), 10);
 }

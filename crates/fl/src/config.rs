@@ -55,6 +55,28 @@ pub struct DeployConfig {
     /// hands them out afresh.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub allowed_clients: Option<Vec<String>>,
+    /// Where the global model is evaluated: `"server"` (on the test set the server was given)
+    /// or `"clients"` (every ready client on its own test data; the server adds up their counts
+    /// and never needs data of its own). A simulation evaluates on its test set either way.
+    #[serde(default, skip_serializing_if = "Evaluation::is_server")]
+    pub evaluate: Evaluation,
+}
+
+/// Where a networked federation evaluates the global model (`deploy.evaluate`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Evaluation {
+    /// On the server's own test set.
+    #[default]
+    Server,
+    /// On each client's own test data (federated evaluation).
+    Clients,
+}
+
+impl Evaluation {
+    fn is_server(&self) -> bool {
+        *self == Evaluation::Server
+    }
 }
 
 impl Default for DeployConfig {
@@ -65,6 +87,7 @@ impl Default for DeployConfig {
             min_fit_clients: 1,
             round_timeout_s: default_round_timeout(),
             allowed_clients: None,
+            evaluate: Evaluation::Server,
         }
     }
 }
@@ -132,7 +155,9 @@ impl DataConfig {
             key: &'static str,
         ) -> Result<Dataset, ConfigError> {
             match limit {
+                // A set of no examples carries only a shape (a server without data).
                 None => Ok(set),
+                Some(_) if set.is_empty() => Ok(set),
                 Some(n) if n > set.len() => Err(ConfigError::Invalid {
                     origin: "experiment".into(),
                     key,

@@ -11,7 +11,8 @@ use std::time::Instant;
 use fedra_data::partition::{Partition, Scheme, partition};
 use fedra_data::{Dataset, TrainTest};
 use fedra_nn::{
-    BnPolicy, ClinicalMetrics, Model, ModelSpec, SgdConfig, TensorKind, Trainer, clinical_metrics,
+    BnPolicy, ClinicalMetrics, EvalCounts, Model, ModelSpec, SgdConfig, TensorKind, Trainer,
+    clinical_metrics,
 };
 
 use crate::client::{CENTRAL_ID, FitConfig, FitResult};
@@ -50,6 +51,21 @@ pub trait Executor {
     /// failing when they never come).
     fn available(&self, clients: usize) -> Result<Vec<usize>, FlError> {
         Ok((0..clients).collect())
+    }
+
+    /// Evaluate the model of `round` (rounds completed; 0 = the initial model) on the clients'
+    /// own test data and return the sum of their counts; `model_for(client)` is the model that
+    /// client evaluates (the global one; with FedBN, with the client's own normalisation
+    /// layers). `Ok(None)`: this executor's clients do not evaluate (in-process clients hold no
+    /// test data of their own; a server may be told to evaluate itself), and the round loop
+    /// evaluates on the run's test set.
+    fn evaluate(
+        &self,
+        round: usize,
+        model_for: &dyn Fn(usize) -> Model,
+    ) -> Result<Option<EvalCounts>, FlError> {
+        let _ = (round, model_for);
+        Ok(None)
     }
 }
 
@@ -188,7 +204,35 @@ impl Federation {
             (None, None) => Model::new(&spec, seed)?,
         };
         let frozen = frozen_ranges(&global, &config.model.freeze)?;
+        let dataless = data.train.is_empty();
+        if dataless {
+            // A server whose clients hold all the data (`deploy.evaluate = "clients"`): it
+            // aggregates and never trains, so it needs the dataset's shape but no examples.
+            let needs = if config.share.is_some() {
+                Some("data sharing ([share]) mixes a global set into the clients' data")
+            } else if config.eval.sgd_twin {
+                Some("eval.sgd_twin trains a centralised twin on the pooled data")
+            } else if config.strategy.name == "sgd" {
+                Some("strategy \"sgd\" trains centrally on the pooled data")
+            } else {
+                None
+            };
+            if let Some(why) = needs {
+                return Err(FlError::State(format!(
+                    "{why}: it needs the training set, and this run has none"
+                )));
+            }
+        }
         let (partition, before_share) = match &config.share {
+            None if dataless => (
+                Partition {
+                    scheme: scheme.to_string(),
+                    seed,
+                    num_classes: classes,
+                    clients: vec![Vec::new(); config.partition.clients],
+                },
+                None,
+            ),
             None => (
                 partition(labels, classes, config.partition.clients, &scheme, seed)?,
                 None,
@@ -345,9 +389,13 @@ impl Federation {
     }
 
     /// Evaluate the initial model (round 0) if it has not been.
-    pub fn evaluate_initial(&mut self, data: &TrainTest) -> Result<(), FlError> {
+    pub fn evaluate_initial(
+        &mut self,
+        data: &TrainTest,
+        executor: &dyn Executor,
+    ) -> Result<(), FlError> {
         if self.history.is_empty() && self.rounds_done == 0 {
-            let row = self.evaluate(data, None)?;
+            let row = self.evaluate(data, executor, None)?;
             self.history.push(row);
         }
         Ok(())
@@ -359,7 +407,7 @@ impl Federation {
         data: &TrainTest,
         executor: &dyn Executor,
     ) -> Result<Option<RoundMetrics>, FlError> {
-        self.evaluate_initial(data)?;
+        self.evaluate_initial(data, executor)?;
         let started = Instant::now();
         let round = self.rounds_done;
         let (results, twin_result) = if self.is_central() {
@@ -424,7 +472,7 @@ impl Federation {
         let last = self.rounds_done == self.config.train.rounds;
         if self.rounds_done.is_multiple_of(self.config.eval.every) || last {
             let eval_started = Instant::now();
-            let mut row = self.evaluate(data, Some(train_loss))?;
+            let mut row = self.evaluate(data, executor, Some(train_loss))?;
             row.seconds = self.pending_seconds + eval_started.elapsed().as_secs_f64();
             row.examples = self.pending_examples;
             self.pending_seconds = 0.0;
@@ -533,12 +581,19 @@ impl Federation {
         Ok(trainer)
     }
 
-    fn evaluate(&self, data: &TrainTest, train_loss: Option<f64>) -> Result<RoundMetrics, FlError> {
+    fn evaluate(
+        &self,
+        data: &TrainTest,
+        executor: &dyn Executor,
+        train_loss: Option<f64>,
+    ) -> Result<RoundMetrics, FlError> {
         let mut trainer = self.eval_trainer()?;
         let test = &data.test;
         let classes = self.spec.classes;
-        let (test_accuracy, test_loss, clinical) = if self.local_params.is_empty()
-            && self.local_buffers.is_empty()
+        let federated = executor.evaluate(self.rounds_done, &|c| self.with_local_state(c))?;
+        let (test_accuracy, test_loss, clinical) = if let Some(counts) = federated {
+            (counts.accuracy(), counts.mean_loss(), counts.clinical())
+        } else if self.local_params.is_empty() && self.local_buffers.is_empty()
             || self.local.is_empty()
         {
             let (stats, probs) =
@@ -703,4 +758,23 @@ pub fn run_job(job: FitJob<'_>, data: &Dataset, threads: usize) -> Result<FitRes
     let mut trainer = Trainer::new(start.spec(), config.batch_size.min(indices.len()).max(1))?;
     trainer.set_threads(threads);
     crate::client::fit(client, indices, data, &mut start, &config, &mut trainer)
+}
+
+/// Evaluate `model` on all of `data` with `threads` GEMM threads, as counts that add up across
+/// sites (what a client sends in federated evaluation).
+pub fn evaluate_counts(
+    model: &Model,
+    data: &Dataset,
+    threads: usize,
+) -> Result<EvalCounts, FlError> {
+    let mut trainer = Trainer::new(model.spec(), EVAL_BATCH)?;
+    trainer.set_threads(threads);
+    let (stats, probs) = trainer.evaluate_with_probs(model, &data.features, &data.labels)?;
+    Ok(EvalCounts::from_probs(
+        &probs,
+        &data.labels,
+        model.spec().classes,
+        stats.loss_sum,
+        stats.correct,
+    ))
 }

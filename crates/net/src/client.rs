@@ -22,8 +22,8 @@ use fedra_nn::{Model, ModelSpec, SgdConfig};
 use crate::error::NetError;
 use crate::proto::federation_client::FederationClient;
 use crate::proto::{
-    ClientMessage, FitTask, Goodbye, Hello, Ready, UpdateEnd, UpdateHeader, client_message,
-    server_message,
+    ClientMessage, EvaluateTask, Evaluation, FitTask, Goodbye, Hello, Ready, UpdateEnd,
+    UpdateHeader, client_message, server_message,
 };
 use crate::server::{KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT, bn_from_name};
 use crate::wire::{Assembler, Layout};
@@ -320,7 +320,7 @@ async fn session(
         .map_err(|s| from_status(&s, false))?
         .into_inner();
     let mut welcomed = false;
-    let mut task: Option<(FitTask, Assembler, Arc<Prepared>)> = None;
+    let mut task: Option<(Task, Assembler, Arc<Prepared>)> = None;
     let lost = |reason: String, welcomed: bool| Failure::Retry { reason, welcomed };
     loop {
         let msg = tokio::select! {
@@ -376,6 +376,7 @@ async fn session(
                 let p = prepared.as_ref().expect("prepared above");
                 let ready = message(client_message::Body::Ready(Ready {
                     num_examples: p.indices.len() as u64,
+                    test_examples: p.data.test.len() as u64,
                 }));
                 if tx.send(ready).await.is_err() {
                     return Err(lost("the session closed".into(), welcomed));
@@ -387,7 +388,15 @@ async fn session(
                         "a task before Welcome".into(),
                     )));
                 };
-                task = Some((fit, Assembler::new(&p.layout), p));
+                task = Some((Task::Fit(fit), Assembler::new(&p.layout), p));
+            }
+            server_message::Body::Evaluate(evaluate) => {
+                let Some(p) = prepared.clone() else {
+                    return Err(Failure::Final(NetError::Protocol(
+                        "a task before Welcome".into(),
+                    )));
+                };
+                task = Some((Task::Evaluate(evaluate), Assembler::new(&p.layout), p));
             }
             server_message::Body::Chunk(chunk) => {
                 let Some((_, assembler, _)) = task.as_mut() else {
@@ -400,7 +409,7 @@ async fn session(
                 })?;
             }
             server_message::Body::TaskEnd(_) => {
-                let Some((fit, assembler, p)) = task.take() else {
+                let Some((header, assembler, p)) = task.take() else {
                     return Err(Failure::Final(NetError::Protocol(
                         "a task end without a task".into(),
                     )));
@@ -408,6 +417,65 @@ async fn session(
                 let (params, buffers) = assembler.finish().map_err(|e| {
                     Failure::Final(NetError::Protocol(format!("task weights: {e}")))
                 })?;
+                let fit = match header {
+                    Task::Fit(fit) => fit,
+                    Task::Evaluate(evaluate) => {
+                        let threads = opts.threads;
+                        let p2 = p.clone();
+                        let evaluating = tokio::task::spawn_blocking(move || {
+                            evaluate_locally(&p2, params, buffers, threads)
+                        });
+                        let counts = tokio::select! {
+                            done = evaluating => done,
+                            _ = interrupted() => {
+                                let _ = tx.send(message(client_message::Body::Goodbye(Goodbye {
+                                    reason: "interrupted".into(),
+                                }))).await;
+                                tokio::time::sleep(Duration::from_millis(200)).await;
+                                return Ok(Outcome::Stopped("interrupted".into()));
+                            }
+                        };
+                        let counts = match counts {
+                            Ok(Ok(counts)) => counts,
+                            Ok(Err(e)) => {
+                                let reason =
+                                    format!("evaluation of round {} failed: {e}", evaluate.round);
+                                let _ = tx
+                                    .send(message(client_message::Body::Goodbye(Goodbye {
+                                        reason: reason.clone(),
+                                    })))
+                                    .await;
+                                return Err(Failure::Final(NetError::Other(reason)));
+                            }
+                            Err(e) => {
+                                return Err(Failure::Final(NetError::Other(format!(
+                                    "evaluation of round {} stopped: {e}",
+                                    evaluate.round
+                                ))));
+                            }
+                        };
+                        let examples = counts.examples;
+                        let answer = message(client_message::Body::Evaluation(Evaluation {
+                            round: evaluate.round,
+                            task: evaluate.task,
+                            num_examples: counts.examples,
+                            loss_sum: counts.loss_sum,
+                            correct: counts.correct,
+                            confusion: counts.confusion,
+                            score_bins: counts.score_histograms.iter().map(|b| b.0).collect(),
+                            score_counts: counts.score_histograms.iter().map(|b| b.1).collect(),
+                        }));
+                        if tx.send(answer).await.is_err() {
+                            return Err(lost("the session closed while sending".into(), welcomed));
+                        }
+                        tracing::info!(
+                            client = %opts.id,
+                            round = evaluate.round,
+                            "evaluation sent ({examples} test examples)"
+                        );
+                        continue;
+                    }
+                };
                 let round = fit.round;
                 let threads = opts.threads;
                 let p2 = p.clone();
@@ -535,6 +603,29 @@ fn prepare(
         layout,
         frozen,
     })
+}
+
+/// A task the server sent, whose weights are arriving.
+enum Task {
+    Fit(FitTask),
+    Evaluate(EvaluateTask),
+}
+
+/// Evaluate the server's weights on this client's own test data.
+fn evaluate_locally(
+    p: &Prepared,
+    params: Vec<f32>,
+    buffers: Vec<f32>,
+    threads: usize,
+) -> Result<fedra_nn::EvalCounts, NetError> {
+    let mut model = Model::new(&p.spec, 0)?;
+    model.params_mut().copy_from_slice(&params);
+    model.buffers_mut().copy_from_slice(&buffers);
+    Ok(fedra_fl::federation::evaluate_counts(
+        &model,
+        &p.data.test,
+        threads,
+    )?)
 }
 
 /// One task's local training, with the simulation's client code.

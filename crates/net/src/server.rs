@@ -23,14 +23,16 @@ use tonic::transport::{Server, ServerTlsConfig};
 use tonic::{Request, Response, Status, Streaming};
 
 use fedra_data::Dataset;
-use fedra_fl::config::DeployConfig;
+use fedra_fl::config::{DeployConfig, Evaluation as EvaluateOn};
+use fedra_fl::federation::MAX_ROUND_ATTEMPTS;
 use fedra_fl::{CENTRAL_ID, Executor, FitJob, FitResult, FlError, run_job};
+use fedra_nn::{EvalCounts, Model};
 
 use crate::error::NetError;
 use crate::proto::federation_server::{Federation, FederationServer};
 use crate::proto::{
-    ClientMessage, Finished, FitTask, ServerMessage, TaskEnd, Welcome, client_message,
-    server_message,
+    ClientMessage, EvaluateTask, Finished, FitTask, ServerMessage, TaskEnd, Welcome,
+    client_message, server_message,
 };
 use crate::wire::{Assembler, Layout};
 use crate::{MAX_MESSAGE_BYTES, PROTOCOL};
@@ -57,6 +59,8 @@ pub struct ServerSettings {
     pub deploy: DeployConfig,
     /// The model's tensors, which every update must match.
     pub layout: Layout,
+    /// The model's classes, which every evaluation must count.
+    pub classes: usize,
     /// GEMM threads for the server's own training jobs (the SGD twin, the baseline).
     pub threads: usize,
 }
@@ -68,9 +72,27 @@ struct Session {
     outbox: mpsc::Sender<Result<ServerMessage, Status>>,
     /// Training examples the client said it holds (`Ready`); `None` until it is ready.
     declared: Option<u64>,
-    /// The task it is training on (task id, most examples its update may say it processed):
-    /// a busy client gets no other task, and an update for anything else is discarded.
-    in_flight: Option<(u64, u64)>,
+    /// Test examples it said it holds (`Ready`).
+    declared_test: u64,
+    /// The task it is working on: a busy client gets no other task, and an answer to anything
+    /// else is discarded.
+    in_flight: Option<InFlight>,
+}
+
+/// A task a client is working on.
+#[derive(Clone, Copy, Debug)]
+struct InFlight {
+    task: u64,
+    kind: TaskKind,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum TaskKind {
+    /// Training; the update may say it processed at most this many examples.
+    Fit {
+        max_seen: u64,
+    },
+    Evaluate,
 }
 
 /// Who is connected, and which index each client id holds.
@@ -102,16 +124,22 @@ impl Roster {
     }
 }
 
+/// A client's answer to a task: the result, or why it was refused.
+#[derive(Debug)]
+pub enum Answer {
+    Fit(Result<FitResult, String>),
+    Evaluation(Result<EvalCounts, String>),
+}
+
 /// What a client's reader task reports to the executor.
 enum Event {
-    Update {
+    Answer {
         client: usize,
         session: u64,
         round: u64,
         task: u64,
-        /// The result, or why it was refused.
-        result: Result<FitResult, String>,
-        /// Protobuf bytes of the update's messages (header, chunks, end).
+        answer: Answer,
+        /// Protobuf bytes of the answer's messages (header, chunks, end).
         bytes: usize,
     },
     Left {
@@ -279,6 +307,7 @@ impl Federation for Service {
                     session,
                     outbox: outbox.clone(),
                     declared: None,
+                    declared_test: 0,
                     in_flight: None,
                 },
             );
@@ -344,13 +373,13 @@ struct Incoming {
 pub enum Step {
     /// Nothing to act on yet (a chunk of an update).
     Continue,
-    /// The client has its data and holds this many training examples.
-    Ready(u64),
-    /// A complete update for (round, task): the result, or why it is refused.
-    Update {
+    /// The client has its data and holds this many training and test examples.
+    Ready { train: u64, test: u64 },
+    /// A complete answer (an update or an evaluation) for (round, task).
+    Answer {
         round: u64,
         task: u64,
-        result: Result<FitResult, String>,
+        answer: Answer,
     },
     /// The session must end, for this reason.
     End(String),
@@ -362,15 +391,17 @@ pub enum Step {
 pub struct SessionReader {
     index: usize,
     layout: Layout,
-    declared: Option<u64>,
+    classes: usize,
+    declared: Option<(u64, u64)>,
     incoming: Option<Incoming>,
 }
 
 impl SessionReader {
-    pub fn new(index: usize, layout: Layout) -> SessionReader {
+    pub fn new(index: usize, layout: Layout, classes: usize) -> SessionReader {
         SessionReader {
             index,
             layout,
+            classes,
             declared: None,
             incoming: None,
         }
@@ -388,14 +419,51 @@ impl SessionReader {
                 if self.declared.is_some() {
                     return Step::End("said Ready twice".into());
                 }
-                self.declared = Some(ready.num_examples);
-                Step::Ready(ready.num_examples)
+                self.declared = Some((ready.num_examples, ready.test_examples));
+                Step::Ready {
+                    train: ready.num_examples,
+                    test: ready.test_examples,
+                }
+            }
+            client_message::Body::Evaluation(e) => {
+                if self.incoming.is_some() {
+                    return Step::End("sent an evaluation in the middle of an update".into());
+                }
+                let pairs = e.score_bins.len() == e.score_counts.len();
+                let counts = EvalCounts {
+                    classes: self.classes,
+                    examples: e.num_examples,
+                    loss_sum: e.loss_sum,
+                    correct: e.correct,
+                    confusion: e.confusion,
+                    score_histograms: e.score_bins.into_iter().zip(e.score_counts).collect(),
+                };
+                let result = match self.declared {
+                    None => Err("sent an evaluation before saying Ready".to_string()),
+                    Some(_) if !pairs => {
+                        Err("sent score-histogram bins and counts of different lengths".into())
+                    }
+                    Some((_, test)) if counts.examples > test => Err(format!(
+                        "claims an evaluation of {} examples but declared {test} test examples \
+                         when it joined",
+                        counts.examples
+                    )),
+                    Some(_) => counts
+                        .check(self.classes)
+                        .map(|()| counts)
+                        .map_err(|e| format!("sent an evaluation with {e}")),
+                };
+                Step::Answer {
+                    round: e.round,
+                    task: e.task,
+                    answer: Answer::Evaluation(result),
+                }
             }
             client_message::Body::Update(header) => {
                 if self.incoming.is_some() {
                     return Step::End("started an update before finishing the previous one".into());
                 }
-                let refused = match self.declared {
+                let refused = match self.declared.map(|(train, _)| train) {
                     None => Some("sent an update before saying Ready".to_string()),
                     Some(_) if header.num_examples == 0 => {
                         Some("claims an update from 0 examples".to_string())
@@ -453,10 +521,10 @@ impl SessionReader {
                         }),
                     },
                 };
-                Step::Update {
+                Step::Answer {
                     round: update.round,
                     task: update.task,
-                    result,
+                    answer: Answer::Fit(result),
                 }
             }
             client_message::Body::Goodbye(goodbye) => Step::End(format!(
@@ -476,7 +544,11 @@ async fn read_session(
     session: u64,
     inbound: &mut Streaming<ClientMessage>,
 ) -> String {
-    let mut reader = SessionReader::new(index, shared.settings.layout.clone());
+    let mut reader = SessionReader::new(
+        index,
+        shared.settings.layout.clone(),
+        shared.settings.classes,
+    );
     // Bytes received since the last complete update.
     let mut bytes = 0usize;
     loop {
@@ -489,64 +561,80 @@ async fn read_session(
         match reader.handle(msg) {
             Step::Continue => {}
             Step::End(reason) => return reason,
-            Step::Ready(examples) => {
+            Step::Ready { train, test } => {
                 let mut roster = shared.roster();
                 if let Some(s) = roster.connected.get_mut(&index) {
-                    s.declared = Some(examples);
+                    s.declared = Some(train);
+                    s.declared_test = test;
                 }
                 let ready_ids = roster.ready_ids();
                 drop(roster);
                 tracing::info!(
-                    "{}/{} ready: {} ({id} holds {examples} examples)",
+                    "{}/{} ready: {} ({id} holds {train} training and {test} test examples)",
                     ready_ids.len(),
                     shared.settings.clients,
                     ready_ids.join(" "),
                 );
                 shared.roster_changed.notify_all();
             }
-            Step::Update {
+            Step::Answer {
                 round,
                 task,
-                mut result,
+                mut answer,
             } => {
                 let expected = {
                     let mut roster = shared.roster();
                     let session = roster.connected.get_mut(&index);
                     match session {
-                        Some(s) if s.in_flight.is_some_and(|(t, _)| t == task) => {
+                        Some(s) if s.in_flight.is_some_and(|f| f.task == task) => {
                             s.in_flight.take()
                         }
                         _ => None,
                     }
                 };
-                let Some((_, max_seen)) = expected else {
+                let Some(in_flight) = expected else {
                     tracing::warn!(
                         client = %id,
                         index,
                         round,
                         task,
-                        "discarded an update for another round or task than the one in flight"
+                        "discarded an answer for another round or task than the one in flight"
                     );
                     continue;
                 };
-                if let Ok(r) = &result
-                    && r.examples_seen as u64 > max_seen
-                {
-                    result = Err(format!(
-                        "claims {} examples processed, more than its examples x local epochs \
-                         ({max_seen})",
-                        r.examples_seen
-                    ));
+                answer = match (in_flight.kind, answer) {
+                    (TaskKind::Fit { max_seen }, Answer::Fit(Ok(r)))
+                        if r.examples_seen as u64 > max_seen =>
+                    {
+                        Answer::Fit(Err(format!(
+                            "claims {} examples processed, more than its examples x local \
+                             epochs ({max_seen})",
+                            r.examples_seen
+                        )))
+                    }
+                    (TaskKind::Fit { .. }, Answer::Evaluation(_)) => {
+                        Answer::Fit(Err("answered a training task with an evaluation".into()))
+                    }
+                    (TaskKind::Evaluate, Answer::Fit(_)) => {
+                        Answer::Evaluation(Err("answered an evaluation task with an update".into()))
+                    }
+                    (_, answer) => answer,
+                };
+                match &answer {
+                    Answer::Fit(Err(reason)) => {
+                        tracing::warn!(client = %id, index, round, "refused its update: {reason}");
+                    }
+                    Answer::Evaluation(Err(reason)) => {
+                        tracing::warn!(client = %id, index, round, "refused its evaluation: {reason}");
+                    }
+                    _ => {}
                 }
-                if let Err(reason) = &result {
-                    tracing::warn!(client = %id, index, round, "refused its update: {reason}");
-                }
-                shared.send_event(Event::Update {
+                shared.send_event(Event::Answer {
                     client: index,
                     session,
                     round,
                     task,
-                    result,
+                    answer,
                     bytes: std::mem::take(&mut bytes),
                 });
             }
@@ -834,8 +922,11 @@ impl Executor for NetExecutor {
                     .map(|s| {
                         // An update covers at most its examples x epochs, and its examples at
                         // most what the client declared.
-                        let bound = epochs.saturating_mul(s.declared.unwrap_or(0));
-                        s.in_flight = Some((task, bound));
+                        let max_seen = epochs.saturating_mul(s.declared.unwrap_or(0));
+                        s.in_flight = Some(InFlight {
+                            task,
+                            kind: TaskKind::Fit { max_seen },
+                        });
                         (s.session, s.outbox.clone(), s.id.clone())
                     })
             };
@@ -856,14 +947,7 @@ impl Executor for NetExecutor {
                 bn: bn_name(c.bn).to_string(),
                 prox_mu: c.prox_mu,
             };
-            let mut messages = vec![message(server_message::Body::Fit(fit))];
-            messages.extend(
-                layout
-                    .chunks(job.start.params(), job.start.buffers())
-                    .into_iter()
-                    .map(|c| message(server_message::Body::Chunk(c))),
-            );
-            messages.push(message(server_message::Body::TaskEnd(TaskEnd {})));
+            let messages = task_messages(server_message::Body::Fit(fit), layout, &job.start);
             tracing::info!(client = %id, index = job.client, round, "task sent");
             sent_bytes += messages.iter().map(Message::encoded_len).sum::<usize>();
             sent_to += 1;
@@ -879,12 +963,12 @@ impl Executor for NetExecutor {
         while !pending.is_empty() {
             let wait = deadline.saturating_duration_since(Instant::now());
             match events.recv_timeout(wait) {
-                Ok(Event::Update {
+                Ok(Event::Answer {
                     client,
                     session,
                     round,
                     task: answered,
-                    result,
+                    answer,
                     bytes,
                 }) => {
                     let current = pending
@@ -901,6 +985,10 @@ impl Executor for NetExecutor {
                         continue;
                     }
                     let (i, _, round) = pending.remove(&client).expect("checked above");
+                    let result = match answer {
+                        Answer::Fit(result) => result,
+                        Answer::Evaluation(_) => Err("an evaluation in place of an update".into()),
+                    };
                     if result.is_ok() {
                         received_bytes += bytes;
                         received_from += 1;
@@ -958,6 +1046,176 @@ impl Executor for NetExecutor {
             .map(|r| r.expect("every job has an outcome"))
             .collect()
     }
+
+    fn evaluate(
+        &self,
+        round: usize,
+        model_for: &dyn Fn(usize) -> Model,
+    ) -> Result<Option<EvalCounts>, FlError> {
+        if self.shared.settings.deploy.evaluate != EvaluateOn::Clients {
+            return Ok(None);
+        }
+        for attempt in 0..MAX_ROUND_ATTEMPTS {
+            match self.evaluate_once(round, model_for)? {
+                None => {
+                    return Err(FlError::State(format!(
+                        "deploy.evaluate = \"clients\", but none of the ready clients ({}) \
+                         holds test data to evaluate round {round} on",
+                        self.shared.roster().ready_ids().join(" ")
+                    )));
+                }
+                Some((sum, answered)) if answered > 0 => return Ok(Some(sum)),
+                Some(_) => {
+                    tracing::warn!(
+                        round,
+                        attempt,
+                        "no client evaluated the round; asking again"
+                    );
+                }
+            }
+        }
+        Err(FlError::State(format!(
+            "no client evaluated round {round} in {MAX_ROUND_ATTEMPTS} attempts"
+        )))
+    }
+}
+
+/// A task's messages: its header, the weights of `model` in chunks, then TaskEnd.
+fn task_messages(
+    header: server_message::Body,
+    layout: &Layout,
+    model: &Model,
+) -> Vec<ServerMessage> {
+    let mut messages = vec![message(header)];
+    messages.extend(
+        layout
+            .chunks(model.params(), model.buffers())
+            .into_iter()
+            .map(|c| message(server_message::Body::Chunk(c))),
+    );
+    messages.push(message(server_message::Body::TaskEnd(TaskEnd {})));
+    messages
+}
+
+impl NetExecutor {
+    /// One attempt at evaluating round `round` on the ready clients that hold test data: the sum
+    /// of the answers that came within the round's deadline, and how many clients answered
+    /// (`None` when no ready client holds test data).
+    fn evaluate_once(
+        &self,
+        round: usize,
+        model_for: &dyn Fn(usize) -> Model,
+    ) -> Result<Option<(EvalCounts, usize)>, FlError> {
+        let settings = &self.shared.settings;
+        let ready = self.available(settings.clients)?;
+        let task = self.tasks.fetch_add(1, Ordering::SeqCst) + 1;
+        // Client index -> session.
+        let mut pending: BTreeMap<usize, u64> = BTreeMap::new();
+        for client in ready {
+            let target = {
+                let mut roster = self.shared.roster();
+                roster
+                    .connected
+                    .get_mut(&client)
+                    .filter(|s| s.declared_test > 0 && s.in_flight.is_none())
+                    .map(|s| {
+                        s.in_flight = Some(InFlight {
+                            task,
+                            kind: TaskKind::Evaluate,
+                        });
+                        (s.session, s.outbox.clone())
+                    })
+            };
+            let Some((session, outbox)) = target else {
+                continue;
+            };
+            let header = server_message::Body::Evaluate(EvaluateTask {
+                round: round as u64,
+                task,
+            });
+            self.send_task(
+                outbox,
+                task_messages(header, &settings.layout, &model_for(client)),
+            );
+            pending.insert(client, session);
+        }
+        if pending.is_empty() {
+            return Ok(None);
+        }
+        let asked = pending.len();
+        let deadline = Instant::now() + Duration::from_secs_f64(settings.deploy.round_timeout_s);
+        let mut sum = EvalCounts::empty(settings.classes);
+        let mut answered = 0;
+        let events = self.events.lock().unwrap_or_else(|e| e.into_inner());
+        while !pending.is_empty() {
+            let wait = deadline.saturating_duration_since(Instant::now());
+            match events.recv_timeout(wait) {
+                Ok(Event::Answer {
+                    client,
+                    session,
+                    task: answered_task,
+                    answer,
+                    ..
+                }) => {
+                    if answered_task != task || pending.get(&client) != Some(&session) {
+                        tracing::warn!(
+                            index = client,
+                            round,
+                            "discarded an answer for another round or task than the one in flight"
+                        );
+                        continue;
+                    }
+                    pending.remove(&client);
+                    match answer {
+                        Answer::Evaluation(Ok(counts)) => {
+                            sum.add(&counts);
+                            answered += 1;
+                        }
+                        Answer::Evaluation(Err(reason)) | Answer::Fit(Err(reason)) => {
+                            tracing::warn!(index = client, round, "evaluation left out: {reason}");
+                        }
+                        Answer::Fit(Ok(_)) => {
+                            tracing::warn!(
+                                index = client,
+                                round,
+                                "evaluation left out: an update in place of an evaluation"
+                            );
+                        }
+                    }
+                }
+                Ok(Event::Left {
+                    client,
+                    session,
+                    reason,
+                }) => {
+                    if pending.get(&client) == Some(&session) {
+                        pending.remove(&client);
+                        tracing::warn!(
+                            index = client,
+                            round,
+                            "left during the evaluation: {reason}"
+                        );
+                    }
+                }
+                Err(RecvTimeoutError::Timeout) | Err(RecvTimeoutError::Disconnected) => {
+                    for client in std::mem::take(&mut pending).into_keys() {
+                        tracing::warn!(
+                            index = client,
+                            round,
+                            "no evaluation within deploy.round_timeout_s = {} s",
+                            settings.deploy.round_timeout_s
+                        );
+                    }
+                }
+            }
+        }
+        tracing::info!(
+            round,
+            "evaluated on {} test examples of {answered} of {asked} clients",
+            sum.examples
+        );
+        Ok(Some((sum, answered)))
+    }
 }
 
 /// The protocol's name of a BatchNorm policy.
@@ -985,7 +1243,7 @@ mod tests {
     //! sessions (`PROPTEST_CASES` sets how many; the default keeps the suite quick).
 
     use super::*;
-    use crate::proto::{Ready, TensorChunk, UpdateEnd, UpdateHeader};
+    use crate::proto::{Evaluation, Ready, TensorChunk, UpdateEnd, UpdateHeader};
     use fedra_nn::{Model, ModelSpec};
     use proptest::prelude::*;
     use prost::Message;
@@ -1002,7 +1260,10 @@ mod tests {
     fn session(model: &Model, examples: u64) -> Vec<ClientMessage> {
         let layout = Layout::of(model);
         let mut out = vec![
-            msg(client_message::Body::Ready(Ready { num_examples: 100 })),
+            msg(client_message::Body::Ready(Ready {
+                num_examples: 100,
+                test_examples: 40,
+            })),
             msg(client_message::Body::Update(UpdateHeader {
                 round: 3,
                 task: 7,
@@ -1021,8 +1282,45 @@ mod tests {
         out
     }
 
+    /// The counts of an evaluation of `n` examples of 10 classes (example i of class i % 10,
+    /// predicted right unless i % 3 == 0).
+    fn counts(n: usize) -> EvalCounts {
+        let labels: Vec<u16> = (0..n).map(|i| (i % 10) as u16).collect();
+        let mut probs = vec![0.01; n * 10];
+        for i in 0..n {
+            let guess = if i % 3 == 0 { (i + 1) % 10 } else { i % 10 };
+            probs[i * 10 + guess] = 0.91;
+        }
+        let correct = (0..n).filter(|i| i % 3 != 0).count();
+        EvalCounts::from_probs(&probs, &labels, 10, 0.25 * n as f64, correct)
+    }
+
+    /// An Evaluation message for round 4, task 8.
+    fn evaluation(c: &EvalCounts) -> ClientMessage {
+        msg(client_message::Body::Evaluation(Evaluation {
+            round: 4,
+            task: 8,
+            num_examples: c.examples,
+            loss_sum: c.loss_sum,
+            correct: c.correct,
+            confusion: c.confusion.clone(),
+            score_bins: c.score_histograms.iter().map(|b| b.0).collect(),
+            score_counts: c.score_histograms.iter().map(|b| b.1).collect(),
+        }))
+    }
+
+    fn last_evaluation(steps: &[Step]) -> &Result<EvalCounts, String> {
+        match steps.last() {
+            Some(Step::Answer {
+                answer: Answer::Evaluation(result),
+                ..
+            }) => result,
+            other => panic!("no evaluation at the end: {other:?}"),
+        }
+    }
+
     fn run(messages: Vec<ClientMessage>) -> Vec<Step> {
-        let mut reader = SessionReader::new(2, Layout::of(&model()));
+        let mut reader = SessionReader::new(2, Layout::of(&model()), 10);
         let mut steps = Vec::new();
         for m in messages {
             let step = reader.handle(m);
@@ -1037,7 +1335,10 @@ mod tests {
 
     fn last_update(steps: &[Step]) -> &Result<FitResult, String> {
         match steps.last() {
-            Some(Step::Update { result, .. }) => result,
+            Some(Step::Answer {
+                answer: Answer::Fit(result),
+                ..
+            }) => result,
             other => panic!("no update at the end: {other:?}"),
         }
     }
@@ -1046,11 +1347,17 @@ mod tests {
     fn a_valid_update_comes_out_exactly() {
         let m = model();
         let steps = run(session(&m, 60));
-        assert!(matches!(steps[0], Step::Ready(100)));
-        let Step::Update {
+        assert!(matches!(
+            steps[0],
+            Step::Ready {
+                train: 100,
+                test: 40
+            }
+        ));
+        let Step::Answer {
             round: 3,
             task: 7,
-            result: Ok(r),
+            answer: Answer::Fit(Ok(r)),
         } = steps.last().unwrap()
         else {
             panic!("{steps:?}");
@@ -1104,11 +1411,55 @@ mod tests {
         assert!(matches!(steps.last(), Some(Step::End(_))));
     }
 
+    #[test]
+    fn evaluations_come_out_exactly_or_are_refused_with_the_reason() {
+        let ready = session(&model(), 1).remove(0);
+        let good = counts(40);
+        let steps = run(vec![ready.clone(), evaluation(&good)]);
+        assert_eq!(last_evaluation(&steps), &Ok(good.clone()));
+        let refused = |c: &EvalCounts, with_ready: bool| {
+            let mut messages = vec![evaluation(c)];
+            if with_ready {
+                messages.insert(0, ready.clone());
+            }
+            last_evaluation(&run(messages)).clone().unwrap_err()
+        };
+        // More test examples than declared; before Ready.
+        let err = refused(&counts(41), true);
+        assert!(err.contains("declared 40 test examples"), "{err}");
+        assert!(refused(&good, false).contains("before saying Ready"));
+        // Counts that do not add up, a NaN loss, another number of classes.
+        let mut bad = good.clone();
+        bad.confusion[3] += 1;
+        assert!(refused(&bad, true).contains("does not add up"));
+        let mut bad = good.clone();
+        bad.loss_sum = f64::NAN;
+        assert!(refused(&bad, true).contains("loss sum of NaN"));
+        let mut bad = good.clone();
+        bad.confusion.truncate(81);
+        assert!(refused(&bad, true).contains("81 cells"));
+        let mut bad = good.clone();
+        bad.score_histograms[0].1 += 1;
+        assert!(refused(&bad, true).contains("class 0"));
+        let mut message = evaluation(&good);
+        if let Some(client_message::Body::Evaluation(e)) = &mut message.body {
+            e.score_counts.pop();
+        }
+        let err = last_evaluation(&run(vec![ready.clone(), message]))
+            .clone()
+            .unwrap_err();
+        assert!(err.contains("different lengths"), "{err}");
+        // In the middle of an update: the session ends.
+        let mut s = session(&model(), 50);
+        s.insert(3, evaluation(&good));
+        assert!(matches!(run(s).last(), Some(Step::End(_))));
+    }
+
     proptest! {
         #[test]
         fn arbitrary_bytes_never_panic(frames in prop::collection::vec(
             prop::collection::vec(any::<u8>(), 0..64), 0..16)) {
-            let mut reader = SessionReader::new(0, Layout::of(&model()));
+            let mut reader = SessionReader::new(0, Layout::of(&model()), 10);
             for frame in frames {
                 if let Ok(m) = ClientMessage::decode(&frame[..])
                     && let Step::End(_) = reader.handle(m)
@@ -1123,21 +1474,29 @@ mod tests {
             flips in prop::collection::vec((any::<prop::sample::Index>(), any::<prop::sample::Index>(), 1u8..=255), 1..4),
         ) {
             let m = model();
-            let mut frames: Vec<Vec<u8>> = session(&m, 50).iter().map(|x| x.encode_to_vec()).collect();
+            let mut messages = session(&m, 50);
+            messages.push(evaluation(&counts(40)));
+            let mut frames: Vec<Vec<u8>> = messages.iter().map(|x| x.encode_to_vec()).collect();
             for (frame, byte, xor) in flips {
                 let f = frame.index(frames.len());
                 if frames[f].is_empty() { continue; }
                 let b = byte.index(frames[f].len());
                 frames[f][b] ^= xor;
             }
-            let mut reader = SessionReader::new(0, Layout::of(&m));
-            let mut declared = 0;
+            let mut reader = SessionReader::new(0, Layout::of(&m), 10);
+            let (mut declared, mut declared_test) = (0, 0);
             for frame in &frames {
                 let Ok(decoded) = ClientMessage::decode(&frame[..]) else { break };
                 match reader.handle(decoded) {
                     Step::End(_) => break,
-                    Step::Ready(n) => declared = n,
-                    Step::Update { result: Ok(r), .. } => {
+                    Step::Ready { train, test } => (declared, declared_test) = (train, test),
+                    Step::Answer { answer: Answer::Evaluation(Ok(c)), .. } => {
+                        // Accepted: then its counts agree with one another and with what the
+                        // client declared.
+                        prop_assert!(c.check(10).is_ok());
+                        prop_assert!(c.examples >= 1 && c.examples <= declared_test);
+                    }
+                    Step::Answer { answer: Answer::Fit(Ok(r)), .. } => {
                         // Accepted: then it has the model's shape, only finite values, and no
                         // more examples than declared (the Ready message may be mutated too).
                         prop_assert_eq!(r.params.len(), m.params().len());

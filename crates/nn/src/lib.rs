@@ -16,7 +16,7 @@ mod winograd;
 
 pub use bench::{BenchEffort, BenchRow, bench_train, gemm_gflops};
 pub use error::NnError;
-pub use metrics::{ClinicalMetrics, clinical_metrics, roc_auc};
+pub use metrics::{ClinicalMetrics, EvalCounts, clinical_metrics, roc_auc};
 pub use model::{Model, TensorInfo, TensorKind};
 pub use spec::{Augment, BUILTIN_MODELS, LayerSpec, ModelSpec, Padding};
 pub use train::{BnPolicy, EvalStats, GradCorrection, SgdConfig, StepStats, Trainer};

@@ -44,7 +44,10 @@ pub struct Summary {
     /// The final model's sensitivity and specificity per class, by class name.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub final_per_class: Vec<ClassSummary>,
-    pub mean_emd: f64,
+    /// Absent when the run had no training set of its own (a server whose clients hold the
+    /// data).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mean_emd: Option<f64>,
     /// With data sharing: the clients' mean EMD before their share of G was mixed in.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mean_emd_before_share: Option<f64>,
@@ -81,7 +84,7 @@ pub struct Run {
     executor: Box<dyn Executor>,
     threads: usize,
     checkpoint_every: usize,
-    mean_emd: f64,
+    mean_emd: Option<f64>,
     started: Instant,
 }
 
@@ -101,7 +104,7 @@ pub enum RunFolder {
     /// No run (a missing folder, or one holding only other files): start one.
     Empty,
     /// A finished run of this experiment, with its summary: nothing left to do.
-    Finished(Summary),
+    Finished(Box<Summary>),
     /// An interrupted run of this experiment with a checkpoint: [`Run::resume`] it.
     Checkpointed,
     /// A run of this experiment that stopped before its first checkpoint: nothing can be
@@ -175,7 +178,7 @@ impl Run {
     pub fn inspect(dir: &Path, config: &ExperimentConfig) -> Result<RunFolder, SimError> {
         check_same_experiment(dir, config)?;
         if let Some(summary) = finished_summary(dir)? {
-            return Ok(RunFolder::Finished(summary));
+            return Ok(RunFolder::Finished(Box::new(summary)));
         }
         if checkpoint::checkpoint_dir(dir).exists() {
             return Ok(RunFolder::Checkpointed);
@@ -224,9 +227,11 @@ impl Run {
             &dir.join("config.toml"),
             run.federation.config.to_toml_string().as_bytes(),
         )?;
-        let stats = partition_stats(&run.data.train.labels, &run.federation.partition);
-        let json = serde_json::to_string_pretty(&stats).expect("partition stats serialise");
-        write_atomic(&dir.join("partition.json"), json.as_bytes())?;
+        if !run.data.train.is_empty() {
+            let stats = partition_stats(&run.data.train.labels, &run.federation.partition);
+            let json = serde_json::to_string_pretty(&stats).expect("partition stats serialise");
+            write_atomic(&dir.join("partition.json"), json.as_bytes())?;
+        }
         if let Some(before) = &run.federation.before_share {
             let stats = partition_stats(&run.data.train.labels, before);
             let json = serde_json::to_string_pretty(&stats).expect("partition stats serialise");
@@ -265,7 +270,8 @@ impl Run {
         threads: usize,
         executor: Box<dyn Executor>,
     ) -> Result<Run, SimError> {
-        let mean_emd = partition_stats(&data.train.labels, &federation.partition).mean_emd;
+        let mean_emd = (!data.train.is_empty())
+            .then(|| partition_stats(&data.train.labels, &federation.partition).mean_emd);
         Ok(Run {
             checkpoint_every: federation.config.run.checkpoint_every,
             federation,
@@ -281,7 +287,8 @@ impl Run {
     /// Evaluate the initial model (if not yet) and run one round, checkpointing when due.
     pub fn step(&mut self) -> Result<Option<RoundMetrics>, SimError> {
         let fresh = self.federation.history.is_empty();
-        self.federation.evaluate_initial(&self.data)?;
+        self.federation
+            .evaluate_initial(&self.data, self.executor.as_ref())?;
         if fresh {
             self.write_metrics()?;
         }
