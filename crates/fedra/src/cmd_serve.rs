@@ -81,6 +81,12 @@ fn experiment(args: &ServeArgs) -> anyhow::Result<ExperimentConfig> {
         config.data.data_dir = args.data_dir.clone();
     }
     config.validate("experiment")?;
+    if config.attack.is_some() {
+        bail!(
+            "experiment: [attack] makes simulated clients misbehave to measure an aggregator; a \
+             server does not tell real clients to attack (use `fedra run`)"
+        );
+    }
     let d = &config.data;
     if d.dataset == fedra_data::DatasetName::ImageFolder
         && (d.classes.is_none() || d.channels.is_none() || d.image_size.is_none())

@@ -37,6 +37,9 @@ pub struct FitConfig {
     /// Parameters (ranges of the parameter vector) that training leaves unchanged
     /// (`model.freeze`).
     pub frozen: Vec<std::ops::Range<usize>>,
+    /// Train on labels turned around (class c as classes - 1 - c): a label-flipping attacker
+    /// (`[attack] kind = "label-flip"`, simulation only).
+    pub flip_labels: bool,
 }
 
 /// What a client sends back: its new weights and how much data produced them.
@@ -98,6 +101,7 @@ pub fn fit(
         )));
     }
     let row = data.example_len();
+    let last_class = data.num_classes().saturating_sub(1) as u16;
     let global = config.prox_mu.map(|_| model.params().to_vec());
     let proximal = match (config.prox_mu, global.as_deref()) {
         (Some(mu), Some(global)) => Some(Proximal { mu, global }),
@@ -130,7 +134,11 @@ pub fn fit(
             }
             for (slot, &i) in batch.iter().enumerate() {
                 x[slot * row..(slot + 1) * row].copy_from_slice(data.example(i));
-                y[slot] = data.labels[i];
+                y[slot] = if config.flip_labels {
+                    last_class - data.labels[i]
+                } else {
+                    data.labels[i]
+                };
             }
             let step_seed = derive(
                 config.run_seed,

@@ -28,6 +28,38 @@ pub struct ExperimentConfig {
     /// How `fedra serve` runs the experiment over a network; a simulation ignores it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub deploy: Option<DeployConfig>,
+    /// Clients that misbehave on purpose (simulation only), to measure what an aggregator
+    /// survives.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attack: Option<AttackConfig>,
+}
+
+/// The `[attack]` table: which clients attack, and how.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AttackConfig {
+    /// Client ids (0-based) that attack whenever they are sampled.
+    pub clients: Vec<usize>,
+    pub kind: AttackKind,
+    /// `sign-flip`: the update sent is -factor x the honest one; `scale`: factor x; `random`:
+    /// Gaussian noise of standard deviation `factor` in place of the update. Not for
+    /// `label-flip`. Default 1.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub factor: Option<f32>,
+}
+
+/// How an attacking client corrupts its contribution.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum AttackKind {
+    /// Send the honest update reversed (and scaled by `factor`).
+    SignFlip,
+    /// Send the honest update scaled by `factor`.
+    Scale,
+    /// Send Gaussian noise instead of an update.
+    Random,
+    /// Train honestly on labels turned around (class c becomes classes - 1 - c).
+    LabelFlip,
 }
 
 /// The `[deploy]` table: when a networked federation starts, how long a round may take and who
@@ -263,6 +295,17 @@ pub struct StrategyConfig {
     /// Trimmed mean: the fraction of clients' values dropped at each end, per coordinate.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub trim: Option<f32>,
+    /// Krum: how many of a round's results may be Byzantine (f; a round needs at least
+    /// 2f + 3 results).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub byzantine: Option<usize>,
+    /// Krum: average the `keep` results of best score (multi-Krum); 1 (Krum) by default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keep: Option<usize>,
+    /// Any strategy: scale each client's update (its weights minus the global ones) down to
+    /// this L2 norm before aggregating, when it is longer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub clip_update_norm: Option<f32>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -320,6 +363,9 @@ impl Default for StrategyConfig {
             beta2: None,
             tau: None,
             trim: None,
+            byzantine: None,
+            keep: None,
+            clip_update_norm: None,
         }
     }
 }
@@ -370,6 +416,7 @@ pub const STRATEGIES: &[&str] = &[
     "fedadagrad",
     "median",
     "trimmed-mean",
+    "krum",
     "sgd",
 ];
 
@@ -533,13 +580,89 @@ impl ExperimentConfig {
                 ),
             ));
         }
-        let allowed: &[&str] = match s.name.as_str() {
-            "fedprox" => &["mu"],
-            "fedavgm" => &["server_lr", "server_momentum"],
-            "fedadam" | "fedyogi" | "fedadagrad" => &["server_lr", "beta1", "beta2", "tau"],
-            "trimmed-mean" => &["trim"],
-            _ => &[],
+        let mut allowed: Vec<&str> = match s.name.as_str() {
+            "fedprox" => vec!["mu"],
+            "fedavgm" => vec!["server_lr", "server_momentum"],
+            "fedadam" | "fedyogi" | "fedadagrad" => vec!["server_lr", "beta1", "beta2", "tau"],
+            "trimmed-mean" => vec!["trim"],
+            "krum" => vec!["byzantine", "keep"],
+            _ => Vec::new(),
         };
+        if s.name != "sgd" {
+            allowed.push("clip_update_norm");
+        }
+        for (name, value) in [("byzantine", s.byzantine), ("keep", s.keep)] {
+            if value.is_some() && !allowed.contains(&name) {
+                return Err(bad(
+                    "strategy",
+                    format!("key `{name}` does not apply to strategy {:?}", s.name),
+                ));
+            }
+        }
+        if s.name == "krum" {
+            let Some(f) = s.byzantine else {
+                return Err(bad(
+                    "strategy.byzantine",
+                    "is required by krum (how many results may be Byzantine)".into(),
+                ));
+            };
+            let clients = self.partition.clients;
+            if 2 * f + 3 > clients {
+                return Err(bad(
+                    "strategy.byzantine",
+                    format!(
+                        "is {f}: krum needs at least 2 x byzantine + 3 = {} results a round, \
+                         and the partition has {clients} clients",
+                        2 * f + 3
+                    ),
+                ));
+            }
+            if let Some(m) = s.keep
+                && !(1..=clients - f).contains(&m)
+            {
+                return Err(bad(
+                    "strategy.keep",
+                    format!(
+                        "must be in 1..={} (clients - byzantine), got {m}",
+                        clients - f
+                    ),
+                ));
+            }
+        }
+        if s.clip_update_norm == Some(0.0) {
+            return Err(bad(
+                "strategy.clip_update_norm",
+                "must be > 0 (0 would erase every update)".into(),
+            ));
+        }
+        if let Some(a) = &self.attack {
+            let clients = self.partition.clients;
+            if a.clients.is_empty() {
+                return Err(bad("attack.clients", "lists no client".into()));
+            }
+            let mut sorted = a.clients.clone();
+            sorted.sort_unstable();
+            if let Some(w) = sorted.windows(2).find(|w| w[0] == w[1]) {
+                return Err(bad("attack.clients", format!("lists {} twice", w[0])));
+            }
+            if let Some(&k) = sorted.last()
+                && k >= clients
+            {
+                return Err(bad(
+                    "attack.clients",
+                    format!("client {k} does not exist (partition.clients = {clients})"),
+                ));
+            }
+            match (a.kind, a.factor) {
+                (AttackKind::LabelFlip, Some(_)) => {
+                    return Err(bad("attack.factor", "does not apply to label-flip".into()));
+                }
+                (_, Some(f)) if !f.is_finite() => {
+                    return Err(bad("attack.factor", format!("must be finite, got {f}")));
+                }
+                _ => {}
+            }
+        }
         let given = [
             ("mu", s.mu),
             ("server_lr", s.server_lr),
@@ -548,6 +671,7 @@ impl ExperimentConfig {
             ("beta2", s.beta2),
             ("tau", s.tau),
             ("trim", s.trim),
+            ("clip_update_norm", s.clip_update_norm),
         ];
         for (name, value) in given {
             if let Some(v) = value {

@@ -8,6 +8,10 @@ use std::collections::BTreeMap;
 use std::ops::Range;
 use std::time::Instant;
 
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use rand_distr::{Distribution, Normal};
+
 use fedra_data::partition::{Partition, Scheme, partition};
 use fedra_data::{Dataset, TrainTest};
 use fedra_nn::{
@@ -16,10 +20,12 @@ use fedra_nn::{
 };
 
 use crate::client::{CENTRAL_ID, FitConfig, FitResult};
+use crate::config::AttackKind;
 use crate::config::ExperimentConfig;
 use crate::divergence::{Divergence, weight_divergence};
 use crate::error::FlError;
-use crate::strategy::{AggregationScope, Strategy, from_config, resample_clients};
+use crate::seed::{Purpose, derive};
+use crate::strategy::{AggregationScope, Strategy, clip_update, from_config, resample_clients};
 
 /// Examples per forward pass when evaluating.
 const EVAL_BATCH: usize = 500;
@@ -275,6 +281,7 @@ impl Federation {
                             bn: config.model.bn,
                             prox_mu: None,
                             frozen: frozen.clone(),
+                            flip_labels: false,
                         },
                     };
                     let warmed = run_job(job, &data.train, threads.max(1))?;
@@ -367,6 +374,7 @@ impl Federation {
             bn: self.config.model.bn,
             prox_mu: self.strategy.prox_mu(),
             frozen: self.frozen.clone(),
+            flip_labels: false,
         }
     }
 
@@ -423,6 +431,26 @@ impl Federation {
         } else {
             self.fit_clients(round, data, executor)?
         };
+        let mut results = results;
+        self.corrupt(round, &mut results);
+        if let Some(max_norm) = self.config.strategy.clip_update_norm {
+            for r in &mut results {
+                let norm = clip_update(
+                    self.global.params(),
+                    &mut r.params,
+                    &self.scope.params,
+                    max_norm,
+                );
+                if norm > f64::from(max_norm) {
+                    tracing::debug!(
+                        round,
+                        client = r.client,
+                        norm,
+                        "update clipped to {max_norm}"
+                    );
+                }
+            }
+        }
         let examples = results
             .iter()
             .fold(0usize, |n, r| n.saturating_add(r.examples_seen));
@@ -520,11 +548,13 @@ impl Federation {
             };
             let mut jobs = Vec::new();
             for client in picks.into_iter().map(|i| available[i]) {
+                let mut config = self.fit_config(round, self.config.train.batch_size);
+                config.flip_labels = self.attacks(client, AttackKind::LabelFlip);
                 jobs.push(FitJob {
                     client,
                     indices: &self.partition.clients[client],
                     start: self.with_local_state(client),
-                    config: self.fit_config(round, self.config.train.batch_size),
+                    config,
                 });
             }
             if let (Some(twin), 0) = (&self.twin, attempt) {
@@ -568,6 +598,47 @@ impl Federation {
             needed,
             attempts,
         })
+    }
+
+    /// Whether `client` is one of the `[attack]` clients, attacking by `kind`.
+    fn attacks(&self, client: usize, kind: AttackKind) -> bool {
+        self.config
+            .attack
+            .as_ref()
+            .is_some_and(|a| a.kind == kind && a.clients.contains(&client))
+    }
+
+    /// The `[attack]` clients' corrupted updates (sign-flip, scale, random) in place of their
+    /// honest ones, over the aggregated parameters. The noise of `random` is seeded by (run
+    /// seed, round, client).
+    fn corrupt(&self, round: usize, results: &mut [FitResult]) {
+        let Some(attack) = &self.config.attack else {
+            return;
+        };
+        let factor = attack.factor.unwrap_or(1.0);
+        let global = self.global.params();
+        for r in results
+            .iter_mut()
+            .filter(|r| attack.clients.contains(&r.client))
+        {
+            let seed = derive(
+                self.config.run.seed,
+                Purpose::Attack,
+                &[round as u64, r.client as u64],
+            );
+            let mut rng = ChaCha8Rng::seed_from_u64(seed);
+            let noise = Normal::new(0.0, f64::from(factor).abs()).expect("finite factor");
+            for i in self.scope.params.iter().flat_map(|range| range.clone()) {
+                let (g, w) = (f64::from(global[i]), f64::from(r.params[i]));
+                let corrupted = match attack.kind {
+                    AttackKind::SignFlip => g - f64::from(factor) * (w - g),
+                    AttackKind::Scale => g + f64::from(factor) * (w - g),
+                    AttackKind::Random => g + noise.sample(&mut rng),
+                    AttackKind::LabelFlip => w,
+                };
+                r.params[i] = corrupted as f32;
+            }
+        }
     }
 
     /// Whether every configured round has run.

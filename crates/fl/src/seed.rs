@@ -28,6 +28,8 @@ pub enum Purpose {
     Partition = 5,
     /// Draws of the data-sharing strategy.
     Share = 6,
+    /// Noise of a `random` attacker's update.
+    Attack = 7,
 }
 
 /// A seed for `purpose` at the coordinates `parts` (round, client, epoch, step...).

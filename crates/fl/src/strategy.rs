@@ -174,6 +174,10 @@ pub fn from_config(config: &StrategyConfig) -> Result<Box<dyn Strategy>, FlError
         "trimmed-mean" => Box::new(CoordinateWise {
             trim: Some(f64::from(config.trim.unwrap_or(0.1))),
         }),
+        "krum" => Box::new(Krum {
+            byzantine: config.byzantine.unwrap_or(0),
+            keep: config.keep.unwrap_or(1),
+        }),
         other => {
             return Err(FlError::State(format!("unknown strategy {other:?}")));
         }
@@ -607,5 +611,238 @@ impl Strategy for CoordinateWise {
             global.buffers_mut(),
         );
         Ok(())
+    }
+}
+
+/// Krum and multi-Krum (Blanchard et al. 2017, "Machine Learning with Adversaries: Byzantine
+/// Tolerant Gradient Descent"). Each of the n results is scored by the sum of its squared
+/// Euclidean distances (over the aggregated parameters) to its n - f - 2 nearest other results,
+/// f = `byzantine`; the new global model is the result of lowest score (Krum, `keep` = 1) or the
+/// plain mean of the `keep` results of lowest scores (multi-Krum), ties going to the lower
+/// client id. Like the coordinate-wise rules, example counts do not weigh: a count is what a
+/// client claims.
+pub struct Krum {
+    pub byzantine: usize,
+    pub keep: usize,
+}
+
+/// Krum scores of `n` points whose squared distances `dist2(i, j)` are given, with `byzantine`
+/// = f: point i's score sums its n - f - 2 smallest squared distances to the others.
+pub fn krum_scores(n: usize, byzantine: usize, dist2: impl Fn(usize, usize) -> f64) -> Vec<f64> {
+    let neighbours = n.saturating_sub(byzantine + 2);
+    let mut table = vec![0f64; n * n];
+    for i in 0..n {
+        for j in i + 1..n {
+            let d = dist2(i, j);
+            table[i * n + j] = d;
+            table[j * n + i] = d;
+        }
+    }
+    (0..n)
+        .map(|i| {
+            let mut others: Vec<f64> = (0..n)
+                .filter(|&j| j != i)
+                .map(|j| table[i * n + j])
+                .collect();
+            others.sort_unstable_by(f64::total_cmp);
+            others[..neighbours.min(others.len())].iter().sum()
+        })
+        .collect()
+}
+
+/// The plain (unweighted) mean of `chosen`'s values over `ranges`, accumulated in f64.
+fn plain_mean(
+    chosen: &[&FitResult],
+    pick: impl Fn(&FitResult) -> &[f32],
+    ranges: &[Range<usize>],
+    out: &mut [f32],
+) {
+    let k = chosen.len() as f64;
+    for range in ranges {
+        for i in range.clone() {
+            let sum: f64 = chosen.iter().map(|r| f64::from(pick(r)[i])).sum();
+            out[i] = (sum / k) as f32;
+        }
+    }
+}
+
+impl Strategy for Krum {
+    fn name(&self) -> &'static str {
+        "krum"
+    }
+
+    fn aggregate(
+        &mut self,
+        round: usize,
+        global: &mut Model,
+        results: &[FitResult],
+        scope: &AggregationScope,
+    ) -> Result<(), FlError> {
+        check_results(round, global, results)?;
+        let n = results.len();
+        let f = self.byzantine;
+        if n < 2 * f + 3 || self.keep > n {
+            return Err(FlError::State(format!(
+                "round {round}: krum with byzantine = {f} and keep = {} needs at least {} \
+                 results, and the round has {n}",
+                self.keep,
+                (2 * f + 3).max(self.keep)
+            )));
+        }
+        let scores = krum_scores(n, f, |i, j| {
+            let (a, b) = (&results[i].params, &results[j].params);
+            scope
+                .params
+                .iter()
+                .flat_map(|r| r.clone())
+                .map(|k| {
+                    let d = f64::from(a[k]) - f64::from(b[k]);
+                    d * d
+                })
+                .sum()
+        });
+        let mut order: Vec<usize> = (0..n).collect();
+        order.sort_by(|&a, &b| {
+            scores[a]
+                .total_cmp(&scores[b])
+                .then(results[a].client.cmp(&results[b].client))
+        });
+        let chosen: Vec<&FitResult> = order[..self.keep].iter().map(|&i| &results[i]).collect();
+        tracing::info!(
+            round,
+            "krum kept client(s) {:?}",
+            chosen.iter().map(|r| r.client).collect::<Vec<_>>()
+        );
+        plain_mean(&chosen, |r| &r.params, &scope.params, global.params_mut());
+        plain_mean(
+            &chosen,
+            |r| &r.buffers,
+            &scope.buffers,
+            global.buffers_mut(),
+        );
+        Ok(())
+    }
+}
+
+/// Scale `params`' update against `global` (over `ranges`) down to L2 norm `max_norm` when it is
+/// longer: `w = g + (w - g) * max_norm / ||w - g||`. Returns the update's norm before clipping.
+pub fn clip_update(
+    global: &[f32],
+    params: &mut [f32],
+    ranges: &[Range<usize>],
+    max_norm: f32,
+) -> f64 {
+    let norm = ranges
+        .iter()
+        .flat_map(|r| r.clone())
+        .map(|i| {
+            let d = f64::from(params[i]) - f64::from(global[i]);
+            d * d
+        })
+        .sum::<f64>()
+        .sqrt();
+    let max = f64::from(max_norm);
+    if norm > max {
+        let scale = max / norm;
+        for i in ranges.iter().flat_map(|r| r.clone()) {
+            let g = f64::from(global[i]);
+            params[i] = (g + (f64::from(params[i]) - g) * scale) as f32;
+        }
+    }
+    norm
+}
+
+#[cfg(test)]
+mod robust_tests {
+    //! Krum and update clipping against numbers worked by hand from their definitions.
+
+    use super::*;
+
+    #[test]
+    fn krum_scores_by_hand() {
+        // Points 0, 1, 2, 10, 100 on a line, f = 1: each score sums the n - f - 2 = 2 smallest
+        // squared distances. 0: {1, 4, 100, 10000} -> 5; 1: {1, 1, 81, 9801} -> 2;
+        // 2: {4, 1, 64, 9604} -> 5; 10: {100, 81, 64, 8100} -> 145;
+        // 100: {10000, 9801, 9604, 8100} -> 17704.
+        let x = [0f64, 1.0, 2.0, 10.0, 100.0];
+        let scores = krum_scores(5, 1, |i, j| (x[i] - x[j]).powi(2));
+        assert_eq!(scores, [5.0, 2.0, 5.0, 145.0, 17704.0]);
+    }
+
+    fn result(client: usize, params: Vec<f32>) -> FitResult {
+        FitResult {
+            client,
+            num_examples: 100 * (client + 1),
+            params,
+            buffers: Vec::new(),
+            train_loss: 0.0,
+            examples_seen: 0,
+        }
+    }
+
+    #[test]
+    fn krum_keeps_the_best_scored_and_multi_krum_averages_them_plainly() {
+        let spec = fedra_nn::ModelSpec::by_name("logreg", [1, 1, 1], 2).unwrap();
+        let mut global = Model::new(&spec, 0).unwrap();
+        let len = global.params().len();
+        // Every coordinate of client k is x_k (the line above); the attacker (100) is far off.
+        let x = [0f32, 1.0, 2.0, 10.0, 100.0];
+        let results: Vec<FitResult> = x
+            .iter()
+            .enumerate()
+            .map(|(k, &v)| result(k, vec![v; len]))
+            .collect();
+        let scope = AggregationScope::everything(&global);
+        let mut krum = Krum {
+            byzantine: 1,
+            keep: 1,
+        };
+        krum.aggregate(0, &mut global, &results, &scope).unwrap();
+        assert!(global.params().iter().all(|&v| v == 1.0));
+        // keep 3: clients 1 (score 2), then 0 and 2 (5 each, lower id first): their plain mean
+        // is 1, whatever their example counts (100, 200, 300).
+        let mut multi = Krum {
+            byzantine: 1,
+            keep: 3,
+        };
+        multi.aggregate(0, &mut global, &results, &scope).unwrap();
+        assert!(global.params().iter().all(|&v| v == 1.0));
+        let mut four = Krum {
+            byzantine: 1,
+            keep: 4,
+        };
+        four.aggregate(0, &mut global, &results, &scope).unwrap();
+        // Clients 1, 0, 2 and 3 (score 145): (1 + 0 + 2 + 10) / 4.
+        assert!(global.params().iter().all(|&v| v == 3.25));
+        // Too few results for f = 2 (2f + 3 = 7).
+        let mut strict = Krum {
+            byzantine: 2,
+            keep: 1,
+        };
+        let e = strict
+            .aggregate(3, &mut global, &results, &scope)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("round 3") && e.contains("at least 7"), "{e}");
+    }
+
+    #[test]
+    fn clipping_scales_long_updates_to_the_bound_and_leaves_short_ones() {
+        // Update (3, 4) from the origin has norm 5; clipped to 1 it is (0.6, 0.8).
+        let global = [1.0f32, 1.0, 7.0];
+        let first_two: Vec<Range<usize>> = std::iter::once(0..2).collect();
+        let mut w = [4.0f32, 5.0, 9.0];
+        let norm = clip_update(&global, &mut w, &first_two, 1.0);
+        assert_eq!(norm, 5.0);
+        assert!(
+            (w[0] - 1.6).abs() < 1e-6 && (w[1] - 1.8).abs() < 1e-6,
+            "{w:?}"
+        );
+        // Outside the ranges nothing changes.
+        assert_eq!(w[2], 9.0);
+        let mut short = [1.3f32, 1.4, 0.0];
+        let before = short;
+        assert!((clip_update(&global, &mut short, &first_two, 1.0) - 0.5).abs() < 1e-6);
+        assert_eq!(short, before);
     }
 }

@@ -49,6 +49,7 @@ fn fit_config(bn: BnPolicy, batch_size: usize) -> FitConfig {
         bn,
         prox_mu: None,
         frozen: Vec::new(),
+        flip_labels: false,
     }
 }
 
@@ -96,4 +97,32 @@ fn nothing_left_to_train_is_a_clear_error() {
             "{n} examples, batch {batch}: {e}"
         );
     }
+}
+
+/// A label-flipping attacker trains exactly as an honest client would on labels turned around
+/// (class c as classes - 1 - c).
+#[test]
+fn a_label_flipper_trains_on_turned_around_labels() {
+    let spec = mlp(false);
+    let mut config = fit_config(BnPolicy::Train, 4);
+    config.flip_labels = true;
+    let flipped = train(&spec, 12, &config).unwrap();
+
+    let mut turned = data(12);
+    turned.labels.iter_mut().for_each(|y| *y = 2 - *y);
+    let indices: Vec<usize> = (0..12).collect();
+    let mut model = Model::new(&spec, 5).unwrap();
+    let mut trainer = Trainer::new(&spec, 4).unwrap();
+    let honest = fit(
+        0,
+        &indices,
+        &turned,
+        &mut model,
+        &fit_config(BnPolicy::Train, 4),
+        &mut trainer,
+    )
+    .unwrap();
+    assert!(flipped.params == honest.params);
+    let plain = train(&spec, 12, &fit_config(BnPolicy::Train, 4)).unwrap();
+    assert!(plain.params != honest.params);
 }

@@ -125,6 +125,42 @@ fn bad_values_are_rejected_naming_the_key() {
             "dataset = \"imagefolder\"\nimage_size = [0, 28]",
             "data.image_size",
         ),
+        ("name = \"fedavg\"", "name = \"krum\"", "strategy.byzantine"),
+        (
+            "name = \"fedavg\"",
+            "name = \"krum\"\nbyzantine = 4",
+            "2 x byzantine + 3 = 11",
+        ),
+        (
+            "name = \"fedavg\"",
+            "name = \"krum\"\nbyzantine = 2\nkeep = 9",
+            "strategy.keep",
+        ),
+        (
+            "name = \"fedavg\"",
+            "name = \"median\"\nkeep = 2",
+            "`keep` does not apply",
+        ),
+        (
+            "name = \"fedavg\"",
+            "name = \"fedadam\"\nclip_update_norm = 0.0",
+            "strategy.clip_update_norm",
+        ),
+        (
+            "checkpoint_every = 10",
+            "checkpoint_every = 10\n[attack]\nclients = [3, 10]\nkind = \"scale\"",
+            "client 10 does not exist",
+        ),
+        (
+            "checkpoint_every = 10",
+            "checkpoint_every = 10\n[attack]\nclients = [1]\nkind = \"label-flip\"\nfactor = 2",
+            "attack.factor",
+        ),
+        (
+            "checkpoint_every = 10",
+            "checkpoint_every = 10\n[attack]\nclients = []\nkind = \"scale\"",
+            "attack.clients",
+        ),
     ] {
         let e = error_of(&EXAMPLE.replace(from, to));
         assert!(e.contains(key), "{to}: {e}");

@@ -654,6 +654,7 @@ fn train(
         bn,
         prox_mu: fit.prox_mu,
         frozen: p.frozen.clone(),
+        flip_labels: false,
     };
     let job = FitJob {
         client: p.index,
