@@ -246,6 +246,9 @@ pub(crate) fn describe(row: &RoundMetrics) -> String {
     if let Some(sgd) = row.sgd_test_accuracy {
         line.push_str(&format!("  sgd acc {:6.2}%", sgd * 100.0));
     }
+    if let Some(eps) = row.epsilon {
+        line.push_str(&format!("  epsilon {eps:.3}"));
+    }
     line.push_str(&format!("  {:.1}s", row.seconds));
     line
 }
@@ -291,6 +294,9 @@ pub(crate) fn print_summary(name: &str, s: &Summary) {
             ));
         }
         println!("{line}");
+    }
+    if let (Some(eps), Some(delta)) = (s.final_epsilon, s.privacy_delta) {
+        println!("{name}: client-level differential privacy ({eps:.3}, {delta:e})");
     }
     if let Some(mib) = s.peak_rss_mib {
         println!("{name}: peak memory (RSS) of this process so far {mib:.0} MiB");

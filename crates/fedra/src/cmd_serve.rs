@@ -81,6 +81,13 @@ fn experiment(args: &ServeArgs) -> anyhow::Result<ExperimentConfig> {
         config.data.data_dir = args.data_dir.clone();
     }
     config.validate("experiment")?;
+    if config.privacy.is_some() {
+        bail!(
+            "experiment: [privacy] is not offered over the network yet: its accountant assumes \
+             every client can be sampled every round, which clients that come and go break \
+             (use `fedra run`)"
+        );
+    }
     if config.attack.is_some() {
         bail!(
             "experiment: [attack] makes simulated clients misbehave to measure an aggregator; a \

@@ -32,6 +32,9 @@ pub struct ExperimentConfig {
     /// survives.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub attack: Option<AttackConfig>,
+    /// Client-level differential privacy (DP-FedAvg); absent means none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub privacy: Option<crate::privacy::PrivacyConfig>,
 }
 
 /// The `[attack]` table: which clients attack, and how.
@@ -626,6 +629,27 @@ impl ExperimentConfig {
                         "must be in 1..={} (clients - byzantine), got {m}",
                         clients - f
                     ),
+                ));
+            }
+        }
+        if let Some(p) = &self.privacy {
+            if let Err((key, message)) = p.validate() {
+                return Err(bad(key, message));
+            }
+            if !crate::privacy::PRIVATE_STRATEGIES.contains(&s.name.as_str()) {
+                return Err(bad(
+                    "privacy",
+                    format!(
+                        "needs a strategy that aggregates the mean update ({}), not {:?}",
+                        crate::privacy::PRIVATE_STRATEGIES.join(", "),
+                        s.name
+                    ),
+                ));
+            }
+            if s.clip_update_norm.is_some() {
+                return Err(bad(
+                    "strategy.clip_update_norm",
+                    "with [privacy], privacy.clip is the clipping norm".into(),
                 ));
             }
         }

@@ -24,6 +24,7 @@ use crate::config::AttackKind;
 use crate::config::ExperimentConfig;
 use crate::divergence::{Divergence, weight_divergence};
 use crate::error::FlError;
+use crate::privacy::{epsilon, poisson_sample, private_mean};
 use crate::seed::{Purpose, derive};
 use crate::strategy::{AggregationScope, Strategy, clip_update, from_config, resample_clients};
 
@@ -102,6 +103,9 @@ pub struct RoundMetrics {
     /// ROC AUC, balanced accuracy, per-class sensitivity and specificity on the test set.
     #[serde(default)]
     pub clinical: ClinicalMetrics,
+    /// With `[privacy]`: the epsilon spent so far (at `privacy.delta`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub epsilon: Option<f64>,
 }
 
 /// A federated run in progress.
@@ -296,6 +300,14 @@ impl Federation {
         let strategy = from_config(&config.strategy)?;
         let mut scope =
             AggregationScope::new(&global, config.model.bn, config.model.average_buffers);
+        if config.privacy.is_some() && !scope.buffers.is_empty() {
+            return Err(FlError::State(
+                "[privacy] protects the clients' weight updates, but this run also averages \
+                 their BatchNorm running statistics, which it does not protect: use \
+                 model.bn = \"frozen\" or \"local\", or model.average_buffers = false"
+                    .into(),
+            ));
+        }
         // Frozen tensors never change on any client: the server leaves them as they are (an
         // average of equal values need not be exactly that value in floating point).
         scope.params.retain(|r| !frozen.contains(r));
@@ -455,13 +467,40 @@ impl Federation {
             .iter()
             .fold(0usize, |n, r| n.saturating_add(r.examples_seen));
         let total: f64 = results.iter().map(|r| r.num_examples as f64).sum();
-        let train_loss = results
-            .iter()
-            .map(|r| r.train_loss * r.num_examples as f64)
-            .sum::<f64>()
-            / total;
+        // A private round may sample no client at all.
+        let train_loss = (total > 0.0).then(|| {
+            results
+                .iter()
+                .map(|r| r.train_loss * r.num_examples as f64)
+                .sum::<f64>()
+                / total
+        });
+        let private;
+        let aggregated: &[FitResult] = match &self.config.privacy {
+            Some(privacy) => {
+                let expected = self.config.train.fraction * self.partition.clients.len() as f64;
+                let (mean, clipped) = private_mean(
+                    &self.global,
+                    &results,
+                    &self.scope,
+                    privacy,
+                    expected,
+                    round,
+                    self.config.run.seed,
+                );
+                tracing::debug!(
+                    round,
+                    "private mean of {} updates ({clipped} clipped to {})",
+                    results.len(),
+                    privacy.clip
+                );
+                private = [mean];
+                &private
+            }
+            None => &results,
+        };
         self.strategy
-            .aggregate(round, &mut self.global, &results, &self.scope)?;
+            .aggregate(round, &mut self.global, aggregated, &self.scope)?;
         // Client updates were checked finite; a server step (FedAvgM, FedAdam) can still
         // overflow, and the error must name the strategy, not next round's clients.
         if let Some(t) = self.global.tensors().iter().find(|t| {
@@ -500,7 +539,7 @@ impl Federation {
         let last = self.rounds_done == self.config.train.rounds;
         if self.rounds_done.is_multiple_of(self.config.eval.every) || last {
             let eval_started = Instant::now();
-            let mut row = self.evaluate(data, executor, Some(train_loss))?;
+            let mut row = self.evaluate(data, executor, train_loss)?;
             row.seconds = self.pending_seconds + eval_started.elapsed().as_secs_f64();
             row.examples = self.pending_examples;
             self.pending_seconds = 0.0;
@@ -521,7 +560,12 @@ impl Federation {
         data: &TrainTest,
         executor: &dyn Executor,
     ) -> Result<(Vec<FitResult>, Option<FitResult>), FlError> {
-        let needed = self.config.deploy.as_ref().map_or(1, |d| d.min_fit_clients);
+        // A private round takes whom Poisson sampling gives it, even no one: sampling again
+        // would change the mechanism the accountant measures.
+        let needed = match (&self.config.privacy, &self.config.deploy) {
+            (Some(_), _) => 0,
+            (None, deploy) => deploy.as_ref().map_or(1, |d| d.min_fit_clients),
+        };
         let mut twin_result = None;
         let (mut got, mut attempts) = (0, 0);
         for attempt in 0..MAX_ROUND_ATTEMPTS {
@@ -530,7 +574,14 @@ impl Federation {
                 break;
             }
             attempts += 1;
-            let picks = if attempt == 0 {
+            let picks = if self.config.privacy.is_some() {
+                poisson_sample(
+                    round,
+                    available.len(),
+                    self.config.train.fraction,
+                    self.config.run.seed,
+                )
+            } else if attempt == 0 {
                 self.strategy.configure_round(
                     round,
                     available.len(),
@@ -707,6 +758,10 @@ impl Federation {
             sgd_test_accuracy,
             divergence,
             clinical,
+            epsilon: self.config.privacy.as_ref().map(|p| {
+                let q = self.config.train.fraction;
+                epsilon(q, f64::from(p.noise_multiplier), self.rounds_done, p.delta).0
+            }),
         })
     }
 }

@@ -10,6 +10,7 @@ pub mod config;
 pub mod divergence;
 pub mod error;
 pub mod federation;
+pub mod privacy;
 pub mod seed;
 pub mod share;
 pub mod strategy;

@@ -30,6 +30,8 @@ pub enum Purpose {
     Share = 6,
     /// Noise of a `random` attacker's update.
     Attack = 7,
+    /// DP-FedAvg's noise on the sum of the clipped updates.
+    Privacy = 8,
 }
 
 /// A seed for `purpose` at the coordinates `parts` (round, client, epoch, step...).

@@ -324,3 +324,85 @@ fn median_and_trimmed_mean_by_hand_ignore_outliers_and_example_counts() {
         );
     }
 }
+
+/// fedra's RDP accountant gives Google's `dp_accounting` epsilons (and optimal orders) for the
+/// Poisson-subsampled Gaussian mechanism: 128 settings of sampling rate, noise, rounds and
+/// delta (`fixtures/rdp_accountant.json`, made by `fixtures/make_rdp_fixture.py`).
+#[test]
+fn the_accountant_agrees_with_dp_accounting() {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/rdp_accountant.json");
+    let fixture: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let cases = fixture["cases"].as_array().unwrap();
+    assert_eq!(cases.len(), 128);
+    for c in cases {
+        let (q, z) = (
+            c["q"].as_f64().unwrap(),
+            c["noise_multiplier"].as_f64().unwrap(),
+        );
+        let rounds = c["rounds"].as_u64().unwrap() as usize;
+        let delta = c["delta"].as_f64().unwrap();
+        let expected = c["epsilon"].as_f64().unwrap();
+        let (eps, order) = fedra_fl::privacy::epsilon(q, z, rounds, delta);
+        assert!(
+            (eps - expected).abs() <= 1e-9 * expected.max(1.0),
+            "{c}: fedra {eps}"
+        );
+        assert_eq!(u64::from(order), c["order"].as_u64().unwrap(), "{c}");
+    }
+}
+
+/// DP-FedAvg's mean by hand: updates clipped to the norm, summed, divided by the expected
+/// number of clients; the noise has standard deviation noise_multiplier x clip / expected.
+#[test]
+fn the_private_mean_clips_sums_and_adds_the_stated_noise() {
+    use fedra_fl::privacy::{PrivacyConfig, private_mean};
+    let spec = ModelSpec::by_name("logreg", [1, 28, 28], 10).unwrap();
+    let global = Model::new(&spec, 1).unwrap();
+    let g = global.params().to_vec();
+    let n = g.len();
+    // Client 0 moves the first two weights by (3, 4): norm 5, clipped to 1 -> (0.6, 0.8).
+    // Client 1 moves them by (0.3, 0.4): norm 0.5, kept. Sum (0.9, 1.2); expected 2 clients.
+    let mut a = g.clone();
+    a[0] += 3.0;
+    a[1] += 4.0;
+    let mut b = g.clone();
+    b[0] += 0.3;
+    b[1] += 0.4;
+    let results = vec![result(0, 50, a, vec![]), result(1, 7, b, vec![])];
+    let scope = AggregationScope::everything(&global);
+    let quiet = PrivacyConfig {
+        clip: 1.0,
+        noise_multiplier: 0.0,
+        delta: 1e-5,
+    };
+    let (mean, clipped) = private_mean(&global, &results, &scope, &quiet, 2.0, 0, 9);
+    assert_eq!(clipped, 1);
+    assert!((mean.params[0] - (g[0] + 0.45)).abs() < 1e-6);
+    assert!((mean.params[1] - (g[1] + 0.6)).abs() < 1e-6);
+    assert!(mean.params[2..] == g[2..]);
+    // With noise: over the 7,850 weights the noise's standard deviation is 2 x 1 / 2 = 1.
+    let noisy = PrivacyConfig {
+        noise_multiplier: 2.0,
+        ..quiet
+    };
+    let (mean, _) = private_mean(&global, &results, &scope, &noisy, 2.0, 0, 9);
+    let noise: Vec<f64> = (2..n)
+        .map(|i| f64::from(mean.params[i]) - f64::from(g[i]))
+        .collect();
+    let m = noise.iter().sum::<f64>() / noise.len() as f64;
+    let sd = (noise.iter().map(|v| (v - m) * (v - m)).sum::<f64>() / noise.len() as f64).sqrt();
+    assert!(
+        m.abs() < 0.05 && (sd - 1.0).abs() < 0.05,
+        "mean {m}, sd {sd}"
+    );
+    // Seeded by (run seed, round): the same round gives the same noise, another round not.
+    let again = private_mean(&global, &results, &scope, &noisy, 2.0, 0, 9).0;
+    assert!(again.params == mean.params);
+    assert!(
+        private_mean(&global, &results, &scope, &noisy, 2.0, 1, 9)
+            .0
+            .params
+            != mean.params
+    );
+}

@@ -51,6 +51,11 @@ pub struct Summary {
     /// With data sharing: the clients' mean EMD before their share of G was mixed in.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mean_emd_before_share: Option<f64>,
+    /// With `[privacy]`: the epsilon spent over the whole run, at `privacy_delta`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub final_epsilon: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub privacy_delta: Option<f64>,
     pub total_seconds: f64,
     pub samples_per_s: f64,
     pub threads: usize,
@@ -354,6 +359,8 @@ impl Run {
                 .before_share
                 .as_ref()
                 .map(|p| partition_stats(&self.data.train.labels, p).mean_emd),
+            final_epsilon: last.and_then(|r| r.epsilon),
+            privacy_delta: fed.config.privacy.as_ref().map(|p| p.delta),
             total_seconds: seconds,
             samples_per_s: if seconds > 0.0 {
                 examples as f64 / seconds
@@ -395,8 +402,9 @@ impl Run {
 /// The metrics table as CSV: `round,lr,test_accuracy,test_loss,train_loss,seconds`, then
 /// `sgd_test_accuracy` and one `wd_<tensor or layer>` column per divergence figure when the SGD
 /// twin runs, then the clinical metrics: `test_auc,test_balanced_accuracy`, and
-/// `sensitivity_<c>` and `specificity_<c>` for each class index c. Empty cells where a value does
-/// not exist (train loss of round 0, sensitivity of a class absent from the test set).
+/// `sensitivity_<c>` and `specificity_<c>` for each class index c, then `epsilon` with
+/// `[privacy]`. Empty cells where a value does not exist (train loss of round 0, sensitivity of
+/// a class absent from the test set).
 pub fn metrics_csv(history: &[RoundMetrics]) -> String {
     let mut out = String::from("round,lr,test_accuracy,test_loss,train_loss,seconds");
     let twin = history.iter().any(|r| r.sgd_test_accuracy.is_some());
@@ -420,6 +428,10 @@ pub fn metrics_csv(history: &[RoundMetrics]) -> String {
         for c in 0..classes {
             out.push_str(&format!(",{kind}_{c}"));
         }
+    }
+    let private = history.iter().any(|r| r.epsilon.is_some());
+    if private {
+        out.push_str(",epsilon");
     }
     out.push('\n');
     for r in history {
@@ -451,6 +463,9 @@ pub fn metrics_csv(history: &[RoundMetrics]) -> String {
             for c in 0..classes {
                 out.push_str(&format!(",{}", cell(values.get(c).copied().flatten())));
             }
+        }
+        if private {
+            out.push_str(&format!(",{}", cell(r.epsilon)));
         }
         out.push('\n');
     }

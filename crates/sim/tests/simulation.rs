@@ -203,7 +203,7 @@ fn an_existing_run_folder_is_not_overwritten() {
 /// momentum (FedAvgM), adaptive moments (FedYogi), BatchNorm buffers averaged with fractional
 /// counters, and FedBN's per-client normalisation layers, plus data sharing with warm-up.
 #[test]
-fn resume_is_exact_for_stateful_strategies_batchnorm_and_sharing() {
+fn resume_is_exact_for_stateful_strategies_batchnorm_sharing_and_privacy() {
     let cases = [
         (
             "fedavgm",
@@ -217,7 +217,9 @@ fn resume_is_exact_for_stateful_strategies_batchnorm_and_sharing() {
             "fedyogi",
             "server_lr = 0.01\nbeta1 = 0.9\nbeta2 = 0.99\ntau = 0.001",
             "local",
-            "[share]\nholdout = 400\nbeta = 0.1\nalpha = 0.5\nwarmup_epochs = 1",
+            // With DP-FedAvg too: Poisson sampling (q = 0.5) and noise are seeded by the round.
+            "[share]\nholdout = 400\nbeta = 0.1\nalpha = 0.5\nwarmup_epochs = 1\n\
+             [privacy]\nclip = 1.0\nnoise_multiplier = 0.001",
         ),
     ];
     for (strategy, keys, bn, share) in cases {
@@ -251,6 +253,15 @@ checkpoint_every = 1
         );
         let config = ExperimentConfig::from_toml_str(&text, strategy).unwrap();
         let (p_ref, b_ref, h_ref) = run_to_end(config.clone(), 2);
+        if let Some(privacy) = &config.privacy {
+            // The epsilon spent after r rounds, as the accountant gives it.
+            for row in &h_ref {
+                let z = f64::from(privacy.noise_multiplier);
+                let eps = fedra_fl::privacy::epsilon(0.5, z, row.round, privacy.delta).0;
+                assert_eq!(row.epsilon, Some(eps), "round {}", row.round);
+            }
+            assert!(h_ref.last().unwrap().epsilon.unwrap() > 0.0);
+        }
         let dir = tempfile::tempdir().unwrap();
         {
             let mut run = Run::start(config, embedded_mnist().unwrap(), dir.path(), 2).unwrap();
