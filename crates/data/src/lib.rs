@@ -122,10 +122,25 @@ pub fn describe(name: DatasetName, opts: &LoadOptions) -> Result<TrainTest, Data
     let (shape, class_names) = match name {
         DatasetName::Mnist => ([1, 28, 28], mnist::mnist_class_names()),
         DatasetName::Cifar10 => ([3, 32, 32], cifar::cifar10_class_names()),
-        DatasetName::SpeechCommands => (
-            [1, mfcc::MFCC_FRAMES_PER_SECOND, mfcc::MFCC_COEFFS],
-            speech::class_names(&opts.speech),
-        ),
+        DatasetName::SpeechCommands => {
+            let names = speech::class_names(&opts.speech);
+            let mut sorted = opts.speech.keywords.clone();
+            sorted.sort();
+            sorted.dedup();
+            if opts.speech.keywords.is_empty() || sorted.len() != opts.speech.keywords.len() {
+                return Err(DataError::Options {
+                    path: PathBuf::from("speech-commands"),
+                    reason: "the keywords must be given, each once".into(),
+                });
+            }
+            ([1, mfcc::MFCC_FRAMES_PER_SECOND, mfcc::MFCC_COEFFS], names)
+        }
+        DatasetName::MedMnist(which) if which.is_multi_label() => {
+            return Err(DataError::Options {
+                path: PathBuf::from(which.file_name()),
+                reason: format!("{which} is multi-label; fedra trains single-label classifiers"),
+            });
+        }
         DatasetName::MedMnist(which) => ([which.channels(), 28, 28], which.class_names()),
         DatasetName::ImageFolder => {
             let image = &opts.image;

@@ -44,7 +44,8 @@ struct RunInfo {
     config: ExperimentConfig,
     summary: Summary,
     rows: Vec<Row>,
-    partition: PartitionStats,
+    /// Absent for a federation whose server had no training set (the clients held the data).
+    partition: Option<PartitionStats>,
 }
 
 /// Compare names with their numbers as numbers, so `emd-0.36` sorts after `emd-0` and
@@ -174,11 +175,18 @@ fn read_run(dir: &Path, root: &Path) -> anyhow::Result<RunInfo> {
     )
     .with_context(|| format!("{} is not a fedra summary", summary_path.display()))?;
     let partition_path = dir.join("partition.json");
-    let partition: PartitionStats = serde_json::from_str(
-        &std::fs::read_to_string(&partition_path)
-            .with_context(|| format!("cannot read {}", partition_path.display()))?,
-    )
-    .with_context(|| format!("{} is not a fedra partition", partition_path.display()))?;
+    let partition: Option<PartitionStats> = if partition_path.exists() || summary.mean_emd.is_some()
+    {
+        Some(
+            serde_json::from_str(
+                &std::fs::read_to_string(&partition_path)
+                    .with_context(|| format!("cannot read {}", partition_path.display()))?,
+            )
+            .with_context(|| format!("{} is not a fedra partition", partition_path.display()))?,
+        )
+    } else {
+        None
+    };
     let rows = read_metrics(&dir.join("metrics.csv"))?;
     let name = dir
         .strip_prefix(root)
@@ -590,10 +598,9 @@ fn write_heatmaps(md: &mut String, runs: &[RunInfo], out: &Path) -> anyhow::Resu
     // name used twice (same scheme, other seed or sharing) gets a counter.
     let mut seen: Vec<(String, Vec<Vec<usize>>)> = Vec::new();
     let mut stems: Vec<String> = Vec::new();
-    for r in runs {
+    for (r, partition) in runs.iter().filter_map(|r| Some((r, r.partition.as_ref()?))) {
         let dataset = r.config.data.dataset.to_string();
-        let matrix: Vec<Vec<usize>> = r
-            .partition
+        let matrix: Vec<Vec<usize>> = partition
             .clients
             .iter()
             .map(|c| c.class_counts.clone())
@@ -604,7 +611,7 @@ fn write_heatmaps(md: &mut String, runs: &[RunInfo], out: &Path) -> anyhow::Resu
         }
         let base = format!(
             "partition-{dataset}-{}",
-            r.partition.scheme.replace([':', '/', '.'], "-")
+            partition.scheme.replace([':', '/', '.'], "-")
         );
         let mut stem = base.clone();
         let mut n = 1;
@@ -612,12 +619,12 @@ fn write_heatmaps(md: &mut String, runs: &[RunInfo], out: &Path) -> anyhow::Resu
             n += 1;
             stem = format!("{base}-{n}");
         }
-        plot::partition_heatmap(out, &stem, &r.partition)?;
+        plot::partition_heatmap(out, &stem, partition)?;
         writeln!(
             md,
             "![{stem}]({stem}.png) ({dataset}, {}, seed {} from {})\n",
-            r.partition.scheme,
-            r.partition.seed,
+            partition.scheme,
+            partition.seed,
             r.dir.display()
         )?;
         seen.push(key);

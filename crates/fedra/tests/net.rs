@@ -825,7 +825,7 @@ fn bad_clients_are_refused_and_change_nothing() {
         "refused a second connection under an id already connected",
         "ended after",
         "is NaN",
-        "discarded an update for another round or task",
+        "discarded an answer for another round or task",
     ] {
         assert!(log.contains(text), "no {text:?} in the server log:\n{log}");
     }

@@ -610,24 +610,27 @@ impl ExperimentConfig {
                 ));
             };
             let clients = self.partition.clients;
-            if 2 * f + 3 > clients {
+            // The results of a round: the clients sampled (train.fraction) at most.
+            let sampled =
+                ((self.train.fraction * clients as f64).round() as usize).clamp(1, clients);
+            let needed = f.checked_mul(2).and_then(|n| n.checked_add(3));
+            if needed.is_none_or(|n| n > sampled) {
                 return Err(bad(
                     "strategy.byzantine",
                     format!(
-                        "is {f}: krum needs at least 2 x byzantine + 3 = {} results a round, \
-                         and the partition has {clients} clients",
-                        2 * f + 3
+                        "is {f}: krum needs at least 2 x byzantine + 3 results a round, and a \
+                         round samples {sampled} of the {clients} clients (train.fraction)"
                     ),
                 ));
             }
             if let Some(m) = s.keep
-                && !(1..=clients - f).contains(&m)
+                && !(1..=sampled - f).contains(&m)
             {
                 return Err(bad(
                     "strategy.keep",
                     format!(
-                        "must be in 1..={} (clients - byzantine), got {m}",
-                        clients - f
+                        "must be in 1..={} (clients sampled a round - byzantine), got {m}",
+                        sampled - f
                     ),
                 ));
             }

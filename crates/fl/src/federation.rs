@@ -304,7 +304,7 @@ impl Federation {
             return Err(FlError::State(
                 "[privacy] protects the clients' weight updates, but this run also averages \
                  their BatchNorm running statistics, which it does not protect: use \
-                 model.bn = \"frozen\" or \"local\", or model.average_buffers = false"
+                 model.bn = \"frozen\" or \"local\", or a model without BatchNorm"
                     .into(),
             ));
         }
@@ -564,7 +564,10 @@ impl Federation {
         // would change the mechanism the accountant measures.
         let needed = match (&self.config.privacy, &self.config.deploy) {
             (Some(_), _) => 0,
-            (None, deploy) => deploy.as_ref().map_or(1, |d| d.min_fit_clients),
+            (None, deploy) => deploy
+                .as_ref()
+                .map_or(1, |d| d.min_fit_clients)
+                .max(self.strategy.min_results()),
         };
         let mut twin_result = None;
         let (mut got, mut attempts) = (0, 0);

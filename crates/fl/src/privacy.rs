@@ -9,7 +9,10 @@
 //! estimator: one client changes the result by at most clip / qK). Clients count equally. The
 //! noised mean update is then what the strategy's server step (FedAvg, FedAvgM, FedAdam...)
 //! applies: post-processing keeps the guarantee. It protects every client's whole contribution
-//! (client-level, add/remove adjacency), not single examples.
+//! (client-level, add/remove adjacency), not single examples. What it protects is the model;
+//! the metrics a simulation records beside it (training loss, examples per round) are not
+//! noised. The noise is seeded by the run seed so that runs repeat: this is DP in simulation,
+//! for measuring what it costs; a deployment would draw the noise from the operating system.
 //!
 //! The accountant is Rényi DP (Mironov 2017) of the Poisson-subsampled Gaussian mechanism,
 //! computed exactly at integer orders (Mironov, Talwar and Zhang 2019, Section 3.3), composed
@@ -65,11 +68,12 @@ impl PrivacyConfig {
                 format!("must be a finite number > 0, got {}", self.clip),
             ));
         }
-        if !(self.noise_multiplier.is_finite() && self.noise_multiplier >= 0.0) {
+        if !(self.noise_multiplier.is_finite() && self.noise_multiplier > 0.0) {
             return Err((
                 "privacy.noise_multiplier",
                 format!(
-                    "must be a finite number >= 0, got {}",
+                    "must be a finite number > 0 (without noise there is no privacy; \
+                     strategy.clip_update_norm clips alone), got {}",
                     self.noise_multiplier
                 ),
             ));
@@ -140,7 +144,9 @@ pub fn epsilon(q: f64, z: f64, rounds: usize, delta: f64) -> (f64, u32) {
     for order in ORDERS {
         let a = f64::from(order);
         let r = rounds as f64 * rdp_sampled_gaussian(q, z, order);
-        let eps = if r.is_nan() || r < 0.0 {
+        let eps = if r.is_nan() {
+            f64::INFINITY
+        } else if r < 0.0 {
             0.0
         } else if delta * delta + (-r).exp_m1() > 0.0 {
             // The divergence is so small that delta alone covers it.

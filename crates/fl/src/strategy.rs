@@ -112,6 +112,11 @@ pub trait Strategy: Send {
         None
     }
 
+    /// The fewest results a round can be aggregated from (a round with fewer is sampled again).
+    fn min_results(&self) -> usize {
+        1
+    }
+
     /// Fold the round's results into `global` (Flower's `aggregate_fit`).
     fn aggregate(
         &mut self,
@@ -671,6 +676,13 @@ impl Strategy for Krum {
         "krum"
     }
 
+    fn min_results(&self) -> usize {
+        let f = self.byzantine;
+        f.saturating_mul(2)
+            .saturating_add(3)
+            .max(self.keep.saturating_add(f))
+    }
+
     fn aggregate(
         &mut self,
         round: usize,
@@ -681,12 +693,14 @@ impl Strategy for Krum {
         check_results(round, global, results)?;
         let n = results.len();
         let f = self.byzantine;
-        if n < 2 * f + 3 || self.keep > n {
+        // Krum's guarantee needs n >= 2f + 3, and multi-Krum may keep at most n - f (fewer
+        // than all the honest results it can count on).
+        let needed = self.min_results();
+        if n < needed {
             return Err(FlError::State(format!(
-                "round {round}: krum with byzantine = {f} and keep = {} needs at least {} \
+                "round {round}: krum with byzantine = {f} and keep = {} needs at least {needed} \
                  results, and the round has {n}",
-                self.keep,
-                (2 * f + 3).max(self.keep)
+                self.keep
             )));
         }
         let scores = krum_scores(n, f, |i, j| {

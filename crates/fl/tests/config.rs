@@ -129,7 +129,22 @@ fn bad_values_are_rejected_naming_the_key() {
         (
             "name = \"fedavg\"",
             "name = \"krum\"\nbyzantine = 4",
-            "2 x byzantine + 3 = 11",
+            "a round samples 10 of the 10 clients",
+        ),
+        (
+            "name = \"fedavg\"",
+            "name = \"krum\"\nbyzantine = 9223372036854775807",
+            "strategy.byzantine",
+        ),
+        (
+            "checkpoint_every = 10",
+            "checkpoint_every = 10\n[privacy]\nclip = 1.0\nnoise_multiplier = 0.0",
+            "privacy.noise_multiplier",
+        ),
+        (
+            "name = \"fedavg\"",
+            "name = \"median\"\n[privacy]\nclip = 1.0\nnoise_multiplier = 1.0",
+            "needs a strategy that aggregates the mean update",
         ),
         (
             "name = \"fedavg\"",
@@ -166,6 +181,13 @@ fn bad_values_are_rejected_naming_the_key() {
         assert!(e.contains(key), "{to}: {e}");
         assert!(e.contains("test.toml"), "{e}");
     }
+    // Krum counts the clients a round samples, not all of them.
+    let e = error_of(
+        &EXAMPLE
+            .replace("fraction = 1.0", "fraction = 0.4")
+            .replace("name = \"fedavg\"", "name = \"krum\"\nbyzantine = 1"),
+    );
+    assert!(e.contains("a round samples 4 of the 10 clients"), "{e}");
     // Wrong type: toml/serde names the field.
     let e = error_of(&EXAMPLE.replace("rounds = 500", "rounds = \"many\""));
     assert!(e.contains("rounds"), "{e}");

@@ -455,16 +455,7 @@ async fn session(
                             }
                         };
                         let examples = counts.examples;
-                        let answer = message(client_message::Body::Evaluation(Evaluation {
-                            round: evaluate.round,
-                            task: evaluate.task,
-                            num_examples: counts.examples,
-                            loss_sum: counts.loss_sum,
-                            correct: counts.correct,
-                            confusion: counts.confusion,
-                            score_bins: counts.score_histograms.iter().map(|b| b.0).collect(),
-                            score_counts: counts.score_histograms.iter().map(|b| b.1).collect(),
-                        }));
+                        let answer = evaluation_message(&evaluate, counts);
                         if tx.send(answer).await.is_err() {
                             return Err(lost("the session closed while sending".into(), welcomed));
                         }
@@ -603,6 +594,40 @@ fn prepare(
         layout,
         frozen,
     })
+}
+
+/// The answer to an evaluation task. Score histograms too large for one message (a test set of
+/// very many examples and classes) are sent at half the resolution, then a quarter..., until
+/// they fit.
+fn evaluation_message(task: &EvaluateTask, mut counts: fedra_nn::EvalCounts) -> ClientMessage {
+    let build = |c: &fedra_nn::EvalCounts| {
+        message(client_message::Body::Evaluation(Evaluation {
+            round: task.round,
+            task: task.task,
+            num_examples: c.examples,
+            loss_sum: c.loss_sum,
+            correct: c.correct,
+            confusion: c.confusion.clone(),
+            score_bins: c.score_histograms.iter().map(|b| b.0).collect(),
+            score_counts: c.score_histograms.iter().map(|b| b.1).collect(),
+        }))
+    };
+    let limit = MAX_MESSAGE_BYTES - 64 * 1024;
+    let mut answer = build(&counts);
+    let mut halvings = 0;
+    while prost::Message::encoded_len(&answer) > limit && halvings < 15 {
+        halvings += 1;
+        counts.coarsen(halvings);
+        answer = build(&counts);
+    }
+    if halvings > 0 {
+        tracing::warn!(
+            round = task.round,
+            "score histograms sent at 1/{} of their resolution to fit one message",
+            1u32 << halvings
+        );
+    }
+    answer
 }
 
 /// A task the server sent, whose weights are arriving.

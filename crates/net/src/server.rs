@@ -105,8 +105,8 @@ struct Roster {
 }
 
 impl Roster {
-    /// Clients that can take a task: ready, and not still training on an earlier one (a client
-    /// cut by the round's deadline may still be).
+    /// Clients that can take a task: ready, and not still busy with an earlier one (a client
+    /// cut by the round's deadline may still be training or evaluating).
     fn ready(&self) -> Vec<usize> {
         self.connected
             .iter()
@@ -386,8 +386,9 @@ pub enum Step {
 }
 
 /// The per-session decoder of a client's messages after Hello: a state machine with no I/O,
-/// so that everything a peer can send is checked in one place (and fuzzed). It never panics
-/// and allocates only what the model's layout sizes, whatever it is given.
+/// so that everything a peer can send is checked in one place (and fuzzed). It never panics;
+/// it allocates what the model's layout sizes for updates, and an evaluation's vectors are as
+/// large as the message that brought them (bounded by the message size limit).
 pub struct SessionReader {
     index: usize,
     layout: Layout,
@@ -1059,7 +1060,7 @@ impl Executor for NetExecutor {
             match self.evaluate_once(round, model_for)? {
                 None => {
                     return Err(FlError::State(format!(
-                        "deploy.evaluate = \"clients\", but none of the ready clients ({}) \
+                        "deploy.evaluate = \"clients\", but none of the connected clients ({}) \
                          holds test data to evaluate round {round} on",
                         self.shared.roster().ready_ids().join(" ")
                     )));
@@ -1071,6 +1072,8 @@ impl Executor for NetExecutor {
                         attempt,
                         "no client evaluated the round; asking again"
                     );
+                    // Clients busy with a task the deadline cut, or gone: give them a moment.
+                    std::thread::sleep(Duration::from_secs(2));
                 }
             }
         }
@@ -1140,12 +1143,17 @@ impl NetExecutor {
             pending.insert(client, session);
         }
         if pending.is_empty() {
-            return Ok(None);
+            let any = self
+                .shared
+                .roster()
+                .connected
+                .values()
+                .any(|s| s.declared_test > 0);
+            return Ok(any.then(|| (EvalCounts::empty(settings.classes), 0)));
         }
         let asked = pending.len();
         let deadline = Instant::now() + Duration::from_secs_f64(settings.deploy.round_timeout_s);
-        let mut sum = EvalCounts::empty(settings.classes);
-        let mut answered = 0;
+        let mut answers: BTreeMap<usize, EvalCounts> = BTreeMap::new();
         let events = self.events.lock().unwrap_or_else(|e| e.into_inner());
         while !pending.is_empty() {
             let wait = deadline.saturating_duration_since(Instant::now());
@@ -1168,8 +1176,7 @@ impl NetExecutor {
                     pending.remove(&client);
                     match answer {
                         Answer::Evaluation(Ok(counts)) => {
-                            sum.add(&counts);
-                            answered += 1;
+                            answers.insert(client, counts);
                         }
                         Answer::Evaluation(Err(reason)) | Answer::Fit(Err(reason)) => {
                             tracing::warn!(index = client, round, "evaluation left out: {reason}");
@@ -1207,6 +1214,25 @@ impl NetExecutor {
                         );
                     }
                 }
+            }
+        }
+        drop(events);
+        let mut sum = EvalCounts::empty(settings.classes);
+        let mut answered = 0;
+        for (client, counts) in answers {
+            let mut with = sum.clone();
+            with.add(&counts);
+            // Each loss sum was finite; a huge one must not make the pooled one infinite.
+            if with.loss_sum.is_finite() {
+                sum = with;
+                answered += 1;
+            } else {
+                tracing::warn!(
+                    index = client,
+                    round,
+                    "evaluation left out: its loss sum ({}) overflows the total",
+                    counts.loss_sum
+                );
             }
         }
         tracing::info!(

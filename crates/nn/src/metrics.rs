@@ -74,15 +74,21 @@ fn predictions(probs: &[f64], classes: usize) -> impl Iterator<Item = usize> + '
 /// Sensitivity and specificity per class, and balanced accuracy, from a confusion matrix
 /// (`confusion[true * classes + predicted]`).
 fn rates(confusion: &[u64], classes: usize) -> (Vec<Option<f64>>, Vec<Option<f64>>, Option<f64>) {
-    let total: u64 = confusion.iter().sum();
+    // In u128: no sum of u64 counts can overflow it, whatever the counts.
+    let total: u128 = confusion.iter().map(|&v| u128::from(v)).sum();
     let (mut sensitivity, mut specificity) = (Vec::new(), Vec::new());
     for c in 0..classes {
-        let row: u64 = confusion[c * classes..(c + 1) * classes].iter().sum();
-        let column: u64 = (0..classes).map(|t| confusion[t * classes + c]).sum();
-        let tp = confusion[c * classes + c];
+        let row: u128 = confusion[c * classes..(c + 1) * classes]
+            .iter()
+            .map(|&v| u128::from(v))
+            .sum();
+        let column: u128 = (0..classes)
+            .map(|t| u128::from(confusion[t * classes + c]))
+            .sum();
+        let tp = u128::from(confusion[c * classes + c]);
         let (fn_, fp) = (row - tp, column - tp);
         let tn = total - row - fp;
-        let rate = |a: u64, b: u64| (a + b > 0).then(|| a as f64 / (a + b) as f64);
+        let rate = |a: u128, b: u128| (a + b > 0).then(|| a as f64 / (a + b) as f64);
         sensitivity.push(rate(tp, fn_));
         specificity.push(rate(tn, fp));
     }
@@ -147,12 +153,17 @@ pub fn score_bin(p: f64) -> u64 {
     (x.floor() as u64).min(SCORE_BINS - 1)
 }
 
+/// Most examples one evaluation may count (2^40): sums over any realistic number of sites stay
+/// far from overflowing.
+pub const MAX_EVAL_EXAMPLES: u64 = 1 << 40;
+
 /// What one evaluation measured, as counts and sums that add up across the sites that hold
 /// parts of a test set: federated evaluation sends these, never a prediction per example.
 /// Accuracy, loss, sensitivity, specificity and balanced accuracy of the sum are those of the
 /// pooled test set exactly; the AUC comes from histograms of each class's score (log-odds bins
 /// of 1/1024), so two examples in one bin count as tied: it is within that bin's mass of the
-/// exact pooled AUC.
+/// exact pooled AUC. `correct` is the trainer's count (argmax of the logits) and the confusion
+/// matrix the argmax of the probabilities: they agree but for exact ties.
 #[derive(Clone, Debug, PartialEq)]
 pub struct EvalCounts {
     pub classes: usize,
@@ -226,6 +237,12 @@ impl EvalCounts {
         }
         if self.examples == 0 {
             return Err("an evaluation of 0 examples".into());
+        }
+        if self.examples > MAX_EVAL_EXAMPLES {
+            return Err(format!(
+                "an evaluation of {} examples (at most {MAX_EVAL_EXAMPLES})",
+                self.examples
+            ));
         }
         if !(self.loss_sum.is_finite() && self.loss_sum >= 0.0) {
             return Err(format!("a loss sum of {}", self.loss_sum));
@@ -318,6 +335,22 @@ impl EvalCounts {
         self.score_histograms = merged;
     }
 
+    /// Merge each score histogram's bins in pairs (bin 2j + 1 into 2j, then, called again, in
+    /// fours...): the same histograms at half the resolution, in fewer entries, for when they
+    /// would not fit one message.
+    pub fn coarsen(&mut self, times: u32) {
+        let mask = !((1u64 << times.min(15)) - 1);
+        let mut merged: Vec<(u64, u64)> = Vec::with_capacity(self.score_histograms.len());
+        for &(key, count) in &self.score_histograms {
+            let key = key & mask;
+            match merged.last_mut() {
+                Some(last) if last.0 == key => last.1 = last.1.saturating_add(count),
+                _ => merged.push((key, count)),
+            }
+        }
+        self.score_histograms = merged;
+    }
+
     /// Fraction correct (0 when empty).
     pub fn accuracy(&self) -> f64 {
         if self.examples == 0 {
@@ -340,15 +373,19 @@ impl EvalCounts {
     pub fn clinical(&self) -> ClinicalMetrics {
         let classes = self.classes;
         let (sensitivity, specificity, balanced_accuracy) = rates(&self.confusion, classes);
+        let hist = &self.score_histograms;
         let auc = combine_auc(classes, |c| {
+            // Keys are sorted: each histogram is one run of them.
             let side = |s: u64| {
                 let group = c as u64 * 2 + s;
-                self.score_histograms
+                let start = hist.partition_point(|(key, _)| *key < group * SCORE_BINS);
+                let end = hist.partition_point(|(key, _)| *key < (group + 1) * SCORE_BINS);
+                hist[start..end]
                     .iter()
-                    .filter(move |(key, _)| key / SCORE_BINS == group)
                     .map(|&(key, count)| (key % SCORE_BINS, count))
+                    .collect()
             };
-            histogram_auc(side(0).collect(), side(1).collect())
+            histogram_auc(side(0), side(1))
         });
         ClinicalMetrics {
             auc,
@@ -501,6 +538,25 @@ mod tests {
     }
 
     #[test]
+    fn coarser_histograms_keep_their_counts_and_stay_valid() {
+        let probs: Vec<f64> = (0..200)
+            .flat_map(|i| {
+                let p = 0.2 + 0.003 * i as f64;
+                [p, 1.0 - p]
+            })
+            .collect();
+        let labels: Vec<u16> = (0..200).map(|i| u16::from(i % 3 == 0)).collect();
+        let fine = EvalCounts::from_probs(&probs, &labels, 2, 1.0, 100);
+        let mut coarse = fine.clone();
+        coarse.coarsen(6);
+        coarse.check(2).unwrap();
+        assert!(coarse.score_histograms.len() < fine.score_histograms.len());
+        // Fewer, wider bins: more ties, an AUC near the fine one.
+        let (a, b) = (fine.clinical().auc.unwrap(), coarse.clinical().auc.unwrap());
+        assert!((a - b).abs() < 0.01, "{a} {b}");
+    }
+
+    #[test]
     fn inconsistent_counts_are_named() {
         let good = EvalCounts::from_probs(&[0.9, 0.1, 0.2, 0.8], &[0, 1], 2, 0.3, 2);
         good.check(2).unwrap();
@@ -528,6 +584,13 @@ mod tests {
         let mut bad = good.clone();
         bad.confusion[0] = u64::MAX;
         assert!(bad.check(2).is_err());
+        // Counts near the top of u64 are refused, and the rates of any counts are computed
+        // without overflowing.
+        let mut huge = good.clone();
+        huge.examples = u64::MAX;
+        assert!(huge.check(2).unwrap_err().contains("at most"));
+        huge.confusion = vec![u64::MAX, u64::MAX, u64::MAX, 0];
+        assert_eq!(huge.clinical().sensitivity[0], Some(0.5));
         assert!(good.check(3).unwrap_err().contains("classes"));
     }
 }
