@@ -274,9 +274,9 @@ pub struct TrainConfig {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StrategyConfig {
-    /// `fedavg`, `fedprox`, `fedavgm`, `fedadam`, `fedyogi`, `fedadagrad`, `median`,
-    /// `trimmed-mean`, or `sgd` (the centralised baseline: pooled data, batch 10 x B, one epoch
-    /// per round).
+    /// `fedavg`, `fedprox`, `fedavgm`, `fedadam`, `fedyogi`, `fedadagrad`, `fednova`, `median`,
+    /// `trimmed-mean`, `krum`, or `sgd` (the centralised baseline: pooled data, batch 10 x B,
+    /// one epoch per round).
     #[serde(default = "default_strategy")]
     pub name: String,
     /// FedProx proximal weight mu.
@@ -420,6 +420,7 @@ pub const STRATEGIES: &[&str] = &[
     "median",
     "trimmed-mean",
     "krum",
+    "fednova",
     "sgd",
 ];
 

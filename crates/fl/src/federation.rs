@@ -297,7 +297,7 @@ impl Federation {
             }
         };
         let twin = config.eval.sgd_twin.then(|| global.clone());
-        let strategy = from_config(&config.strategy)?;
+        let strategy = from_config(&config.strategy, &config.train)?;
         let mut scope =
             AggregationScope::new(&global, config.model.bn, config.model.average_buffers);
         if config.privacy.is_some() && !scope.buffers.is_empty() {

@@ -17,6 +17,11 @@ fn result(client: usize, n: usize, params: Vec<f32>, buffers: Vec<f32>) -> FitRe
     }
 }
 
+/// Client training settings (only FedNova reads them).
+fn train() -> fedra_fl::config::TrainConfig {
+    toml::from_str("rounds = 1\nbatch_size = 10\nlr = 0.1").unwrap()
+}
+
 fn cnn_bn() -> Model {
     let spec = ModelSpec::by_name("mnist-cnn-bn", [1, 28, 28], 10).unwrap();
     Model::new(&spec, 7).unwrap()
@@ -202,7 +207,7 @@ fn fedavgm_with_zero_momentum_and_unit_lr_equals_fedavg() {
         server_momentum: Some(0.0),
         ..Default::default()
     };
-    let mut m = from_config(&config).unwrap();
+    let mut m = from_config(&config, &train()).unwrap();
     let mut with_m = base.clone();
     m.aggregate(0, &mut with_m, &results, &scope).unwrap();
     let max_diff = (0..len)
@@ -212,7 +217,7 @@ fn fedavgm_with_zero_momentum_and_unit_lr_equals_fedavg() {
     // And its state round-trips for checkpoints.
     let state = m.state();
     assert_eq!(state[0].1.len(), len);
-    let mut fresh = from_config(&config).unwrap();
+    let mut fresh = from_config(&config, &train()).unwrap();
     fresh.restore(state.clone(), &scope).unwrap();
     assert_eq!(fresh.state(), state);
     // State sized for another model, or missing, is rejected by name, never reset to zeros.
@@ -249,7 +254,7 @@ fn adaptive_server_optimisers_follow_reddi_et_al_algorithm_2() {
             tau: Some(tau as f32),
             ..Default::default()
         };
-        let mut strategy = from_config(&config).unwrap();
+        let mut strategy = from_config(&config, &train()).unwrap();
         assert_eq!(strategy.name(), name);
         let mut global = tiny();
         let scope = AggregationScope::everything(&global);
@@ -304,7 +309,7 @@ fn median_and_trimmed_mean_by_hand_ignore_outliers_and_example_counts() {
             trim: (name == "trimmed-mean").then_some(0.2),
             ..Default::default()
         };
-        let mut strategy = from_config(&config).unwrap();
+        let mut strategy = from_config(&config, &train()).unwrap();
         let mut global = tiny();
         let scope = AggregationScope::everything(&global);
         let results: Vec<FitResult> = [1.0f32, 2.0, 3.0, 1e6, 1.5]

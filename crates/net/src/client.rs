@@ -234,13 +234,34 @@ async fn member(
 ) -> Result<Outcome, NetError> {
     let mut prepared: Option<Arc<Prepared>> = None;
     let mut backoff = Duration::from_millis(500);
+    let mut ever_welcomed = false;
+    // Sessions in a row that the server closed right after the TLS handshake, before a word.
+    let mut closed_at_once = 0;
     loop {
         match session(opts, &mut prepared, cache, load).await {
             Ok(outcome) => return Ok(outcome),
             Err(Failure::Final(e)) => return Err(e),
             Err(Failure::Retry { reason, welcomed }) => {
+                ever_welcomed |= welcomed;
                 if welcomed {
                     backoff = Duration::from_millis(500);
+                }
+                // TLS 1.3 checks the client's certificate after the client's side of the
+                // handshake is done; the server's alert can be lost when it closes at once, and
+                // the client then sees only a closed connection (or a broken pipe). Three in a row, never welcomed:
+                // a refusal, which retrying cannot mend.
+                let closed = reason.contains("connection closed") || reason.contains("broken pipe");
+                if !ever_welcomed && closed {
+                    closed_at_once += 1;
+                    if closed_at_once >= 3 {
+                        return Err(NetError::Refused(format!(
+                            "the server closed the connection right after the TLS handshake \
+                             {closed_at_once} times in a row ({reason}): it most likely refuses \
+                             this client's certificate (from another CA, or none)"
+                        )));
+                    }
+                } else {
+                    closed_at_once = 0;
                 }
                 // Jitter spreads a federation's reconnections after a server restart.
                 let jitter = rand::rng().random_range(0.75..1.25);
