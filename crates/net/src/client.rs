@@ -443,37 +443,11 @@ async fn session(
                     Task::Evaluate(evaluate) => {
                         let threads = opts.threads;
                         let p2 = p.clone();
-                        let evaluating = tokio::task::spawn_blocking(move || {
-                            evaluate_locally(&p2, params, buffers, threads)
-                        });
-                        let counts = tokio::select! {
-                            done = evaluating => done,
-                            _ = interrupted() => {
-                                let _ = tx.send(message(client_message::Body::Goodbye(Goodbye {
-                                    reason: "interrupted".into(),
-                                }))).await;
-                                tokio::time::sleep(Duration::from_millis(200)).await;
-                                return Ok(Outcome::Stopped("interrupted".into()));
-                            }
-                        };
-                        let counts = match counts {
-                            Ok(Ok(counts)) => counts,
-                            Ok(Err(e)) => {
-                                let reason =
-                                    format!("evaluation of round {} failed: {e}", evaluate.round);
-                                let _ = tx
-                                    .send(message(client_message::Body::Goodbye(Goodbye {
-                                        reason: reason.clone(),
-                                    })))
-                                    .await;
-                                return Err(Failure::Final(NetError::Other(reason)));
-                            }
-                            Err(e) => {
-                                return Err(Failure::Final(NetError::Other(format!(
-                                    "evaluation of round {} stopped: {e}",
-                                    evaluate.round
-                                ))));
-                            }
+                        let what = format!("the evaluation of round {}", evaluate.round);
+                        let work = move || evaluate_locally(&p2, params, buffers, threads);
+                        let counts = match off_the_runtime(&tx, what, work).await? {
+                            Ok(counts) => counts,
+                            Err(stopped) => return Ok(stopped),
                         };
                         let examples = counts.examples;
                         let answer = evaluation_message(&evaluate, counts);
@@ -492,37 +466,11 @@ async fn session(
                 let threads = opts.threads;
                 let p2 = p.clone();
                 let fit2 = fit.clone();
-                let training = tokio::task::spawn_blocking(move || {
-                    train(&p2, &fit2, params, buffers, threads)
-                });
-                let outcome = tokio::select! {
-                    done = training => done,
-                    _ = interrupted() => {
-                        let _ = tx.send(message(client_message::Body::Goodbye(Goodbye {
-                            reason: "interrupted".into(),
-                        }))).await;
-                        tokio::time::sleep(Duration::from_millis(200)).await;
-                        return Ok(Outcome::Stopped("interrupted".into()));
-                    }
-                };
-                let result = match outcome {
-                    Ok(Ok(result)) => result,
-                    Ok(Err(e)) => {
-                        // The server drops this client from the round when no update comes;
-                        // say why and leave rather than train on.
-                        let reason = format!("training failed in round {round}: {e}");
-                        let _ = tx
-                            .send(message(client_message::Body::Goodbye(Goodbye {
-                                reason: reason.clone(),
-                            })))
-                            .await;
-                        return Err(Failure::Final(NetError::Other(reason)));
-                    }
-                    Err(e) => {
-                        return Err(Failure::Final(NetError::Other(format!(
-                            "training in round {round} stopped: {e}"
-                        ))));
-                    }
+                let what = format!("training in round {round}");
+                let work = move || train(&p2, &fit2, params, buffers, threads);
+                let result = match off_the_runtime(&tx, what, work).await? {
+                    Ok(result) => result,
+                    Err(stopped) => return Ok(stopped),
                 };
                 let mut messages = vec![message(client_message::Body::Update(UpdateHeader {
                     round,
@@ -649,6 +597,37 @@ fn evaluation_message(task: &EvaluateTask, mut counts: fedra_nn::EvalCounts) -> 
         );
     }
     answer
+}
+
+/// Run a task's `work` (training or evaluation, `what`) on a blocking thread, keeping the
+/// session's transport alive meanwhile. On SIGINT/SIGTERM: say goodbye and return the stopped
+/// outcome (`Ok(Err(..))`). If the work fails: say why and leave (the server drops a client
+/// from the round when no answer comes), a final failure.
+async fn off_the_runtime<T: Send + 'static>(
+    tx: &mpsc::Sender<ClientMessage>,
+    what: String,
+    work: impl FnOnce() -> Result<T, NetError> + Send + 'static,
+) -> Result<Result<T, Outcome>, Failure> {
+    let goodbye = |reason: String| message(client_message::Body::Goodbye(Goodbye { reason }));
+    let outcome = tokio::select! {
+        done = tokio::task::spawn_blocking(work) => done,
+        _ = interrupted() => {
+            let _ = tx.send(goodbye("interrupted".into())).await;
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            return Ok(Err(Outcome::Stopped("interrupted".into())));
+        }
+    };
+    match outcome {
+        Ok(Ok(value)) => Ok(Ok(value)),
+        Ok(Err(e)) => {
+            let reason = format!("{what} failed: {e}");
+            let _ = tx.send(goodbye(reason.clone())).await;
+            Err(Failure::Final(NetError::Other(reason)))
+        }
+        Err(e) => Err(Failure::Final(NetError::Other(format!(
+            "{what} stopped: {e}"
+        )))),
+    }
 }
 
 /// A task the server sent, whose weights are arriving.
