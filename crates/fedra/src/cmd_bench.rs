@@ -41,8 +41,12 @@ struct TrainArgs {
     json: bool,
 }
 
+/// The input shape each model is measured on: its dataset's, and for resnet18 64x64 images (as in
+/// its PyTorch fixture and `bench/torch_train.py`).
 fn input_of(model: &str) -> [usize; 3] {
-    if model.starts_with("cifar") {
+    if model == "resnet18" {
+        [3, 64, 64]
+    } else if model.starts_with("cifar") || model.starts_with("resnet") {
         [3, 32, 32]
     } else if model.starts_with("kws") {
         [1, 49, 10]

@@ -251,3 +251,17 @@ pub(crate) fn col2im(g: &Geom, col: &[f32], ld: usize, dx: &mut [f32]) {
         }
     }
 }
+
+/// Sum in eight interleaved lanes (vectorisable; a fixed order, so still deterministic).
+#[inline(always)]
+pub(crate) fn lane_sum(v: &[f32]) -> f32 {
+    let mut lanes = [0f32; 8];
+    let chunks = v.chunks_exact(8);
+    let tail: f32 = chunks.remainder().iter().sum();
+    for c in chunks {
+        for (l, x) in lanes.iter_mut().zip(c) {
+            *l += x;
+        }
+    }
+    lanes.iter().sum::<f32>() + tail
+}

@@ -8,8 +8,10 @@
 mod bench;
 mod error;
 mod kernels;
+mod layers;
 pub mod metrics;
 mod model;
+mod plan;
 mod spec;
 mod train;
 mod winograd;
@@ -18,5 +20,5 @@ pub use bench::{BenchEffort, BenchRow, bench_train, gemm_gflops};
 pub use error::NnError;
 pub use metrics::{ClinicalMetrics, EvalCounts, clinical_metrics, roc_auc};
 pub use model::{Model, TensorInfo, TensorKind};
-pub use spec::{Augment, BUILTIN_MODELS, LayerSpec, ModelSpec, Padding};
+pub use spec::{Augment, BUILTIN_MODELS, BlockNorm, LayerSpec, ModelSpec, Padding};
 pub use train::{BnPolicy, EvalStats, GradCorrection, SgdConfig, StepStats, Trainer};

@@ -11,7 +11,8 @@ use safetensors::{Dtype, SafeTensors, tensor::TensorView};
 use serde::{Deserialize, Serialize};
 
 use crate::error::NnError;
-use crate::spec::{ModelSpec, Plan};
+use crate::plan::Plan;
+use crate::spec::ModelSpec;
 
 /// Whether a tensor is trained (parameter) or only tracked (buffer).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -1,7 +1,8 @@
-//! Model specifications as data: a [`ModelSpec`] is a list of sequential layers ([`LayerSpec`])
-//! plus the input shape, class count and augmentation, readable and writable as TOML so users can
-//! define their own CNN without Rust. This module also holds the built-in models of the study and
-//! compiles a spec into a [`Plan`]: resolved shapes, paddings and the offsets of every named tensor.
+//! Model specifications as data: a [`ModelSpec`] is a list of layers ([`LayerSpec`]), where a
+//! layer may also be a whole stage of residual blocks, plus the input shape, class count and
+//! augmentation, readable and writable as TOML so users can define their own network without Rust.
+//! This module also holds the built-in models; `crate::plan` compiles a spec into the graph the
+//! engine runs.
 //!
 //! Built-in shapes (C,H,W per example):
 //! - `mnist-cnn` [1,28,28] -> conv1 [32,28,28] -> pool [32,14,14] -> conv2 [64,14,14] -> pool
@@ -13,10 +14,20 @@
 //! - `-bn` variants put BatchNorm (`bn1`, `bn2`) after each conv, before its ReLU; `-gn` variants
 //!   put GroupNorm (`gn1`, `gn2`) there, with the largest group count <= 8 dividing the channels
 //!   (8 for 32/64 channels, 7 for 28, 6 for 30).
+//! - `resnet20`, `resnet32`, `resnet56`: He et al. 2016's CIFAR ResNets (6n+2 layers, n = 3, 5, 9):
+//!   conv1 3x3 16 -> bn1 -> ReLU -> `layer1` (n blocks, 16 channels) -> `layer2` (32, stride 2)
+//!   -> `layer3` (64, stride 2) -> global average pool -> `fc`; convolutions without bias,
+//!   projection shortcuts (1x1 conv + BN, "option B") where the shape changes. resnet20 has
+//!   272,474 parameters for 10 classes. `-gn` variants use GroupNorm (`gn1`, `gn2`, groups as above).
+//! - `resnet18`: torchvision's layout and names (conv1 7x7/2 -> bn1 -> ReLU -> max-pool 3x3/2 pad 1
+//!   -> `layer1`..`layer4` of 2 blocks, 64..512 channels -> global average pool -> `fc`), so a
+//!   torchvision state dict saved as safetensors loads by name (11,689,512 parameters for 1000
+//!   classes).
 
 use serde::{Deserialize, Serialize};
 
-use crate::error::{NnError, spec_err};
+use crate::error::NnError;
+use crate::plan::{Op, Plan};
 
 /// How a convolution or pooling window is padded.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -33,6 +44,15 @@ pub enum Padding {
 
 fn one_one() -> [usize; 2] {
     [1, 1]
+}
+fn one() -> usize {
+    1
+}
+fn yes() -> bool {
+    true
+}
+fn is_true(b: &bool) -> bool {
+    *b
 }
 fn lrn_radius() -> usize {
     4
@@ -60,6 +80,10 @@ pub enum LayerSpec {
         stride: [usize; 2],
         #[serde(default)]
         padding: Padding,
+        /// Whether the layer has a bias (`conv.bias`); ResNets' convolutions, followed by a
+        /// normalisation, have none.
+        #[serde(default = "yes", skip_serializing_if = "is_true")]
+        bias: bool,
     },
     MaxPool2d {
         kernel: [usize; 2],
@@ -97,6 +121,35 @@ pub enum LayerSpec {
         name: String,
         groups: usize,
     },
+    /// Mean over each channel's plane: [C,H,W] -> a vector of C values.
+    GlobalAvgPool,
+    /// A stage of ResNet basic blocks (He et al. 2016). Block `b` computes conv3x3 -> norm ->
+    /// ReLU -> conv3x3 -> norm, adds its input (through a 1x1 conv + norm projection when the
+    /// stride or channel count changes: "option B"), then ReLU. Only the first block strides.
+    /// Tensors follow torchvision: `{name}.{b}.conv1.weight`, `{name}.{b}.bn1.running_mean`
+    /// (`gn1` with GroupNorm), `{name}.0.downsample.0.weight` (the projection's conv) and
+    /// `{name}.0.downsample.1.*` (its norm).
+    Stage {
+        name: String,
+        blocks: usize,
+        out_channels: usize,
+        #[serde(default = "one")]
+        stride: usize,
+        #[serde(default)]
+        norm: BlockNorm,
+        /// GroupNorm's group count (default: the largest <= 8 dividing the channels).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        groups: Option<usize>,
+    },
+}
+
+/// The normalisation inside a [`LayerSpec::Stage`]'s blocks.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BlockNorm {
+    #[default]
+    Batch,
+    Group,
 }
 
 /// Data augmentation applied by the trainer before the first layer.
@@ -135,6 +188,13 @@ pub const BUILTIN_MODELS: &[&str] = &[
     "kws-cnn-gn",
     "mlp",
     "logreg",
+    "resnet20",
+    "resnet20-gn",
+    "resnet32",
+    "resnet32-gn",
+    "resnet56",
+    "resnet56-gn",
+    "resnet18",
 ];
 
 fn conv(name: &str, out: usize, k: [usize; 2], stride: [usize; 2], padding: Padding) -> LayerSpec {
@@ -144,6 +204,7 @@ fn conv(name: &str, out: usize, k: [usize; 2], stride: [usize; 2], padding: Padd
         kernel: k,
         stride,
         padding,
+        bias: true,
     }
 }
 fn linear(name: &str, out: usize) -> LayerSpec {
@@ -154,7 +215,7 @@ fn linear(name: &str, out: usize) -> LayerSpec {
 }
 
 /// Largest group count <= 8 that divides `channels`.
-fn gn_groups(channels: usize) -> usize {
+pub(crate) fn gn_groups(channels: usize) -> usize {
     (1..=8.min(channels))
         .rev()
         .find(|g| channels.is_multiple_of(*g))
@@ -304,6 +365,80 @@ impl ModelSpec {
                 layers.push(LayerSpec::Flatten);
                 layers.push(linear("fc", classes));
             }
+            "resnet20" | "resnet32" | "resnet56" if norm != Norm::Batch => {
+                let blocks = match base {
+                    "resnet20" => 3,
+                    "resnet32" => 5,
+                    _ => 9,
+                };
+                augment.hflip = true;
+                let group = norm == Norm::Group;
+                layers.push(LayerSpec::Conv2d {
+                    name: "conv1".into(),
+                    out_channels: 16,
+                    kernel: [3, 3],
+                    stride: [1, 1],
+                    padding: Padding::Explicit([1, 1]),
+                    bias: false,
+                });
+                layers.push(if group {
+                    LayerSpec::GroupNorm {
+                        name: "gn1".into(),
+                        groups: gn_groups(16),
+                    }
+                } else {
+                    LayerSpec::BatchNorm { name: "bn1".into() }
+                });
+                layers.push(LayerSpec::Relu);
+                for (i, (channels, stride)) in [(16, 1), (32, 2), (64, 2)].into_iter().enumerate() {
+                    layers.push(LayerSpec::Stage {
+                        name: format!("layer{}", i + 1),
+                        blocks,
+                        out_channels: channels,
+                        stride,
+                        norm: if group {
+                            BlockNorm::Group
+                        } else {
+                            BlockNorm::Batch
+                        },
+                        groups: None,
+                    });
+                }
+                layers.push(LayerSpec::GlobalAvgPool);
+                layers.push(linear("fc", classes));
+            }
+            "resnet18" if norm == Norm::None => {
+                layers.push(LayerSpec::Conv2d {
+                    name: "conv1".into(),
+                    out_channels: 64,
+                    kernel: [7, 7],
+                    stride: [2, 2],
+                    padding: Padding::Explicit([3, 3]),
+                    bias: false,
+                });
+                layers.push(LayerSpec::BatchNorm { name: "bn1".into() });
+                layers.push(LayerSpec::Relu);
+                layers.push(LayerSpec::MaxPool2d {
+                    kernel: [3, 3],
+                    stride: Some([2, 2]),
+                    padding: Padding::Explicit([1, 1]),
+                });
+                for (i, (channels, stride)) in [(64, 1), (128, 2), (256, 2), (512, 2)]
+                    .into_iter()
+                    .enumerate()
+                {
+                    layers.push(LayerSpec::Stage {
+                        name: format!("layer{}", i + 1),
+                        blocks: 2,
+                        out_channels: channels,
+                        stride,
+                        norm: BlockNorm::Batch,
+                        groups: None,
+                    });
+                }
+                layers.push(LayerSpec::GlobalAvgPool);
+                layers.push(linear("fc", classes));
+            }
             _ => return Err(unknown()),
         }
         let spec = ModelSpec {
@@ -348,510 +483,5 @@ impl ModelSpec {
             })
             .sum();
         Ok(6.0 * macs)
-    }
-}
-
-/// A convolution with resolved geometry; `w`, `b` are offsets into the parameter vector.
-#[derive(Clone, Debug)]
-pub(crate) struct ConvOp {
-    pub cin: usize,
-    pub hin: usize,
-    pub win: usize,
-    pub cout: usize,
-    pub kh: usize,
-    pub kw: usize,
-    pub sh: usize,
-    pub sw: usize,
-    pub pt: usize,
-    pub pl: usize,
-    pub hout: usize,
-    pub wout: usize,
-    pub w: usize,
-    pub b: usize,
-    /// A following ReLU fused into this layer (applied after the bias).
-    pub relu: bool,
-}
-impl ConvOp {
-    pub fn k(&self) -> usize {
-        self.cin * self.kh * self.kw
-    }
-}
-
-#[derive(Clone, Debug)]
-pub(crate) struct PoolOp {
-    pub c: usize,
-    pub hin: usize,
-    pub win: usize,
-    pub kh: usize,
-    pub kw: usize,
-    pub sh: usize,
-    pub sw: usize,
-    pub pt: usize,
-    pub pl: usize,
-    pub hout: usize,
-    pub wout: usize,
-}
-
-#[derive(Clone, Debug)]
-pub(crate) struct LinearOp {
-    pub fin: usize,
-    pub fout: usize,
-    pub w: usize,
-    pub b: usize,
-    /// A following ReLU fused into this layer (applied after the bias).
-    pub relu: bool,
-}
-
-/// BatchNorm: param offsets `w`, `b`; buffer offsets `rm`, `rv`, `nbt`.
-#[derive(Clone, Debug)]
-pub(crate) struct BnOp {
-    pub c: usize,
-    pub hw: usize,
-    pub w: usize,
-    pub b: usize,
-    pub rm: usize,
-    pub rv: usize,
-    pub nbt: usize,
-}
-
-#[derive(Clone, Debug)]
-pub(crate) struct GnOp {
-    pub c: usize,
-    pub hw: usize,
-    pub groups: usize,
-    pub w: usize,
-    pub b: usize,
-}
-
-/// One compiled layer (Flatten compiles to nothing: NCHW data is already flat in C,H,W order).
-#[derive(Clone, Debug)]
-pub(crate) enum Op {
-    Conv(ConvOp),
-    Pool(PoolOp),
-    Lrn {
-        c: usize,
-        hw: usize,
-        radius: usize,
-        bias: f32,
-        alpha: f32,
-        beta: f32,
-    },
-    Relu {
-        len: usize,
-    },
-    Linear(LinearOp),
-    Dropout {
-        p: f32,
-        len: usize,
-    },
-    BatchNorm(BnOp),
-    GroupNorm(GnOp),
-}
-
-impl Op {
-    /// (offset, length) of this op's weight and bias in the parameter vector; (0, 0) twice for
-    /// ops without parameters.
-    pub fn param_ranges(&self) -> [(usize, usize); 2] {
-        match self {
-            Op::Conv(c) => [(c.w, c.cout * c.k()), (c.b, c.cout)],
-            Op::Linear(l) => [(l.w, l.fout * l.fin), (l.b, l.fout)],
-            Op::BatchNorm(b) => [(b.w, b.c), (b.b, b.c)],
-            Op::GroupNorm(g) => [(g.w, g.c), (g.b, g.c)],
-            Op::Pool(_) | Op::Lrn { .. } | Op::Relu { .. } | Op::Dropout { .. } => [(0, 0); 2],
-        }
-    }
-
-    /// Values per example of this op's output.
-    pub fn out_len(&self) -> usize {
-        match self {
-            Op::Conv(c) => c.cout * c.hout * c.wout,
-            Op::Pool(p) => p.c * p.hout * p.wout,
-            Op::Lrn { c, hw, .. } => c * hw,
-            Op::Relu { len } | Op::Dropout { len, .. } => *len,
-            Op::Linear(l) => l.fout,
-            Op::BatchNorm(b) => b.c * b.hw,
-            Op::GroupNorm(g) => g.c * g.hw,
-        }
-    }
-}
-
-/// Where a named tensor lives (see [`crate::TensorInfo`]).
-#[derive(Clone, Debug)]
-pub(crate) struct PlannedTensor {
-    pub name: String,
-    pub layer: String,
-    pub shape: Vec<usize>,
-    pub offset: usize,
-    pub len: usize,
-    pub buffer: bool,
-    pub norm: bool,
-    /// fan_in for PyTorch's default uniform init; 0 for norm tensors.
-    pub fan_in: usize,
-}
-
-/// A validated, compiled spec.
-#[derive(Clone, Debug)]
-pub(crate) struct Plan {
-    pub net_input: [usize; 3],
-    pub ops: Vec<Op>,
-    pub tensors: Vec<PlannedTensor>,
-    pub num_params: usize,
-    pub num_buffers: usize,
-}
-
-/// Output size and leading padding of one window dimension.
-fn window(
-    field: &str,
-    size: usize,
-    k: usize,
-    s: usize,
-    pad: Padding,
-    axis: usize,
-) -> Result<(usize, usize), NnError> {
-    if k == 0 || s == 0 {
-        return Err(spec_err(field, "kernel and stride must be >= 1"));
-    }
-    match pad {
-        Padding::Valid => {
-            if k > size {
-                return Err(spec_err(
-                    field,
-                    format!("kernel {k} larger than input {size} (VALID padding)"),
-                ));
-            }
-            Ok(((size - k) / s + 1, 0))
-        }
-        Padding::Same => {
-            let out = size.div_ceil(s);
-            let total = ((out - 1) * s + k).saturating_sub(size);
-            Ok((out, total / 2))
-        }
-        Padding::Explicit(p) => {
-            let p = p[axis];
-            if size + 2 * p < k {
-                return Err(spec_err(
-                    field,
-                    format!("kernel {k} larger than padded input {}", size + 2 * p),
-                ));
-            }
-            Ok(((size + 2 * p - k) / s + 1, p))
-        }
-    }
-}
-
-impl Plan {
-    pub fn build(spec: &ModelSpec) -> Result<Plan, NnError> {
-        if spec.classes < 2 {
-            return Err(spec_err("classes", "need at least 2 classes"));
-        }
-        if spec.classes > usize::from(u16::MAX) {
-            return Err(spec_err("classes", "labels are u16: at most 65535 classes"));
-        }
-        let [c0, h0, w0] = spec.input;
-        if c0 == 0 || h0 == 0 || w0 == 0 {
-            return Err(spec_err("input", "every dimension must be >= 1"));
-        }
-        let (mut h, mut w) = (h0, w0);
-        if let Some([ch, cw]) = spec.augment.crop {
-            if ch == 0 || cw == 0 || ch > h0 || cw > w0 {
-                return Err(spec_err(
-                    "augment.crop",
-                    format!("crop {ch}x{cw} must be non-empty and fit the input {h0}x{w0}"),
-                ));
-            }
-            (h, w) = (ch, cw);
-        }
-        let net_input = [c0, h, w];
-        let mut shape = net_input;
-        let mut flat = false;
-        let mut ops = Vec::new();
-        let mut tensors: Vec<PlannedTensor> = Vec::new();
-        let mut np = 0usize;
-        let mut nb = 0usize;
-        let mut names = std::collections::BTreeSet::new();
-        let mut add = |tensors: &mut Vec<PlannedTensor>,
-                       name: &str,
-                       layer: &str,
-                       shape: Vec<usize>,
-                       buffer: bool,
-                       norm: bool,
-                       fan_in: usize|
-         -> usize {
-            let len = shape.iter().product::<usize>().max(1);
-            let off = if buffer { &mut nb } else { &mut np };
-            let offset = *off;
-            *off += len;
-            tensors.push(PlannedTensor {
-                name: format!("{layer}.{name}"),
-                layer: layer.into(),
-                shape,
-                offset,
-                len,
-                buffer,
-                norm,
-                fan_in,
-            });
-            offset
-        };
-        for (i, layer) in spec.layers.iter().enumerate() {
-            let f = |s: &str| format!("layers[{i}].{s}");
-            let mut check_name = |name: &str| -> Result<(), NnError> {
-                let ok =
-                    !name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
-                if !ok {
-                    return Err(spec_err(f("name"), format!("{name:?}: use [A-Za-z0-9_]+")));
-                }
-                if !names.insert(name.to_string()) {
-                    return Err(spec_err(
-                        f("name"),
-                        format!("duplicate layer name {name:?}"),
-                    ));
-                }
-                Ok(())
-            };
-            let [c, hh, ww] = shape;
-            let len = c * hh * ww;
-            let spatial = |flat: bool| -> Result<(), NnError> {
-                if flat {
-                    Err(spec_err(
-                        f("type"),
-                        "spatial layer after Flatten/Linear: the input is a vector",
-                    ))
-                } else {
-                    Ok(())
-                }
-            };
-            match layer {
-                LayerSpec::Conv2d {
-                    name,
-                    out_channels,
-                    kernel,
-                    stride,
-                    padding,
-                } => {
-                    spatial(flat)?;
-                    check_name(name)?;
-                    if *out_channels == 0 {
-                        return Err(spec_err(f("out_channels"), "must be >= 1"));
-                    }
-                    let (hout, pt) = window(&f("kernel"), hh, kernel[0], stride[0], *padding, 0)?;
-                    let (wout, pl) = window(&f("kernel"), ww, kernel[1], stride[1], *padding, 1)?;
-                    let fan_in = c * kernel[0] * kernel[1];
-                    let wo = add(
-                        &mut tensors,
-                        "weight",
-                        name,
-                        vec![*out_channels, c, kernel[0], kernel[1]],
-                        false,
-                        false,
-                        fan_in,
-                    );
-                    let bo = add(
-                        &mut tensors,
-                        "bias",
-                        name,
-                        vec![*out_channels],
-                        false,
-                        false,
-                        fan_in,
-                    );
-                    ops.push(Op::Conv(ConvOp {
-                        cin: c,
-                        hin: hh,
-                        win: ww,
-                        cout: *out_channels,
-                        kh: kernel[0],
-                        kw: kernel[1],
-                        sh: stride[0],
-                        sw: stride[1],
-                        pt,
-                        pl,
-                        hout,
-                        wout,
-                        w: wo,
-                        b: bo,
-                        relu: false,
-                    }));
-                    shape = [*out_channels, hout, wout];
-                }
-                LayerSpec::MaxPool2d {
-                    kernel,
-                    stride,
-                    padding,
-                } => {
-                    spatial(flat)?;
-                    let stride = stride.unwrap_or(*kernel);
-                    let (hout, pt) = window(&f("kernel"), hh, kernel[0], stride[0], *padding, 0)?;
-                    let (wout, pl) = window(&f("kernel"), ww, kernel[1], stride[1], *padding, 1)?;
-                    if let Padding::Explicit(p) = padding
-                        && (2 * p[0] > kernel[0] || 2 * p[1] > kernel[1])
-                    {
-                        return Err(spec_err(
-                            f("padding"),
-                            "pad should be at most half the kernel",
-                        ));
-                    }
-                    ops.push(Op::Pool(PoolOp {
-                        c,
-                        hin: hh,
-                        win: ww,
-                        kh: kernel[0],
-                        kw: kernel[1],
-                        sh: stride[0],
-                        sw: stride[1],
-                        pt,
-                        pl,
-                        hout,
-                        wout,
-                    }));
-                    shape = [c, hout, wout];
-                }
-                LayerSpec::Lrn {
-                    depth_radius,
-                    bias,
-                    alpha,
-                    beta,
-                } => {
-                    spatial(flat)?;
-                    if !(bias.is_finite() && *bias > 0.0) {
-                        return Err(spec_err(f("bias"), "must be finite and > 0"));
-                    }
-                    if !(alpha.is_finite() && *alpha >= 0.0) {
-                        return Err(spec_err(f("alpha"), "must be finite and >= 0"));
-                    }
-                    if !beta.is_finite() {
-                        return Err(spec_err(f("beta"), "must be finite"));
-                    }
-                    ops.push(Op::Lrn {
-                        c,
-                        hw: hh * ww,
-                        radius: *depth_radius,
-                        bias: *bias,
-                        alpha: *alpha,
-                        beta: *beta,
-                    });
-                }
-                LayerSpec::Relu => ops.push(Op::Relu { len }),
-                LayerSpec::Flatten => {
-                    shape = [len, 1, 1];
-                    flat = true;
-                }
-                LayerSpec::Linear { name, out_features } => {
-                    if !flat {
-                        return Err(spec_err(
-                            f("type"),
-                            "Linear needs a Flatten before it (input is [C,H,W])",
-                        ));
-                    }
-                    check_name(name)?;
-                    if *out_features == 0 {
-                        return Err(spec_err(f("out_features"), "must be >= 1"));
-                    }
-                    let wo = add(
-                        &mut tensors,
-                        "weight",
-                        name,
-                        vec![*out_features, len],
-                        false,
-                        false,
-                        len,
-                    );
-                    let bo = add(
-                        &mut tensors,
-                        "bias",
-                        name,
-                        vec![*out_features],
-                        false,
-                        false,
-                        len,
-                    );
-                    ops.push(Op::Linear(LinearOp {
-                        fin: len,
-                        fout: *out_features,
-                        w: wo,
-                        b: bo,
-                        relu: false,
-                    }));
-                    shape = [*out_features, 1, 1];
-                }
-                LayerSpec::Dropout { p } => {
-                    if !(0.0..1.0).contains(p) {
-                        return Err(spec_err(f("p"), format!("{p} not in [0, 1)")));
-                    }
-                    ops.push(Op::Dropout { p: *p, len });
-                }
-                LayerSpec::BatchNorm { name } => {
-                    check_name(name)?;
-                    let w = add(&mut tensors, "weight", name, vec![c], false, true, 0);
-                    let b = add(&mut tensors, "bias", name, vec![c], false, true, 0);
-                    let rm = add(&mut tensors, "running_mean", name, vec![c], true, true, 0);
-                    let rv = add(&mut tensors, "running_var", name, vec![c], true, true, 0);
-                    let nbt = add(
-                        &mut tensors,
-                        "num_batches_tracked",
-                        name,
-                        vec![],
-                        true,
-                        true,
-                        0,
-                    );
-                    ops.push(Op::BatchNorm(BnOp {
-                        c,
-                        hw: hh * ww,
-                        w,
-                        b,
-                        rm,
-                        rv,
-                        nbt,
-                    }));
-                }
-                LayerSpec::GroupNorm { name, groups } => {
-                    spatial(flat)?;
-                    check_name(name)?;
-                    if *groups == 0 || !c.is_multiple_of(*groups) {
-                        return Err(spec_err(
-                            f("groups"),
-                            format!("{groups} must be >= 1 and divide the {c} channels"),
-                        ));
-                    }
-                    let w = add(&mut tensors, "weight", name, vec![c], false, true, 0);
-                    let b = add(&mut tensors, "bias", name, vec![c], false, true, 0);
-                    ops.push(Op::GroupNorm(GnOp {
-                        c,
-                        hw: hh * ww,
-                        groups: *groups,
-                        w,
-                        b,
-                    }));
-                }
-            }
-        }
-        let out = shape.iter().product::<usize>();
-        if !flat || out != spec.classes {
-            return Err(spec_err(
-                "layers",
-                format!(
-                    "the last layer must output a vector of {} class logits; it outputs {:?}",
-                    spec.classes, shape
-                ),
-            ));
-        }
-        // Fuse each ReLU into the conv/linear layer before it: one pass less each way.
-        let mut fused: Vec<Op> = Vec::with_capacity(ops.len());
-        for op in ops {
-            match (fused.last_mut(), &op) {
-                (Some(Op::Conv(c)), Op::Relu { .. }) if !c.relu => c.relu = true,
-                (Some(Op::Linear(l)), Op::Relu { .. }) if !l.relu => l.relu = true,
-                _ => fused.push(op),
-            }
-        }
-        let ops = fused;
-        Ok(Plan {
-            net_input,
-            ops,
-            tensors,
-            num_params: np,
-            num_buffers: nb,
-        })
     }
 }

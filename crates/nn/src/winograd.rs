@@ -29,7 +29,7 @@
 use gemm::Parallelism;
 
 use crate::kernels::{avx2_dispatch, matmul};
-use crate::spec::ConvOp;
+use crate::plan::ConvOp;
 
 /// Winograd-domain values per chunk (tiles x N²). The transforms scatter each tile over N² rows
 /// of a buffer of N² x channels x chunk tiles; at 6,912 values (1.8 MB with 64 channels) that
@@ -267,6 +267,7 @@ impl TileSize {
 /// all overhead (the first layers, with 1 or 3 input channels, stay on im2col).
 pub(crate) fn eligible(c: &ConvOp) -> bool {
     (c.kh, c.kw, c.sh, c.sw) == (5, 5, 1, 1)
+        && c.bias
         && c.pt <= 4
         && c.pl <= 4
         && c.cin >= 16
@@ -1018,7 +1019,7 @@ fn backward_with<const R: usize, const N: usize, S: Scheme<R, N>>(
     let hw = out.h * out.w;
     for (k, db) in grads[c.b..c.b + c.cout].iter_mut().enumerate() {
         *db = (0..n)
-            .map(|s| crate::train::lane_sum(&dy[(s * c.cout + k) * hw..][..hw]))
+            .map(|s| crate::kernels::lane_sum(&dy[(s * c.cout + k) * hw..][..hw]))
             .sum();
     }
     let (fwd, bwd) = tilings(c, R);
@@ -1212,6 +1213,7 @@ mod tests {
             wout: w + pl + pr - 4,
             w: 0,
             b: cout * cin * 25,
+            bias: true,
             relu,
         }
     }

@@ -46,6 +46,70 @@ fn mnist_cnn_has_1_663_370_parameters() {
 }
 
 #[test]
+fn resnets_have_the_papers_sizes_and_torchvision_names() {
+    for (name, params) in [
+        ("resnet20", 272_474),
+        ("resnet32", 466_906),
+        ("resnet56", 855_770),
+    ] {
+        let spec = ModelSpec::by_name(name, [3, 32, 32], 10).unwrap();
+        assert_eq!(spec.num_params().unwrap(), params, "{name}");
+        // GroupNorm has BatchNorm's affine parameters and no buffers.
+        let gn = ModelSpec::by_name(&format!("{name}-gn"), [3, 32, 32], 10).unwrap();
+        assert_eq!(gn.num_params().unwrap(), params, "{name}-gn");
+        assert!(Model::new(&gn, 0).unwrap().buffers().is_empty());
+    }
+    // torchvision's resnet18 for ImageNet: 11,689,512 parameters, 1.814 G multiply-adds (conv1
+    // 118.0 M at 112x112, the stages at 56, 28, 14, 7, fc 0.5 M).
+    let spec = ModelSpec::by_name("resnet18", [3, 224, 224], 1000).unwrap();
+    assert_eq!(spec.num_params().unwrap(), 11_689_512);
+    assert_eq!(spec.flops_per_sample().unwrap(), 6.0 * 1_814_073_344.0);
+    let model = Model::new(&spec, 0).unwrap();
+    let names: Vec<(&str, &[usize])> = model
+        .tensors()
+        .iter()
+        .map(|t| (t.name.as_str(), t.shape.as_slice()))
+        .collect();
+    // The first keys of torchvision's `resnet18().state_dict()`, in its order.
+    let head: [(&str, &[usize]); 14] = [
+        ("conv1.weight", &[64, 3, 7, 7]),
+        ("bn1.weight", &[64]),
+        ("bn1.bias", &[64]),
+        ("bn1.running_mean", &[64]),
+        ("bn1.running_var", &[64]),
+        ("bn1.num_batches_tracked", &[]),
+        ("layer1.0.conv1.weight", &[64, 64, 3, 3]),
+        ("layer1.0.bn1.weight", &[64]),
+        ("layer1.0.bn1.bias", &[64]),
+        ("layer1.0.bn1.running_mean", &[64]),
+        ("layer1.0.bn1.running_var", &[64]),
+        ("layer1.0.bn1.num_batches_tracked", &[]),
+        ("layer1.0.conv2.weight", &[64, 64, 3, 3]),
+        ("layer1.0.bn2.weight", &[64]),
+    ];
+    assert_eq!(&names[..14], &head[..]);
+    for (name, shape) in [
+        ("layer2.0.downsample.0.weight", &[128, 64, 1, 1][..]),
+        ("layer2.0.downsample.1.running_var", &[128]),
+        ("layer4.1.bn2.bias", &[512]),
+        ("fc.weight", &[1000, 512]),
+        ("fc.bias", &[1000]),
+    ] {
+        assert!(names.contains(&(name, shape)), "{name} {shape:?}");
+    }
+    assert_eq!(
+        names.len(),
+        122,
+        "torchvision's resnet18 has 122 state-dict entries"
+    );
+    assert!(
+        !names
+            .iter()
+            .any(|(n, _)| n.starts_with("layer1.0.downsample"))
+    );
+}
+
+#[test]
 fn pytorch_names_and_shapes() {
     let spec = ModelSpec::by_name("mnist-cnn-bn", [1, 28, 28], 10).unwrap();
     let model = Model::new(&spec, 0).unwrap();
@@ -114,6 +178,25 @@ fn bad_specs_name_the_field() {
         ModelSpec::by_name("resnet", [1, 28, 28], 10),
         Err(NnError::UnknownModel { .. })
     ));
+    let stage = |body: &str| {
+        err(&format!(
+            "{head}[[layers]]\ntype = \"stage\"\nname = \"layer1\"\n{body}\n[[layers]]\ntype = \"globalavgpool\"\n[[layers]]\ntype = \"linear\"\nname = \"fc\"\nout_features = 3\n"
+        ))
+    };
+    let e = stage("blocks = 0\nout_channels = 4");
+    assert!(e.contains("layers[0].blocks"), "{e}");
+    let e = stage("blocks = 1\nout_channels = 6\nnorm = \"group\"\ngroups = 4");
+    assert!(e.contains("layers[0].groups"), "{e}");
+    let e = stage("blocks = 1\nout_channels = 4\ngroups = 2");
+    assert!(e.contains("layers[0].groups") && e.contains("group"), "{e}");
+    let e = err(&format!(
+        "{head}[[layers]]\ntype = \"flatten\"\n[[layers]]\ntype = \"globalavgpool\"\n"
+    ));
+    assert!(e.contains("layers[1].type") && e.contains("vector"), "{e}");
+    assert!(matches!(
+        ModelSpec::by_name("resnet20-bn", [3, 32, 32], 10),
+        Err(NnError::UnknownModel { .. })
+    ));
 }
 
 fn train(spec: &ModelSpec, threads: usize, steps: u64) -> Model {
@@ -136,7 +219,8 @@ fn bits(v: &[f32]) -> Vec<u32> {
 #[test]
 fn same_seed_bit_identical_whatever_the_threads() {
     // cifar-cnn-bn exercises augmentation (crop + flip), LRN and BatchNorm buffers.
-    for name in ["cifar-cnn-bn", "mnist-cnn"] {
+    // resnet20 exercises residual joins (an input with two readers) and projections.
+    for name in ["cifar-cnn-bn", "mnist-cnn", "resnet20"] {
         let spec = ModelSpec::by_name(name, input_of(name), 10).unwrap();
         let a = train(&spec, 1, 3);
         let b = train(&spec, 1, 3);

@@ -3,7 +3,8 @@
 //! At the end, the clinical metrics against scikit-learn's values
 //! (`crates/nn/fixtures/make_clinical_fixture.py`).
 //!
-//! Every built-in model has a fixture (the three CNNs also in their `-bn` and `-gn` variants).
+//! Every built-in model family has a fixture (the three CNNs also in their `-bn` and `-gn`
+//! variants; of the ResNets `resnet20`, `resnet20-gn` and `resnet18`, which hold every block kind).
 //! Each holds, for a batch of four examples, the train-mode loss, the gradients, the parameters
 //! and BatchNorm buffers after one SGD step (lr 0.1), the eval-mode loss before and after that
 //! step, and the parameters after two momentum + weight-decay steps.
@@ -657,6 +658,21 @@ fn mlp_matches_pytorch() {
 #[test]
 fn logreg_matches_pytorch() {
     check_against_torch("logreg");
+}
+
+#[test]
+fn resnet20_matches_pytorch() {
+    check_against_torch("resnet20");
+}
+
+#[test]
+fn resnet20_gn_matches_pytorch() {
+    check_against_torch("resnet20-gn");
+}
+
+#[test]
+fn resnet18_matches_pytorch() {
+    check_against_torch("resnet18");
 }
 
 /// ROC AUC, balanced accuracy, sensitivity and specificity against scikit-learn on the cases of

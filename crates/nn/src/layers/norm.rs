@@ -1,0 +1,229 @@
+//! BatchNorm (2d over [C,H,W] maps, 1d over vectors) and GroupNorm: forward, backward, and
+//! BatchNorm's running statistics. Statistics are reduced in f64, so they do not depend on the
+//! batch's order of magnitude.
+
+// Kernels index several parallel arrays (input, output, saved state) with one index.
+#![allow(clippy::needless_range_loop)]
+
+use crate::plan::{BnOp, GnOp};
+
+pub(crate) const BN_EPS: f32 = 1e-5;
+pub(crate) const BN_MOMENTUM: f32 = 0.1;
+pub(crate) const GN_EPS: f32 = 1e-5;
+
+/// What BatchNorm's forward keeps for backward and for the running statistics.
+pub(crate) struct BnSaved<'a> {
+    /// Normalised input.
+    pub xhat: &'a mut [f32],
+    /// Per-channel inverse standard deviation.
+    pub invstd: &'a mut [f32],
+    /// Per-channel mean and biased variance used (the batch's, or the running ones).
+    pub mean: &'a mut [f32],
+    pub var: &'a mut [f32],
+}
+
+/// `batch_stats`: normalise with the batch's statistics (training with `train`/`local`);
+/// otherwise with the running ones in `buf` (evaluation, or training with `frozen`).
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+pub(crate) fn bn_forward(
+    b: &BnOp,
+    p: &[f32],
+    buf: &[f32],
+    x: &[f32],
+    y: &mut [f32],
+    saved: BnSaved<'_>,
+    n: usize,
+    batch_stats: bool,
+) {
+    let BnSaved {
+        xhat,
+        invstd,
+        mean,
+        var,
+    } = saved;
+    let m = (n * b.hw) as f64;
+    for ch in 0..b.c {
+        let (mu, v) = if batch_stats {
+            let mut s = 0f64;
+            for smp in 0..n {
+                let off = (smp * b.c + ch) * b.hw;
+                s += x[off..off + b.hw]
+                    .iter()
+                    .map(|&v| f64::from(v))
+                    .sum::<f64>();
+            }
+            let mu = s / m;
+            let mut q = 0f64;
+            for smp in 0..n {
+                let off = (smp * b.c + ch) * b.hw;
+                q += x[off..off + b.hw]
+                    .iter()
+                    .map(|&v| (f64::from(v) - mu).powi(2))
+                    .sum::<f64>();
+            }
+            (mu as f32, (q / m) as f32)
+        } else {
+            (buf[b.rm + ch], buf[b.rv + ch])
+        };
+        mean[ch] = mu;
+        var[ch] = v;
+        let is = 1.0 / (v + BN_EPS).sqrt();
+        invstd[ch] = is;
+        let (g, be) = (p[b.w + ch], p[b.b + ch]);
+        for smp in 0..n {
+            let off = (smp * b.c + ch) * b.hw;
+            for j in off..off + b.hw {
+                let xh = (x[j] - mu) * is;
+                xhat[j] = xh;
+                y[j] = g * xh + be;
+            }
+        }
+    }
+}
+
+/// Weight and bias gradients into `grads`; with `need_dx`, the input gradient into `dx` (through
+/// the batch statistics when `batch_stats`, else a per-channel scale).
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+pub(crate) fn bn_backward(
+    b: &BnOp,
+    p: &[f32],
+    grads: &mut [f32],
+    dy: &[f32],
+    dx: &mut [f32],
+    xhat: &[f32],
+    invstd: &[f32],
+    n: usize,
+    batch_stats: bool,
+    need_dx: bool,
+) {
+    let m = (n * b.hw) as f32;
+    for ch in 0..b.c {
+        let (mut sdy, mut sdyx) = (0f64, 0f64);
+        for smp in 0..n {
+            let off = (smp * b.c + ch) * b.hw;
+            for j in off..off + b.hw {
+                sdy += f64::from(dy[j]);
+                sdyx += f64::from(dy[j] * xhat[j]);
+            }
+        }
+        grads[b.w + ch] = sdyx as f32;
+        grads[b.b + ch] = sdy as f32;
+        if !need_dx {
+            continue;
+        }
+        let g = p[b.w + ch];
+        let k = g * invstd[ch];
+        let (mdy, mdyx) = ((sdy / f64::from(m)) as f32, (sdyx / f64::from(m)) as f32);
+        for smp in 0..n {
+            let off = (smp * b.c + ch) * b.hw;
+            for j in off..off + b.hw {
+                dx[j] = if batch_stats {
+                    k * (dy[j] - mdy - xhat[j] * mdyx)
+                } else {
+                    k * dy[j]
+                };
+            }
+        }
+    }
+}
+
+/// PyTorch's running-statistics update after a training forward with batch statistics: momentum
+/// 0.1, the variance unbiased, `num_batches_tracked` counted.
+pub(crate) fn bn_update_running_stats(
+    b: &BnOp,
+    buf: &mut [f32],
+    mean: &[f32],
+    var: &[f32],
+    n: usize,
+) {
+    let m = (n * b.hw) as f32;
+    let unbias = if m > 1.0 { m / (m - 1.0) } else { 1.0 };
+    for ch in 0..b.c {
+        let rm = &mut buf[b.rm + ch];
+        *rm = (1.0 - BN_MOMENTUM) * *rm + BN_MOMENTUM * mean[ch];
+        let rv = &mut buf[b.rv + ch];
+        *rv = (1.0 - BN_MOMENTUM) * *rv + BN_MOMENTUM * var[ch] * unbias;
+    }
+    buf[b.nbt] += 1.0;
+}
+
+/// GroupNorm forward; keeps the normalised input and per-(example, group) inverse std.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+pub(crate) fn gn_forward(
+    g: &GnOp,
+    p: &[f32],
+    x: &[f32],
+    y: &mut [f32],
+    xhat: &mut [f32],
+    invstd: &mut [f32],
+    n: usize,
+) {
+    let cpg = g.c / g.groups;
+    let block = cpg * g.hw;
+    for sg in 0..n * g.groups {
+        let xs = &x[sg * block..(sg + 1) * block];
+        let mu = xs.iter().map(|&v| f64::from(v)).sum::<f64>() / block as f64;
+        let var = xs.iter().map(|&v| (f64::from(v) - mu).powi(2)).sum::<f64>() / block as f64;
+        let is = 1.0 / (var as f32 + GN_EPS).sqrt();
+        invstd[sg] = is;
+        let mu = mu as f32;
+        let first_c = (sg % g.groups) * cpg;
+        for k in 0..cpg {
+            let (gm, be) = (p[g.w + first_c + k], p[g.b + first_c + k]);
+            for j in sg * block + k * g.hw..sg * block + (k + 1) * g.hw {
+                let xh = (x[j] - mu) * is;
+                xhat[j] = xh;
+                y[j] = gm * xh + be;
+            }
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+pub(crate) fn gn_backward(
+    g: &GnOp,
+    p: &[f32],
+    grads: &mut [f32],
+    dy: &[f32],
+    dx: &mut [f32],
+    xhat: &[f32],
+    invstd: &[f32],
+    n: usize,
+    need_dx: bool,
+) {
+    let cpg = g.c / g.groups;
+    let block = cpg * g.hw;
+    grads[g.w..g.w + g.c].fill(0.0);
+    grads[g.b..g.b + g.c].fill(0.0);
+    for sg in 0..n * g.groups {
+        let first_c = (sg % g.groups) * cpg;
+        let (mut a, mut bsum) = (0f64, 0f64);
+        for k in 0..cpg {
+            let gm = p[g.w + first_c + k];
+            let (mut sdy, mut sdyx) = (0f32, 0f32);
+            for j in sg * block + k * g.hw..sg * block + (k + 1) * g.hw {
+                sdy += dy[j];
+                sdyx += dy[j] * xhat[j];
+            }
+            grads[g.w + first_c + k] += sdyx;
+            grads[g.b + first_c + k] += sdy;
+            a += f64::from(gm * sdy);
+            bsum += f64::from(gm * sdyx);
+        }
+        if !need_dx {
+            continue;
+        }
+        let is = invstd[sg];
+        let (ma, mb) = ((a / block as f64) as f32, (bsum / block as f64) as f32);
+        for k in 0..cpg {
+            let gm = p[g.w + first_c + k];
+            for j in sg * block + k * g.hw..sg * block + (k + 1) * g.hw {
+                dx[j] = is * (gm * dy[j] - ma - xhat[j] * mb);
+            }
+        }
+    }
+}
