@@ -37,6 +37,9 @@ pub struct FitConfig {
     /// Parameters (ranges of the parameter vector) that training leaves unchanged
     /// (`model.freeze`).
     pub frozen: Vec<std::ops::Range<usize>>,
+    /// BatchNorm layers whose running statistics stay as they are and normalise in training
+    /// (`model.freeze_statistics`).
+    pub frozen_statistics: Vec<String>,
     /// Train on labels turned around (class c as classes - 1 - c): a label-flipping attacker
     /// (`[attack] kind = "label-flip"`, simulation only).
     pub flip_labels: bool,
@@ -111,6 +114,9 @@ pub fn fit(
 
     trainer.reset_optimizer();
     trainer.set_frozen(config.frozen.clone());
+    trainer
+        .set_frozen_statistics(&config.frozen_statistics)
+        .map_err(|e| fail(e.to_string()))?;
     let mut order = indices.to_vec();
     let mut x = vec![0f32; config.batch_size.min(indices.len()) * row];
     let mut y = vec![0u16; config.batch_size.min(indices.len())];

@@ -239,6 +239,12 @@ pub struct ModelConfig {
     /// them out of aggregation. Running statistics follow `bn`, not this list.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub freeze: Vec<String>,
+    /// Glob patterns over BatchNorm layer names (`bn1`, `layer1.*`, `*`): matching layers
+    /// normalise with their stored running statistics in training too and never update them
+    /// (eval-mode BatchNorm inside a training model, as for a frozen pre-trained backbone), the
+    /// other layers follow `bn`. The server leaves their statistics out of aggregation.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub freeze_statistics: Vec<String>,
     /// Glob patterns over tensor names re-initialised (seeded) instead of read from `init`: a
     /// new head, possibly of another shape. Needs `init`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -477,6 +483,7 @@ impl ExperimentConfig {
         }
         for (key, patterns) in [
             ("model.freeze", &self.model.freeze),
+            ("model.freeze_statistics", &self.model.freeze_statistics),
             ("model.reset", &self.model.reset),
         ] {
             if let Err((pattern, e)) = crate::federation::compile_patterns(patterns) {

@@ -126,6 +126,8 @@ pub struct Federation {
     local_buffers: Vec<Range<usize>>,
     /// Parameters `model.freeze` keeps fixed.
     frozen: Vec<Range<usize>>,
+    /// BatchNorm layers `model.freeze_statistics` keeps fixed.
+    frozen_statistics: Vec<String>,
     all_indices: Vec<usize>,
     threads: usize,
     /// Wall time of the rounds run since the last evaluated row (it goes into the next row's
@@ -214,6 +216,7 @@ impl Federation {
             (None, None) => Model::new(&spec, seed)?,
         };
         let frozen = frozen_ranges(&global, &config.model.freeze)?;
+        let frozen_statistics = frozen_statistics(&global, &config.model.freeze_statistics)?;
         let dataless = data.train.is_empty();
         if dataless {
             // A server whose clients hold all the data (`deploy.evaluate = "clients"`): it
@@ -285,6 +288,7 @@ impl Federation {
                             bn: config.model.bn,
                             prox_mu: None,
                             frozen: frozen.clone(),
+                            frozen_statistics: frozen_statistics.clone(),
                             flip_labels: false,
                         },
                     };
@@ -311,6 +315,13 @@ impl Federation {
         // Frozen tensors never change on any client: the server leaves them as they are (an
         // average of equal values need not be exactly that value in floating point).
         scope.params.retain(|r| !frozen.contains(r));
+        let fixed_buffers: Vec<Range<usize>> = global
+            .tensors()
+            .iter()
+            .filter(|t| t.kind == TensorKind::Buffer && frozen_statistics.contains(&t.layer))
+            .map(|t| t.offset..t.offset + t.len)
+            .collect();
+        scope.buffers.retain(|r| !fixed_buffers.contains(r));
         let (mut local_params, mut local_buffers) = (Vec::new(), Vec::new());
         if config.model.bn == BnPolicy::Local {
             for t in global.tensors().iter().filter(|t| t.norm) {
@@ -343,6 +354,7 @@ impl Federation {
             local_params,
             local_buffers,
             frozen,
+            frozen_statistics,
             threads: threads.max(1),
             pending_seconds: 0.0,
             pending_examples: 0,
@@ -386,6 +398,7 @@ impl Federation {
             bn: self.config.model.bn,
             prox_mu: self.strategy.prox_mu(),
             frozen: self.frozen.clone(),
+            frozen_statistics: self.frozen_statistics.clone(),
             flip_labels: false,
         }
     }
@@ -821,6 +834,35 @@ pub fn frozen_ranges(model: &Model, patterns: &[String]) -> Result<Vec<Range<usi
         .filter(|t| t.kind == TensorKind::Param && compiled.iter().any(|p| p.matches(&t.name)))
         .map(|t| t.offset..t.offset + t.len)
         .collect())
+}
+
+/// The BatchNorm layers `model.freeze_statistics`' patterns select in `model`, in model order;
+/// a pattern that matches no BatchNorm layer is an error listing those there are.
+pub fn frozen_statistics(model: &Model, patterns: &[String]) -> Result<Vec<String>, FlError> {
+    let compiled = compile_patterns(patterns)
+        .map_err(|(p, e)| FlError::State(format!("model.freeze_statistics {p:?}: {e}")))?;
+    let mut layers: Vec<String> = Vec::new();
+    for t in model.tensors() {
+        if t.kind == TensorKind::Buffer && t.name.ends_with(".running_mean") {
+            layers.push(t.layer.clone());
+        }
+    }
+    for p in &compiled {
+        if !layers.iter().any(|l| p.matches(l)) {
+            return Err(FlError::State(format!(
+                "model.freeze_statistics: pattern {:?} matches no BatchNorm layer of model {} ({})",
+                p.as_str(),
+                model.spec().name,
+                if layers.is_empty() {
+                    "it has none".to_string()
+                } else {
+                    layers.join(", ")
+                }
+            )));
+        }
+    }
+    layers.retain(|l| compiled.iter().any(|p| p.matches(l)));
+    Ok(layers)
 }
 
 /// The mean of several evaluations' clinical metrics, value by value (`None` where any is).

@@ -98,6 +98,8 @@ struct Prepared {
     layout: Layout,
     /// Parameters `model.freeze` keeps fixed.
     frozen: Vec<std::ops::Range<usize>>,
+    /// BatchNorm layers whose statistics `model.freeze_statistics` keeps fixed.
+    frozen_statistics: Vec<String>,
 }
 
 /// Why a session ended badly.
@@ -553,6 +555,8 @@ fn prepare(
     let shape = Model::new(&spec, 0)?;
     let layout = Layout::of(&shape);
     let frozen = fedra_fl::federation::frozen_ranges(&shape, &config.model.freeze)?;
+    let frozen_statistics =
+        fedra_fl::federation::frozen_statistics(&shape, &config.model.freeze_statistics)?;
     Ok(Prepared {
         toml,
         index,
@@ -562,6 +566,7 @@ fn prepare(
         spec,
         layout,
         frozen,
+        frozen_statistics,
     })
 }
 
@@ -679,6 +684,7 @@ fn train(
         bn,
         prox_mu: fit.prox_mu,
         frozen: p.frozen.clone(),
+        frozen_statistics: p.frozen_statistics.clone(),
         flip_labels: false,
     };
     let job = FitJob {

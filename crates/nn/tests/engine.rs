@@ -312,6 +312,52 @@ fn batchnorm_trap_train_vs_frozen() {
     assert_eq!(bits(a.buffers()), bits(b.buffers()));
 }
 
+/// Per-layer frozen statistics: the named BatchNorm layers keep their running statistics bit for bit
+/// and normalise with them, the others keep training theirs; an unknown name is an error.
+#[test]
+fn batchnorm_statistics_frozen_per_layer() {
+    let spec = ModelSpec::by_name("resnet20", [3, 8, 8], 10).unwrap();
+    let (x, y) = batch(&spec, 6, 3);
+    let frozen = ["bn1", "layer1.0.bn2", "layer2.0.downsample.1"].map(String::from);
+    let run = |frozen: &[String]| {
+        let mut model = Model::new(&spec, 5).unwrap();
+        let mut trainer = Trainer::new(&spec, 6).unwrap();
+        trainer.set_frozen_statistics(frozen).unwrap();
+        let loss = trainer
+            .loss_and_grad(&mut model, &x, &y, BnPolicy::Train, 1)
+            .unwrap()
+            .loss;
+        for step in 0..2 {
+            trainer
+                .train_step(&mut model, &x, &y, &SGD, BnPolicy::Train, step, None)
+                .unwrap();
+        }
+        (model, loss)
+    };
+    let fresh = Model::new(&spec, 5).unwrap();
+    let (model, loss_frozen) = run(&frozen);
+    let (_, loss_all) = run(&[]);
+    for t in model
+        .tensors()
+        .iter()
+        .filter(|t| t.kind == TensorKind::Buffer)
+    {
+        let layer = t.name.rsplit_once('.').unwrap().0;
+        let same = model.tensor(&t.name).unwrap() == fresh.tensor(&t.name).unwrap();
+        assert_eq!(same, frozen.iter().any(|f| f == layer), "{}", t.name);
+    }
+    // Stored statistics (mean 0, variance 1) normalise differently from the batch's.
+    assert_ne!(loss_frozen, loss_all);
+    let mut trainer = Trainer::new(&spec, 6).unwrap();
+    for bad in ["conv1", "layer1.0.bn3"] {
+        let e = trainer
+            .set_frozen_statistics(&[bad.to_string()])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(bad) && e.contains("BatchNorm"), "{e}");
+    }
+}
+
 #[test]
 fn sgd_matches_pytorch_semantics_and_hook_applies() {
     let spec = ModelSpec::by_name("logreg", [1, 28, 28], 10).unwrap();

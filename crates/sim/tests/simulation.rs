@@ -521,12 +521,17 @@ fn outputs(model: &fedra_nn::Model, data: &fedra_data::TrainTest) -> Vec<f64> {
 
 /// The BatchNorm trap on real data: a model with every weight frozen still changes under
 /// `bn = "train"` (clients' running statistics move towards their own classes and the server
-/// averages them), while `bn = "frozen"` leaves weights, statistics and outputs bit-identical.
+/// averages them), while `bn = "frozen"`, or `bn = "train"` with every layer's statistics
+/// frozen by `freeze_statistics`, leaves weights, statistics and outputs bit-identical.
 #[test]
 fn every_weight_frozen_still_moves_batchnorm_unless_bn_is_frozen() {
     let data = embedded_mnist().unwrap();
-    for (bn, moves) in [("train", true), ("frozen", false)] {
-        let config = transfer_config("mnist-cnn-bn", bn, r#"["*"]"#, "");
+    for (bn, extra, moves) in [
+        ("train", "", true),
+        ("frozen", "", false),
+        ("train", r#"freeze_statistics = ["bn*"]"#, false),
+    ] {
+        let config = transfer_config("mnist-cnn-bn", bn, r#"["*"]"#, extra);
         let dir = tempfile::tempdir().unwrap();
         let mut run = Run::start(config, data.clone(), dir.path(), 2).unwrap();
         assert_eq!(run.federation.trainable_params().0, 0);
@@ -535,7 +540,11 @@ fn every_weight_frozen_still_moves_batchnorm_unless_bn_is_frozen() {
             run.step().unwrap();
         }
         let after = run.federation.global.clone();
-        assert_eq!(bits(after.params()), bits(before.params()), "bn = {bn}");
+        assert_eq!(
+            bits(after.params()),
+            bits(before.params()),
+            "bn = {bn} {extra}"
+        );
         let (out_before, out_after) = (outputs(&before, &data), outputs(&after, &data));
         if moves {
             let mean = after.tensor("bn1.running_mean").unwrap();
@@ -552,11 +561,30 @@ fn every_weight_frozen_still_moves_batchnorm_unless_bn_is_frozen() {
                 .count();
             assert!(changed > 100, "outputs barely changed: {changed}");
         } else {
-            assert_eq!(bits(after.buffers()), bits(before.buffers()));
-            assert_eq!(out_after, out_before);
+            assert_eq!(
+                bits(after.buffers()),
+                bits(before.buffers()),
+                "{bn} {extra}"
+            );
+            assert_eq!(out_after, out_before, "{bn} {extra}");
         }
         run.finish().unwrap();
     }
+    // A pattern that matches no BatchNorm layer names the pattern and the layers there are.
+    let config = transfer_config(
+        "mnist-cnn-bn",
+        "train",
+        "[]",
+        r#"freeze_statistics = ["fc*"]"#,
+    );
+    let err = Run::start(config, data, tempfile::tempdir().unwrap().path(), 1)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.contains("freeze_statistics") && err.contains("\"fc*\"") && err.contains("bn1, bn2"),
+        "{err}"
+    );
 }
 
 /// Frozen layers stay bit-identical through two rounds (2,000 examples) of SGD with momentum and weight decay

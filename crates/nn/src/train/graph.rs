@@ -120,7 +120,8 @@ impl Trainer {
                         unreachable!()
                     };
                     let batch_stats =
-                        matches!(mode, Mode::Train(BnPolicy::Train | BnPolicy::Local));
+                        matches!(mode, Mode::Train(BnPolicy::Train | BnPolicy::Local))
+                            && !self.frozen_stats[i];
                     let saved = BnSaved {
                         xhat,
                         invstd,
@@ -303,7 +304,8 @@ impl Trainer {
                     let Scratch::Bn { xhat, invstd, .. } = &self.scratch[i] else {
                         unreachable!()
                     };
-                    let batch_stats = matches!(bn, BnPolicy::Train | BnPolicy::Local);
+                    let batch_stats =
+                        matches!(bn, BnPolicy::Train | BnPolicy::Local) && !self.frozen_stats[i];
                     bn_backward(b, pm, grads, dy, dx, xhat, invstd, n, batch_stats, need_dx);
                 }
                 Op::GroupNorm(g) => {

@@ -161,6 +161,9 @@ pub struct Trainer {
     fused_sgd: bool,
     /// Parameters SGD never changes (sorted, disjoint ranges of the parameter vector).
     frozen: Vec<std::ops::Range<usize>>,
+    /// Per op: a BatchNorm that normalises with its stored statistics in training too and never
+    /// updates them (see [`Trainer::set_frozen_statistics`]).
+    frozen_stats: Vec<bool>,
     row_len: usize,
     in_len: usize,
 }
@@ -287,6 +290,7 @@ impl Trainer {
                 .sum::<usize>()
                 == plan.num_params,
             frozen: Vec::new(),
+            frozen_stats: vec![false; plan.ops.len()],
             row_len: spec.input.iter().product(),
             in_len,
             plan,
@@ -306,6 +310,47 @@ impl Trainer {
         ranges.retain(|r| !r.is_empty());
         ranges.sort_by_key(|r| r.start);
         self.frozen = ranges;
+    }
+
+    /// BatchNorm layers, by module name (`bn1`, `layer1.0.bn2`, `layer2.0.downsample.1`), that
+    /// normalise with their stored running statistics while training too and never update them,
+    /// whatever the step's [`BnPolicy`]: eval-mode BatchNorm for part of a network, such as a
+    /// frozen pre-trained backbone. Their affine weight and bias still train unless frozen with
+    /// [`Trainer::set_frozen`]. Replaces the previous list; a name that is not a BatchNorm layer
+    /// of the model is an error and changes nothing.
+    pub fn set_frozen_statistics(&mut self, layers: &[String]) -> Result<(), NnError> {
+        let name_of = |op: &Op| match op {
+            Op::BatchNorm(b) => self
+                .plan
+                .tensors
+                .iter()
+                .find(|t| t.buffer && t.offset == b.rm)
+                .map(|t| t.layer.as_str()),
+            _ => None,
+        };
+        let mut frozen = vec![false; self.plan.ops.len()];
+        for layer in layers {
+            let mut found = false;
+            for (flag, op) in frozen.iter_mut().zip(&self.plan.ops) {
+                if name_of(op) == Some(layer.as_str()) {
+                    *flag = true;
+                    found = true;
+                }
+            }
+            if !found {
+                return Err(NnError::Config {
+                    field: "frozen statistics".into(),
+                    msg: format!("model {} has no BatchNorm layer {layer:?}", self.spec.name),
+                });
+            }
+        }
+        self.frozen_stats = frozen;
+        Ok(())
+    }
+
+    /// Whether op `i` normalises with batch statistics (and updates its running ones) under `mode`.
+    fn batch_stats(&self, i: usize, mode: Mode) -> bool {
+        matches!(mode, Mode::Train(BnPolicy::Train | BnPolicy::Local)) && !self.frozen_stats[i]
     }
 
     /// The parameter ranges SGD updates: everything outside the frozen ranges.
@@ -394,12 +439,9 @@ impl Trainer {
     /// maps) in train mode has zero batch variance, and PyTorch raises there. Such a step is an
     /// error; callers that split data into mini-batches should skip a last batch of one.
     pub fn single_example_batch_undefined(&self, bn: BnPolicy) -> bool {
-        matches!(bn, BnPolicy::Train | BnPolicy::Local)
-            && self
-                .plan
-                .ops
-                .iter()
-                .any(|o| matches!(o, Op::BatchNorm(b) if b.hw == 1))
+        self.plan.ops.iter().enumerate().any(|(i, o)| {
+            matches!(o, Op::BatchNorm(b) if b.hw == 1) && self.batch_stats(i, Mode::Train(bn))
+        })
     }
 
     fn check_inputs(&self, model: &Model, x: &[f32], y: &[u16]) -> Result<(), NnError> {
@@ -506,9 +548,7 @@ impl Trainer {
         if sgd.is_some_and(|s| s.momentum != 0.0) {
             self.momentum_started = true;
         }
-        if matches!(bn, BnPolicy::Train | BnPolicy::Local) {
-            self.update_running_stats(model.buffers_mut(), n);
-        }
+        self.update_running_stats(model.buffers_mut(), n, bn);
         Ok(StepStats {
             loss: (loss_sum / n as f64) as f32,
             correct,
@@ -686,8 +726,11 @@ impl Trainer {
         (loss, correct)
     }
 
-    fn update_running_stats(&self, buf: &mut [f32], n: usize) {
-        for (op, sc) in self.plan.ops.iter().zip(&self.scratch) {
+    fn update_running_stats(&self, buf: &mut [f32], n: usize, bn: BnPolicy) {
+        for (i, (op, sc)) in self.plan.ops.iter().zip(&self.scratch).enumerate() {
+            if !self.batch_stats(i, Mode::Train(bn)) {
+                continue;
+            }
             if let (Op::BatchNorm(b), Scratch::Bn { mean, var, .. }) = (op, sc) {
                 norm::bn_update_running_stats(b, buf, mean, var, n);
             }
