@@ -1,26 +1,29 @@
-//! Winograd F(2x2, 5x5) and F(4x4, 5x5) convolution for the 5x5, stride-1 layers with many
-//! channels (the second convolution of `mnist-cnn` and of `cifar-cnn`, where most of their
-//! arithmetic is). Through im2col an R x R block of outputs costs 25 R² multiply-adds per input
-//! and output channel; in the Winograd domain it costs N² with N = R + 4: 36 instead of 100 for
-//! R = 2, 64 instead of 400 for R = 4. All three passes of training use it:
-//! - forward: `Y = A^T [(G g G^T) ⊙ (B^T d B)] A` for each N x N input tile `d` and 5x5 kernel
+//! Winograd convolution for the stride-1 layers with many channels, where most of the study's
+//! and the ResNets' arithmetic is: F(2x2, 5x5) and F(4x4, 5x5) for 5x5 kernels (the second
+//! convolution of `mnist-cnn` and of `cifar-cnn`), F(2x2, 3x3) and F(4x4, 3x3) for 3x3 kernels
+//! (every ResNet block). Through im2col an R x R block of outputs costs K² R² multiply-adds per
+//! input and output channel; in the Winograd domain it costs N² with N = R + K - 1: for 5x5, 36
+//! instead of 100 for R = 2, 64 instead of 400 for R = 4; for 3x3, 16 instead of 36 and 36
+//! instead of 144. All three passes of training use it:
+//! - forward: `Y = A^T [(G g G^T) ⊙ (B^T d B)] A` for each N x N input tile `d` and K x K kernel
 //!   `g`, the element-wise products summed over input channels as N² GEMMs
 //!   `[cout x cin] x [cin x tiles]`;
 //! - input gradient: the same correlation of the output gradient with the kernel rotated by 180°
-//!   and its channels swapped (stride 1 makes it a plain correlation with padding `4 - pad`);
+//!   and its channels swapped (stride 1 makes it a plain correlation with padding `K - 1 - pad`);
 //! - weight gradient, by transposing the forward identity:
 //!   `dW = G^T [sum over tiles of (A e A^T) ⊙ (B^T d B)] G` with `e` the tile's R x R output
 //!   gradient, N² GEMMs `[cout x tiles] x [tiles x cin]`.
 //!
 //! Each layer uses the tile size with fewer Winograd-domain values over its output plane (R = 4
 //! for both study models: 16 tiles of 64 instead of 49 of 36 on 14x14, 9 instead of 36 on 12x12),
-//! except before a normalisation layer (see [`Workspace::new`]).
-//! The matrices come from the interpolation points 0, ±1, ±2 (and ±1/2 for R = 4) and infinity:
-//! `B^T` and `A^T` hold small integers and powers of two, `G` the fractions. The result differs
-//! from the direct convolution by float rounding only, larger than im2col's: against an f64
-//! direct convolution on values in [-1, 1], outputs and input gradients within a few 1e-6 of the
-//! largest value for both tile sizes (up to 5e-6 for R = 4), weight gradients (sums over every
-//! tile, in the transformed domain) within about 1e-5; the tests bound both.
+//! except before a normalisation layer (see [`Workspace::new`]), so a ResNet's blocks run in
+//! F(2x2, 3x3).
+//! The matrices come from the interpolation points 0, ±1, ±2 (and ±1/2 for F(4x4, 5x5)) and
+//! infinity: `B^T` and `A^T` hold small integers and powers of two, `G` the fractions. The result
+//! differs from the direct convolution by float rounding only, larger than im2col's: against an
+//! f64 direct convolution on values in [-1, 1], outputs and input gradients within a few 1e-6 of
+//! the largest value (up to 5e-6 for F(4x4, 5x5)), weight gradients (sums over every tile, in the
+//! transformed domain) within about 1e-5; the tests bound both, for both kernel sizes.
 //!
 //! The batch is processed in chunks of examples so the transformed tiles stay cache-sized;
 //! backward walks the chunks in reverse, so the last chunk's transformed input is still there from
@@ -37,9 +40,9 @@ use crate::plan::ConvOp;
 /// within noise, 512 5-10% slower on cifar-cnn at B = 100, 1024 20% slower.
 const POINT_BUDGET: usize = 192 * 36;
 
-/// One tile size F(R x R, 5x5): the 1-D transforms for N = R + 4 interpolation points. Rust
-/// cannot size arrays by `R + 4` in generic code, so N is a parameter of its own.
-trait Scheme<const R: usize, const N: usize> {
+/// One scheme F(R x R, K x K): the 1-D transforms for N = R + K - 1 interpolation points. Rust
+/// cannot size arrays by `R + K - 1` in generic code, so N is a parameter of its own.
+trait Scheme<const R: usize, const N: usize, const K: usize> {
     /// `B^T d` for one N-vector.
     fn bt(d: [f32; N]) -> [f32; N];
     /// `A^T m` for one N-vector.
@@ -47,14 +50,14 @@ trait Scheme<const R: usize, const N: usize> {
     /// `A e` for one R-vector.
     fn a(e: [f32; R]) -> [f32; N];
     /// `G g` for one kernel row or column.
-    fn g(g: [f32; 5]) -> [f32; N];
+    fn g(g: [f32; K]) -> [f32; N];
     /// `G^T d` for one N-vector.
-    fn gt(d: [f32; N]) -> [f32; 5];
+    fn gt(d: [f32; N]) -> [f32; K];
 }
 
 /// `G^T d` from the rows of `G`, skipping its zeros so no product with a zero is formed.
 #[inline(always)]
-fn gt_of<const N: usize>(g: &[[f32; 5]; N], d: [f32; N]) -> [f32; 5] {
+fn gt_of<const N: usize, const K: usize>(g: &[[f32; K]; N], d: [f32; N]) -> [f32; K] {
     std::array::from_fn(|p| {
         let mut acc = 0.0;
         for (gi, dv) in g.iter().zip(d) {
@@ -79,7 +82,7 @@ const G2: [[f32; 5]; 6] = [
     [0.0, 0.0, 0.0, 0.0, 1.0],
 ];
 
-impl Scheme<2, 6> for F2 {
+impl Scheme<2, 6, 5> for F2 {
     #[inline(always)]
     fn bt(d: [f32; 6]) -> [f32; 6] {
         [
@@ -153,7 +156,7 @@ const G4: [[f32; 5]; 8] = [
     [0.0, 0.0, 0.0, 0.0, 1.0],
 ];
 
-impl Scheme<4, 8> for F4 {
+impl Scheme<4, 8, 5> for F4 {
     /// Rows in pairs for the points ±p: the even and odd parts of the row polynomial, added and
     /// subtracted.
     #[inline(always)]
@@ -229,12 +232,113 @@ impl Scheme<4, 8> for F4 {
     }
 }
 
+/// F(2x2, 3x3): points 0, 1, -1, infinity (Lavin and Gray 2016).
+struct F2K3;
+
+/// Filter transform (4 x 3) of [`F2K3`].
+const G2K3: [[f32; 3]; 4] = [
+    [1.0, 0.0, 0.0],
+    [0.5, 0.5, 0.5],
+    [0.5, -0.5, 0.5],
+    [0.0, 0.0, 1.0],
+];
+
+impl Scheme<2, 4, 3> for F2K3 {
+    #[inline(always)]
+    fn bt(d: [f32; 4]) -> [f32; 4] {
+        [d[0] - d[2], d[1] + d[2], d[2] - d[1], d[1] - d[3]]
+    }
+
+    #[inline(always)]
+    fn at(m: [f32; 4]) -> [f32; 2] {
+        [m[0] + m[1] + m[2], m[1] - m[2] - m[3]]
+    }
+
+    #[inline(always)]
+    fn a(e: [f32; 2]) -> [f32; 4] {
+        [e[0], e[0] + e[1], e[0] - e[1], -e[1]]
+    }
+
+    #[inline(always)]
+    fn g(g: [f32; 3]) -> [f32; 4] {
+        [
+            g[0],
+            0.5 * (g[0] + g[1] + g[2]),
+            0.5 * (g[0] - g[1] + g[2]),
+            g[2],
+        ]
+    }
+
+    #[inline(always)]
+    fn gt(d: [f32; 4]) -> [f32; 3] {
+        gt_of(&G2K3, d)
+    }
+}
+
+/// F(4x4, 3x3): points 0, 1, -1, 2, -2, infinity (the points, and so the `B^T`, of [`F2`]).
+struct F4K3;
+
+/// Filter transform (6 x 3) of [`F4K3`].
+const G4K3: [[f32; 3]; 6] = [
+    [0.25, 0.0, 0.0],
+    [-1.0 / 6.0, -1.0 / 6.0, -1.0 / 6.0],
+    [-1.0 / 6.0, 1.0 / 6.0, -1.0 / 6.0],
+    [1.0 / 24.0, 1.0 / 12.0, 1.0 / 6.0],
+    [1.0 / 24.0, -1.0 / 12.0, 1.0 / 6.0],
+    [0.0, 0.0, 1.0],
+];
+
+impl Scheme<4, 6, 3> for F4K3 {
+    #[inline(always)]
+    fn bt(d: [f32; 6]) -> [f32; 6] {
+        F2::bt(d)
+    }
+
+    #[inline(always)]
+    fn at(m: [f32; 6]) -> [f32; 4] {
+        let (s1, d1) = (m[1] + m[2], m[1] - m[2]);
+        let (s2, d2) = (m[3] + m[4], m[3] - m[4]);
+        [
+            m[0] + s1 + s2,
+            d1 + 2.0 * d2,
+            s1 + 4.0 * s2,
+            d1 + 8.0 * d2 + m[5],
+        ]
+    }
+
+    #[inline(always)]
+    fn a(e: [f32; 4]) -> [f32; 6] {
+        let (e1, o1) = (e[0] + e[2], e[1] + e[3]);
+        let (e2, o2) = (e[0] + 4.0 * e[2], 2.0 * e[1] + 8.0 * e[3]);
+        [e[0], e1 + o1, e1 - o1, e2 + o2, e2 - o2, e[3]]
+    }
+
+    #[inline(always)]
+    fn g(g: [f32; 3]) -> [f32; 6] {
+        const S: f32 = 1.0 / 6.0;
+        let row = |r: &[f32; 3]| r[0] * g[0] + r[1] * g[1] + r[2] * g[2];
+        [
+            0.25 * g[0],
+            -S * (g[0] + g[1] + g[2]),
+            -S * (g[0] - g[1] + g[2]),
+            row(&G4K3[3]),
+            row(&G4K3[4]),
+            g[2],
+        ]
+    }
+
+    #[inline(always)]
+    fn gt(d: [f32; 6]) -> [f32; 3] {
+        gt_of(&G4K3, d)
+    }
+}
+
 /// Output tile edge of a layer's Winograd scheme.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum TileSize {
-    /// F(2x2, 5x5).
+    /// F(2x2, KxK).
     Two,
-    /// F(4x4, 5x5).
+    /// F(4x4, KxK).
     Four,
 }
 
@@ -246,14 +350,16 @@ impl TileSize {
         }
     }
 
-    fn n(self) -> usize {
-        self.r() + 4
+    /// Interpolation points for a K x K kernel.
+    fn n(self, k: usize) -> usize {
+        self.r() + k - 1
     }
 
     /// The size with fewer Winograd-domain values over the layer's output plane (fewer GEMM
     /// multiply-adds and transform work); ties go to R = 2, whose rounding error is smaller.
     fn for_conv(c: &ConvOp) -> TileSize {
-        let values = |t: TileSize| c.hout.div_ceil(t.r()) * c.wout.div_ceil(t.r()) * t.n() * t.n();
+        let values =
+            |t: TileSize| c.hout.div_ceil(t.r()) * c.wout.div_ceil(t.r()) * t.n(c.kh) * t.n(c.kh);
         if values(TileSize::Four) < values(TileSize::Two) {
             TileSize::Four
         } else {
@@ -262,14 +368,15 @@ impl TileSize {
     }
 }
 
-/// Whether a convolution goes through this module: 5x5, stride 1, padding at most 4 (so the input
-/// gradient's padding `4 - pad` is not negative), and enough channels that the N² GEMMs are not
-/// all overhead (the first layers, with 1 or 3 input channels, stay on im2col).
+/// Whether a convolution goes through this module: 5x5 or 3x3, stride 1, padding at most K - 1
+/// (so the input gradient's padding `K - 1 - pad` is not negative), and enough channels that the
+/// N² GEMMs are not all overhead (the first layers, with 1 or 3 input channels, stay on im2col).
 pub(crate) fn eligible(c: &ConvOp) -> bool {
-    (c.kh, c.kw, c.sh, c.sw) == (5, 5, 1, 1)
-        && c.bias
-        && c.pt <= 4
-        && c.pl <= 4
+    (c.kh == 5 || c.kh == 3)
+        && c.kw == c.kh
+        && (c.sh, c.sw) == (1, 1)
+        && c.pt < c.kh
+        && c.pl < c.kw
         && c.cin >= 16
         && c.cout >= 16
 }
@@ -297,6 +404,8 @@ impl Planes {
 #[derive(Clone, Copy)]
 struct Tiling {
     r: usize,
+    /// Rows and columns a window reaches past its tile: K - 1.
+    halo: usize,
     seg: usize,
     ho: usize,
     wo: usize,
@@ -307,10 +416,11 @@ struct Tiling {
 }
 
 impl Tiling {
-    fn new(r: usize, ho: usize, wo: usize, pt: usize, pl: usize) -> Tiling {
+    fn new(r: usize, k: usize, ho: usize, wo: usize, pt: usize, pl: usize) -> Tiling {
         let tw = wo.div_ceil(r);
         Tiling {
             r,
+            halo: k - 1,
             seg: if tw <= L / 2 { 2 } else { 1 },
             ho,
             wo,
@@ -330,7 +440,7 @@ impl Tiling {
     }
     /// Padded input rows the tiles read.
     fn padded_rows(&self) -> usize {
-        self.r * self.tile_rows() + 4
+        self.r * self.tile_rows() + self.halo
     }
 }
 
@@ -512,7 +622,7 @@ impl Workspace {
 
     pub(crate) fn with_tile(c: &ConvOp, max_batch: usize, tile: TileSize) -> Workspace {
         let (fwd, bwd) = tilings(c, tile.r());
-        let xi = tile.n() * tile.n();
+        let xi = tile.n(c.kh) * tile.n(c.kh);
         let per = fwd.tiles().max(bwd.tiles());
         let chunk = (POINT_BUDGET / xi / per).clamp(1, max_batch);
         let tile_len = xi * c.cin.max(c.cout) * (chunk * per + L) + L;
@@ -524,7 +634,7 @@ impl Workspace {
             du: vec![0.0; xi * c.cout * c.cin],
             a: vec![0.0; tile_len],
             b: vec![0.0; tile_len],
-            rows: Rows::new(&[fwd, bwd], tile.n()),
+            rows: Rows::new(&[fwd, bwd], tile.n(c.kh)),
         }
     }
 
@@ -538,17 +648,17 @@ impl Workspace {
     }
 }
 
-/// `G g G^T` of one 5x5 kernel (row-major), into `out[xi * stride]`.
+/// `G g G^T` of one K x K kernel (row-major), into `out[xi * stride]`.
 #[inline(always)]
-fn kernel_transform<const R: usize, const N: usize, S: Scheme<R, N>>(
+fn kernel_transform<const R: usize, const N: usize, const K: usize, S: Scheme<R, N, K>>(
     g: &[f32],
     out: &mut [f32],
     stride: usize,
 ) {
     // Columns: t[i][q] = (G g)[i][q].
-    let mut t = [[0f32; 5]; N];
-    for q in 0..5 {
-        let col = S::g(std::array::from_fn(|p| g[p * 5 + q]));
+    let mut t = [[0f32; K]; N];
+    for q in 0..K {
+        let col = S::g(std::array::from_fn(|p| g[p * K + q]));
         for (ti, cv) in t.iter_mut().zip(col) {
             ti[q] = cv;
         }
@@ -562,24 +672,25 @@ fn kernel_transform<const R: usize, const N: usize, S: Scheme<R, N>>(
 
 /// Kernel transforms for forward (`u`) and, with `rotated`, for the input gradient (`u_rot`).
 #[inline(always)]
-fn transform_kernels<const R: usize, const N: usize, S: Scheme<R, N>>(
+fn transform_kernels<const R: usize, const N: usize, const K: usize, S: Scheme<R, N, K>>(
     c: &ConvOp,
     w: &[f32],
     ws: &mut Workspace,
     rotated: bool,
 ) {
     let (cout, cin) = (c.cout, c.cin);
-    let mut rot = [0f32; 25];
+    let mut rot_buf = [0f32; 25];
+    let rot = &mut rot_buf[..K * K];
     for k in 0..cout {
         for ch in 0..cin {
-            let g = &w[(k * cin + ch) * 25..][..25];
+            let g = &w[(k * cin + ch) * K * K..][..K * K];
             if rotated {
                 for (r, v) in rot.iter_mut().zip(g.iter().rev()) {
                     *r = *v;
                 }
-                kernel_transform::<R, N, S>(&rot, &mut ws.u_rot[ch * cout + k..], cin * cout);
+                kernel_transform::<R, N, K, S>(rot, &mut ws.u_rot[ch * cout + k..], cin * cout);
             } else {
-                kernel_transform::<R, N, S>(g, &mut ws.u[k * cin + ch..], cout * cin);
+                kernel_transform::<R, N, K, S>(g, &mut ws.u[k * cin + ch..], cout * cin);
             }
         }
     }
@@ -635,7 +746,7 @@ fn split_columns<const R: usize>(
 /// one vector. Whole lane blocks are stored: past the row's last tile they write columns of a later
 /// tile row (rewritten when that row comes) or the row's spare columns.
 #[inline(always)]
-fn input_transform<const R: usize, const N: usize, S: Scheme<R, N>>(
+fn input_transform<const R: usize, const N: usize, const K: usize, S: Scheme<R, N, K>>(
     x: &[f32],
     inp: Planes,
     t: &Tiling,
@@ -645,14 +756,20 @@ fn input_transform<const R: usize, const N: usize, S: Scheme<R, N>>(
     rows: &mut Rows,
 ) {
     if t.seg == 2 {
-        input_transform_segs::<R, N, S, 2>(x, inp, t, m, v, lds, rows)
+        input_transform_segs::<R, N, K, S, 2>(x, inp, t, m, v, lds, rows)
     } else {
-        input_transform_segs::<R, N, S, 1>(x, inp, t, m, v, lds, rows)
+        input_transform_segs::<R, N, K, S, 1>(x, inp, t, m, v, lds, rows)
     }
 }
 
 #[inline(always)]
-fn input_transform_segs<const R: usize, const N: usize, S: Scheme<R, N>, const SEG: usize>(
+fn input_transform_segs<
+    const R: usize,
+    const N: usize,
+    const K: usize,
+    S: Scheme<R, N, K>,
+    const SEG: usize,
+>(
     x: &[f32],
     inp: Planes,
     t: &Tiling,
@@ -713,7 +830,7 @@ fn input_transform_segs<const R: usize, const N: usize, S: Scheme<R, N>, const S
 /// only the final interleave into the output row is per value.
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
-fn output_transform<const R: usize, const N: usize, S: Scheme<R, N>>(
+fn output_transform<const R: usize, const N: usize, const K: usize, S: Scheme<R, N, K>>(
     mprod: &[f32],
     ld: usize,
     out: Planes,
@@ -724,15 +841,21 @@ fn output_transform<const R: usize, const N: usize, S: Scheme<R, N>>(
     relu: bool,
 ) {
     if t.seg == 2 {
-        output_transform_segs::<R, N, S, 2>(mprod, ld, out, t, m, y, bias, relu)
+        output_transform_segs::<R, N, K, S, 2>(mprod, ld, out, t, m, y, bias, relu)
     } else {
-        output_transform_segs::<R, N, S, 1>(mprod, ld, out, t, m, y, bias, relu)
+        output_transform_segs::<R, N, K, S, 1>(mprod, ld, out, t, m, y, bias, relu)
     }
 }
 
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
-fn output_transform_segs<const R: usize, const N: usize, S: Scheme<R, N>, const SEG: usize>(
+fn output_transform_segs<
+    const R: usize,
+    const N: usize,
+    const K: usize,
+    S: Scheme<R, N, K>,
+    const SEG: usize,
+>(
     mprod: &[f32],
     ld: usize,
     out: Planes,
@@ -793,7 +916,7 @@ fn output_transform_segs<const R: usize, const N: usize, S: Scheme<R, N>, const 
 /// `e_hat[(xi * out.c + k) * lds + col]`, tiles of a row as lanes (whole lane blocks stored, as in
 /// [`input_transform`]).
 #[inline(always)]
-fn grad_transform<const R: usize, const N: usize, S: Scheme<R, N>>(
+fn grad_transform<const R: usize, const N: usize, const K: usize, S: Scheme<R, N, K>>(
     dy: &[f32],
     out: Planes,
     t: &Tiling,
@@ -803,14 +926,20 @@ fn grad_transform<const R: usize, const N: usize, S: Scheme<R, N>>(
     rows: &mut Rows,
 ) {
     if t.seg == 2 {
-        grad_transform_segs::<R, N, S, 2>(dy, out, t, m, e_hat, lds, rows)
+        grad_transform_segs::<R, N, K, S, 2>(dy, out, t, m, e_hat, lds, rows)
     } else {
-        grad_transform_segs::<R, N, S, 1>(dy, out, t, m, e_hat, lds, rows)
+        grad_transform_segs::<R, N, K, S, 1>(dy, out, t, m, e_hat, lds, rows)
     }
 }
 
 #[inline(always)]
-fn grad_transform_segs<const R: usize, const N: usize, S: Scheme<R, N>, const SEG: usize>(
+fn grad_transform_segs<
+    const R: usize,
+    const N: usize,
+    const K: usize,
+    S: Scheme<R, N, K>,
+    const SEG: usize,
+>(
     dy: &[f32],
     out: Planes,
     t: &Tiling,
@@ -893,8 +1022,8 @@ fn products(
 /// Forward tiling (over the output) and input-gradient tiling (over the input).
 fn tilings(c: &ConvOp, r: usize) -> (Tiling, Tiling) {
     (
-        Tiling::new(r, c.hout, c.wout, c.pt, c.pl),
-        Tiling::new(r, c.hin, c.win, 4 - c.pt, 4 - c.pl),
+        Tiling::new(r, c.kh, c.hout, c.wout, c.pt, c.pl),
+        Tiling::new(r, c.kh, c.hin, c.win, c.kh - 1 - c.pt, c.kw - 1 - c.pl),
     )
 }
 
@@ -925,15 +1054,17 @@ avx2_dispatch! {
         ws: &mut Workspace,
         n: usize,
     ) {
-        match ws.tile {
-            TileSize::Two => forward_with::<2, 6, F2>(par, c, p, x, y, ws, n),
-            TileSize::Four => forward_with::<4, 8, F4>(par, c, p, x, y, ws, n),
+        match (ws.tile, c.kh) {
+            (TileSize::Two, 5) => forward_with::<2, 6, 5, F2>(par, c, p, x, y, ws, n),
+            (TileSize::Four, 5) => forward_with::<4, 8, 5, F4>(par, c, p, x, y, ws, n),
+            (TileSize::Two, _) => forward_with::<2, 4, 3, F2K3>(par, c, p, x, y, ws, n),
+            (TileSize::Four, _) => forward_with::<4, 6, 3, F4K3>(par, c, p, x, y, ws, n),
         }
     }
 }
 
 #[inline(always)]
-fn forward_with<const R: usize, const N: usize, S: Scheme<R, N>>(
+fn forward_with<const R: usize, const N: usize, const K: usize, S: Scheme<R, N, K>>(
     par: Parallelism,
     c: &ConvOp,
     p: &[f32],
@@ -944,13 +1075,13 @@ fn forward_with<const R: usize, const N: usize, S: Scheme<R, N>>(
 ) {
     let (inp, out) = planes(c);
     let (t, _) = tilings(c, R);
-    transform_kernels::<R, N, S>(c, &p[c.w..c.w + c.cout * c.cin * 25], ws, false);
-    let bias = &p[c.b..c.b + c.cout];
+    transform_kernels::<R, N, K, S>(c, &p[c.w..c.w + c.cout * c.cin * K * K], ws, false);
+    let bias = c.bias.then(|| &p[c.b..c.b + c.cout]);
     for start in (0..n).step_by(ws.chunk) {
         let m = ws.chunk.min(n - start);
         let ld = m * t.tiles();
         let lds = ld + L;
-        input_transform::<R, N, S>(
+        input_transform::<R, N, K, S>(
             &x[start * inp.len()..],
             inp,
             &t,
@@ -960,14 +1091,14 @@ fn forward_with<const R: usize, const N: usize, S: Scheme<R, N>>(
             &mut ws.rows,
         );
         products(par, N * N, &ws.u, &ws.a, lds, &mut ws.b, c.cout, c.cin, ld);
-        output_transform::<R, N, S>(
+        output_transform::<R, N, K, S>(
             &ws.b,
             ld,
             out,
             &t,
             m,
             &mut y[start * out.len()..],
-            Some(bias),
+            bias,
             c.relu,
         );
     }
@@ -990,12 +1121,18 @@ avx2_dispatch! {
         n: usize,
         need_dx: bool,
     ) {
-        match ws.tile {
-            TileSize::Two => {
-                backward_with::<2, 6, F2>(par, c, p, grads, x, dy, dx, ws, n, need_dx)
+        match (ws.tile, c.kh) {
+            (TileSize::Two, 5) => {
+                backward_with::<2, 6, 5, F2>(par, c, p, grads, x, dy, dx, ws, n, need_dx)
             }
-            TileSize::Four => {
-                backward_with::<4, 8, F4>(par, c, p, grads, x, dy, dx, ws, n, need_dx)
+            (TileSize::Four, 5) => {
+                backward_with::<4, 8, 5, F4>(par, c, p, grads, x, dy, dx, ws, n, need_dx)
+            }
+            (TileSize::Two, _) => {
+                backward_with::<2, 4, 3, F2K3>(par, c, p, grads, x, dy, dx, ws, n, need_dx)
+            }
+            (TileSize::Four, _) => {
+                backward_with::<4, 6, 3, F4K3>(par, c, p, grads, x, dy, dx, ws, n, need_dx)
             }
         }
     }
@@ -1003,7 +1140,7 @@ avx2_dispatch! {
 
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
-fn backward_with<const R: usize, const N: usize, S: Scheme<R, N>>(
+fn backward_with<const R: usize, const N: usize, const K: usize, S: Scheme<R, N, K>>(
     par: Parallelism,
     c: &ConvOp,
     p: &[f32],
@@ -1017,14 +1154,19 @@ fn backward_with<const R: usize, const N: usize, S: Scheme<R, N>>(
 ) {
     let (inp, out) = planes(c);
     let hw = out.h * out.w;
-    for (k, db) in grads[c.b..c.b + c.cout].iter_mut().enumerate() {
+    let bias_grads = if c.bias {
+        &mut grads[c.b..c.b + c.cout]
+    } else {
+        &mut []
+    };
+    for (k, db) in bias_grads.iter_mut().enumerate() {
         *db = (0..n)
             .map(|s| crate::kernels::lane_sum(&dy[(s * c.cout + k) * hw..][..hw]))
             .sum();
     }
     let (fwd, bwd) = tilings(c, R);
     if need_dx {
-        transform_kernels::<R, N, S>(c, &p[c.w..c.w + c.cout * c.cin * 25], ws, true);
+        transform_kernels::<R, N, K, S>(c, &p[c.w..c.w + c.cout * c.cin * K * K], ws, true);
     }
     let last = (n - 1) / ws.chunk * ws.chunk;
     for start in (0..n).step_by(ws.chunk).rev() {
@@ -1032,7 +1174,7 @@ fn backward_with<const R: usize, const N: usize, S: Scheme<R, N>>(
         let ld = m * fwd.tiles();
         let lds = ld + L;
         if start != last {
-            input_transform::<R, N, S>(
+            input_transform::<R, N, K, S>(
                 &x[start * inp.len()..],
                 inp,
                 &fwd,
@@ -1043,7 +1185,7 @@ fn backward_with<const R: usize, const N: usize, S: Scheme<R, N>>(
             );
         }
         let dys = &dy[start * out.len()..];
-        grad_transform::<R, N, S>(dys, out, &fwd, m, &mut ws.b, lds, &mut ws.rows);
+        grad_transform::<R, N, K, S>(dys, out, &fwd, m, &mut ws.b, lds, &mut ws.rows);
         for xi in 0..N * N {
             // dU_xi [cout x cin] (+)= E_xi [cout x tiles] x V_xi^T.
             matmul(
@@ -1064,7 +1206,7 @@ fn backward_with<const R: usize, const N: usize, S: Scheme<R, N>>(
         if need_dx {
             let ld = m * bwd.tiles();
             let lds = ld + L;
-            input_transform::<R, N, S>(dys, out, &bwd, m, &mut ws.b, lds, &mut ws.rows);
+            input_transform::<R, N, K, S>(dys, out, &bwd, m, &mut ws.b, lds, &mut ws.rows);
             products(
                 par,
                 N * N,
@@ -1076,7 +1218,7 @@ fn backward_with<const R: usize, const N: usize, S: Scheme<R, N>>(
                 c.cout,
                 ld,
             );
-            output_transform::<R, N, S>(
+            output_transform::<R, N, K, S>(
                 &ws.a,
                 ld,
                 inp,
@@ -1090,18 +1232,18 @@ fn backward_with<const R: usize, const N: usize, S: Scheme<R, N>>(
     }
     // dW = G^T dU G for every (cout, cin) kernel.
     let stride = c.cout * c.cin;
-    for (kc, dw) in grads[c.w..c.w + stride * 25]
-        .chunks_exact_mut(25)
+    for (kc, dw) in grads[c.w..c.w + stride * K * K]
+        .chunks_exact_mut(K * K)
         .enumerate()
     {
         // t[j][p] = (G^T dU)_{p, j}.
-        let mut t = [[0f32; 5]; N];
+        let mut t = [[0f32; K]; N];
         for (j, tj) in t.iter_mut().enumerate() {
             *tj = S::gt(std::array::from_fn(|i| ws.du[(i * N + j) * stride + kc]));
         }
-        for pp in 0..5 {
+        for pp in 0..K {
             let row = S::gt(std::array::from_fn(|j| t[j][pp]));
-            dw[pp * 5..pp * 5 + 5].copy_from_slice(&row);
+            dw[pp * K..pp * K + K].copy_from_slice(&row);
         }
     }
 }
@@ -1111,17 +1253,19 @@ mod tests {
     use super::*;
 
     /// A^T [(G g) ⊙ (B^T d)] is the correlation of d with g, for basis vectors (G g in f64).
-    fn identity_holds<const R: usize, const N: usize, S: Scheme<R, N>>(g_rows: &[[f32; 5]; N]) {
+    fn identity_holds<const R: usize, const N: usize, const K: usize, S: Scheme<R, N, K>>(
+        g_rows: &[[f32; K]; N],
+    ) {
         for l in 0..N {
-            for kk in 0..5 {
+            for kk in 0..K {
                 let mut d = [0f32; N];
                 d[l] = 1.0;
-                let mut g = [0f32; 5];
+                let mut g = [0f32; K];
                 g[kk] = 1.0;
                 let bd = S::bt(d);
                 let gg: Vec<f64> = (0..N)
                     .map(|i| {
-                        (0..5)
+                        (0..K)
                             .map(|p| f64::from(g_rows[i][p]) * f64::from(g[p]))
                             .sum()
                     })
@@ -1161,8 +1305,10 @@ mod tests {
 
     #[test]
     fn one_dimensional_identity_holds() {
-        identity_holds::<2, 6, F2>(&G2);
-        identity_holds::<4, 8, F4>(&G4);
+        identity_holds::<2, 6, 5, F2>(&G2);
+        identity_holds::<4, 8, 5, F4>(&G4);
+        identity_holds::<2, 4, 3, F2K3>(&G2K3);
+        identity_holds::<4, 6, 3, F4K3>(&G4K3);
     }
 
     #[test]
@@ -1197,22 +1343,34 @@ mod tests {
     }
 
     fn conv(cin: usize, cout: usize, h: usize, w: usize, pad: [usize; 4], relu: bool) -> ConvOp {
+        conv_k(5, cin, cout, h, w, pad, relu)
+    }
+
+    fn conv_k(
+        k: usize,
+        cin: usize,
+        cout: usize,
+        h: usize,
+        w: usize,
+        pad: [usize; 4],
+        relu: bool,
+    ) -> ConvOp {
         let [pt, pb, pl, pr] = pad;
         ConvOp {
             cin,
             hin: h,
             win: w,
             cout,
-            kh: 5,
-            kw: 5,
+            kh: k,
+            kw: k,
             sh: 1,
             sw: 1,
             pt,
             pl,
-            hout: h + pt + pb - 4,
-            wout: w + pl + pr - 4,
+            hout: h + pt + pb + 1 - k,
+            wout: w + pl + pr + 1 - k,
             w: 0,
-            b: cout * cin * 25,
+            b: cout * cin * k * k,
             bias: true,
             relu,
         }
@@ -1230,7 +1388,7 @@ mod tests {
     fn direct(c: &ConvOp, p: &[f32], x: &[f32], dy: &[f32], n: usize) -> [Vec<f64>; 4] {
         let (ho, wo) = (c.hout, c.wout);
         let mut y = vec![0f64; n * c.cout * ho * wo];
-        let mut dw = vec![0f64; c.cout * c.cin * 25];
+        let mut dw = vec![0f64; c.cout * c.cin * c.kh * c.kw];
         let mut db = vec![0f64; c.cout];
         let mut dx = vec![0f64; n * c.cin * c.hin * c.win];
         for s in 0..n {
@@ -1242,11 +1400,11 @@ mod tests {
                         let mut acc = f64::from(p[c.b + k]);
                         db[k] += g;
                         for ch in 0..c.cin {
-                            for i in 0..5 {
-                                for j in 0..5 {
+                            for i in 0..c.kh {
+                                for j in 0..c.kw {
                                     let iy = (oy + i) as isize - c.pt as isize;
                                     let ix = (ox + j) as isize - c.pl as isize;
-                                    let wi = ((k * c.cin + ch) * 5 + i) * 5 + j;
+                                    let wi = ((k * c.cin + ch) * c.kh + i) * c.kw + j;
                                     let xv = at(x, c, s, ch, iy, ix);
                                     acc += f64::from(p[wi]) * xv;
                                     dw[wi] += g * xv;
@@ -1302,6 +1460,12 @@ mod tests {
             // layer (no input gradient).
             (conv(16, 18, 6, 21, [2, 2, 2, 2], true), 4, 4, false),
             (conv(64, 64, 12, 12, [2, 2, 2, 2], false), 4, 4, true),
+            // 3x3: ResNet 'same' layers (32x32 and 8x8 planes), asymmetric and no padding, odd
+            // planes, several chunks.
+            (conv_k(3, 16, 16, 32, 32, [1, 1, 1, 1], true), 3, 3, true),
+            (conv_k(3, 64, 64, 8, 8, [1, 1, 1, 1], false), 9, 4, true),
+            (conv_k(3, 17, 20, 9, 11, [0, 2, 2, 0], false), 5, 5, true),
+            (conv_k(3, 16, 18, 7, 13, [0, 0, 0, 0], true), 4, 4, false),
         ];
         // Worst error allowed, of the largest value: outputs and input gradients, weight gradients.
         let bounds = |tile| match tile {
