@@ -191,24 +191,17 @@ impl Trainer {
         let mut no_dx: [f32; 0] = [];
         for i in (0..self.plan.ops.len()).rev() {
             let op = &self.plan.ops[i];
-            if let Some(sgd) = sgd {
+            if let (Some(sgd), Some(next)) = (sgd, self.plan.ops.get(i + 1)) {
                 // The update of op i+1 (whose backward has just finished) before op i runs.
-                if let Some(next) = self.plan.ops.get(i + 1) {
-                    let done = in_gemm(next);
-                    for (off, len) in next.param_ranges() {
-                        if done == Some(off) || len == 0 {
-                            continue;
-                        }
-                        let r = off..off + len;
-                        sgd_update(
-                            &mut pm[r.clone()],
-                            &grads[r.clone()],
-                            &mut self.momentum[r],
-                            sgd,
-                            first,
-                        );
-                    }
-                }
+                update_op(
+                    next,
+                    in_gemm(next),
+                    pm,
+                    grads,
+                    &mut self.momentum,
+                    sgd,
+                    first,
+                );
             }
             let input = self.plan.inputs[i];
             let need_dx = input > 0;
@@ -346,20 +339,34 @@ impl Trainer {
             }
         }
         if let (Some(sgd), Some(op)) = (sgd, self.plan.ops.first()) {
-            let done = in_gemm(op);
-            for (off, len) in op.param_ranges() {
-                if done == Some(off) || len == 0 {
-                    continue;
-                }
-                let r = off..off + len;
-                sgd_update(
-                    &mut pm[r.clone()],
-                    &grads[r.clone()],
-                    &mut self.momentum[r],
-                    sgd,
-                    first,
-                );
-            }
+            update_op(op, in_gemm(op), pm, grads, &mut self.momentum, sgd, first);
         }
+    }
+}
+
+/// SGD on one op's parameters, except the tensor at offset `done` (already updated by its
+/// weight-gradient GEMM).
+#[inline(always)]
+fn update_op(
+    op: &Op,
+    done: Option<usize>,
+    params: &mut [f32],
+    grads: &[f32],
+    momentum: &mut [f32],
+    sgd: &SgdConfig,
+    first: bool,
+) {
+    for (off, len) in op.param_ranges() {
+        if done == Some(off) || len == 0 {
+            continue;
+        }
+        let r = off..off + len;
+        sgd_update(
+            &mut params[r.clone()],
+            &grads[r.clone()],
+            &mut momentum[r],
+            sgd,
+            first,
+        );
     }
 }
