@@ -726,16 +726,22 @@ impl Plan {
     }
 }
 
-/// Fuses each ReLU into the conv, linear layer or join right before it when it is that op's only
-/// reader (one pass less each way); renumbers the acts.
-fn fuse_relus(ops: Vec<Op>, inputs: Vec<usize>) -> (Vec<Op>, Vec<usize>) {
+/// How many ops read each act (`ops.len() + 1` counts; a join reads two acts).
+pub(crate) fn readers(ops: &[Op], inputs: &[usize]) -> Vec<usize> {
     let mut readers = vec![0usize; ops.len() + 1];
-    for (op, &input) in ops.iter().zip(&inputs) {
+    for (op, &input) in ops.iter().zip(inputs) {
         readers[input] += 1;
         if let Op::Add { skip, .. } = op {
             readers[*skip] += 1;
         }
     }
+    readers
+}
+
+/// Fuses each ReLU into the conv, linear layer or join right before it when it is that op's only
+/// reader (one pass less each way); renumbers the acts.
+fn fuse_relus(ops: Vec<Op>, inputs: Vec<usize>) -> (Vec<Op>, Vec<usize>) {
+    let readers = readers(&ops, &inputs);
     // new_act[a]: the act of the fused plan holding old act a.
     let mut new_act = vec![0usize; ops.len() + 1];
     let mut fused: Vec<Op> = Vec::with_capacity(ops.len());

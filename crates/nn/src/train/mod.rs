@@ -242,13 +242,7 @@ impl Trainer {
         let acts: Vec<Vec<f32>> = lens.iter().map(|l| vec![0.0; max_batch * l]).collect();
         let mut gacts: Vec<Vec<f32>> = lens.iter().map(|l| vec![0.0; max_batch * l]).collect();
         gacts[0] = Vec::new();
-        let mut readers = vec![0usize; lens.len()];
-        for (op, &input) in plan.ops.iter().zip(&plan.inputs) {
-            readers[input] += 1;
-            if let Op::Add { skip, .. } = op {
-                readers[*skip] += 1;
-            }
-        }
+        let readers = crate::plan::readers(&plan.ops, &plan.inputs);
         let gsum_len = (1..lens.len())
             .filter(|&a| readers[a] > 1)
             .map(|a| max_batch * lens[a])
