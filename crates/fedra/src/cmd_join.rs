@@ -20,8 +20,13 @@ pub struct JoinArgs {
     #[arg(long)]
     id: String,
     /// Folder holding ca.pem (the federation's CA) and this client's certificate and key.
-    #[arg(long)]
-    certs: PathBuf,
+    #[arg(long, required_unless_present = "insecure")]
+    certs: Option<PathBuf>,
+    /// Connect without TLS, to a server started with --insecure on this machine: accepted only
+    /// when the server's address is loopback (127.0.0.1, ::1, localhost). The client names
+    /// itself by --id, unauthenticated; for debugging, never between machines.
+    #[arg(long, conflicts_with = "certs")]
+    insecure: bool,
     /// This machine's copy of the dataset the experiment names (MNIST without it uses the
     /// embedded subset). The data never leaves this machine.
     #[arg(long, env = "FEDRA_DATA")]
@@ -58,11 +63,12 @@ pub fn run(args: JoinArgs) -> anyhow::Result<()> {
         server: args.server.clone(),
         server_name: args.server_name.clone(),
         id: args.id.clone(),
-        certs: args.certs.clone(),
+        certs: args.certs.clone().unwrap_or_default(),
         shard: args.shard,
         threads: args.threads,
         present_certificate: !args.no_client_certificate,
         max_backoff: Duration::from_secs_f64(args.max_backoff_s),
+        insecure: args.insecure,
     };
     let data_dir = args.data_dir.clone();
     let load = move |config: &ExperimentConfig| {

@@ -52,6 +52,10 @@ pub struct ServeArgs {
     /// Threads for the server's own work (evaluation, the SGD twin).
     #[arg(long, default_value_t = 1)]
     threads: usize,
+    /// Serve without TLS: accepted only on a loopback --listen address; clients then name
+    /// themselves (unauthenticated) and must join with --insecure. For debugging on one machine.
+    #[arg(long, conflicts_with = "certs")]
+    insecure: bool,
     /// Also start N `fedra join --shard K` processes against this server on 127.0.0.1: a real
     /// multi-process federation on one machine.
     #[arg(long)]
@@ -111,7 +115,7 @@ fn experiment(args: &ServeArgs) -> anyhow::Result<ExperimentConfig> {
 fn local_clients(
     n: usize,
     addr: SocketAddr,
-    certs: &Path,
+    certs: Option<&Path>,
     data_dir: Option<&Path>,
 ) -> anyhow::Result<Vec<Child>> {
     let exe = std::env::current_exe().context("cannot find the fedra executable")?;
@@ -122,10 +126,12 @@ fn local_clients(
             .arg(format!("127.0.0.1:{}", addr.port()))
             .args(["--server-name", "localhost", "--id"])
             .arg(format!("c{k}"))
-            .arg("--certs")
-            .arg(certs)
             .arg("--shard")
             .arg(k.to_string());
+        match certs {
+            Some(certs) => cmd.arg("--certs").arg(certs),
+            None => cmd.arg("--insecure"),
+        };
         if let Some(dir) = data_dir {
             cmd.arg("--data-dir").arg(dir);
         }
@@ -158,19 +164,36 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         ),
         _ => {}
     }
+    if args.insecure && !args.listen.ip().is_loopback() {
+        bail!(
+            "--insecure serves without TLS, so only on a loopback address (--listen 127.0.0.1:PORT \
+             or [::1]:PORT), not {}",
+            args.listen
+        );
+    }
     let certs = match (&args.certs, args.local_clients) {
-        (Some(dir), _) => dir.clone(),
+        _ if args.insecure => None,
+        (Some(dir), _) => Some(dir.clone()),
         (None, Some(n)) => {
             let dir = args.out.join("certs");
             if !dir.join("ca.pem").exists() {
                 let ids: Vec<String> = (0..n).map(|k| format!("c{k}")).collect();
                 pki::generate(&dir, &["localhost".into(), "127.0.0.1".into()], &ids)?;
             }
-            dir
+            Some(dir)
         }
-        (None, None) => bail!("--certs is required (or --local-clients for a one-machine try)"),
+        (None, None) => bail!(
+            "--certs is required (or --local-clients for a one-machine try, or --insecure on \
+             loopback)"
+        ),
     };
-    let tls = pki::server_tls(&certs)?;
+    let tls = certs.as_deref().map(pki::server_tls).transpose()?;
+    let clients_file = args.out.join("clients.toml");
+    if !args.resume && clients_file.exists() {
+        // A fresh run starts with no client holding an index.
+        std::fs::remove_file(&clients_file)
+            .with_context(|| format!("cannot remove {}", clients_file.display()))?;
+    }
     let evaluate = config
         .deploy
         .as_ref()
@@ -202,6 +225,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         layout,
         classes: spec.classes,
         threads: args.threads,
+        clients_file: Some(clients_file),
     };
     let (mut server, executor) = start(runtime.handle(), args.listen, tls, settings)?;
     let announcer = server.announcer();
@@ -239,13 +263,19 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     run.set_checkpoint_every(1);
     // Only a run that could be set up (partition, initial model) admits clients.
     server.serve();
-    println!(
-        "listening on {} (TLS, client certificates from {})",
-        server.addr,
-        certs.display()
-    );
+    match &certs {
+        Some(certs) => println!(
+            "listening on {} (TLS, client certificates from {})",
+            server.addr,
+            certs.display()
+        ),
+        None => println!(
+            "listening on {} WITHOUT TLS (--insecure): clients are not authenticated",
+            server.addr
+        ),
+    }
     let mut children = match args.local_clients {
-        Some(n) => local_clients(n, server.addr, &certs, data_dir.as_deref())?,
+        Some(n) => local_clients(n, server.addr, certs.as_deref(), data_dir.as_deref())?,
         None => Vec::new(),
     };
     let outcome = (|| -> anyhow::Result<fedra_sim::Summary> {

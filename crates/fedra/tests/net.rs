@@ -9,6 +9,7 @@
 //! - refused: a client without a certificate, one from another CA, one not allowed, and a
 //!   client that sends a wrong-shaped update, a NaN update and a stale one, none of which
 //!   changes the result;
+//! - without TLS (`--insecure`) only on loopback; client indices kept across a server restart;
 //! - two sites holding only their own folders of PNG images (no `--shard`) federate, the server
 //!   evaluating on its own folder.
 //!
@@ -114,11 +115,12 @@ struct Server {
     lines: std::sync::mpsc::Receiver<String>,
 }
 
-/// `fedra serve`; with `data`, the server has the MNIST folder (`--data-dir`).
+/// `fedra serve`; with `data`, the server has the MNIST folder (`--data-dir`); without `certs`,
+/// `--insecure`.
 fn serve(
     exp: &Path,
     out: &Path,
-    certs: &Path,
+    certs: Option<&Path>,
     listen: &str,
     resume: bool,
     data: bool,
@@ -131,8 +133,11 @@ fn serve(
     } else {
         cmd.arg(exp);
     }
-    cmd.args(["--listen", listen, "--certs"])
-        .arg(certs)
+    match certs {
+        Some(certs) => cmd.arg("--certs").arg(certs),
+        None => cmd.arg("--insecure"),
+    };
+    cmd.args(["--listen", listen])
         .arg("--out")
         .arg(out)
         .env("RUST_LOG", "info")
@@ -168,12 +173,16 @@ fn serve(
     }
 }
 
-fn join(port: u16, id: &str, certs: &Path, shard: Option<usize>, log: &Path) -> Child {
+/// `fedra join` as `id` (without `certs`, `--insecure`).
+fn join(port: u16, id: &str, certs: Option<&Path>, shard: Option<usize>, log: &Path) -> Child {
     let mut cmd = fedra();
-    cmd.args(["join", "--server"])
+    match certs {
+        Some(certs) => cmd.arg("join").arg("--certs").arg(certs),
+        None => cmd.args(["join", "--insecure"]),
+    };
+    cmd.arg("--server")
         .arg(format!("127.0.0.1:{port}"))
-        .args(["--server-name", "localhost", "--id", id, "--certs"])
-        .arg(certs)
+        .args(["--server-name", "localhost", "--id", id])
         .arg("--data-dir")
         .arg(mnist_dir())
         .args(["--max-backoff-s", "1"])
@@ -192,7 +201,7 @@ fn serve_in(t: &Path, exp: &Path) -> Server {
     serve(
         exp,
         &t.join("net"),
-        &t.join("certs"),
+        Some(&t.join("certs")),
         "127.0.0.1:0",
         false,
         true,
@@ -207,7 +216,7 @@ fn shard_clients(t: &Path, port: u16, n: usize) -> Vec<Child> {
             join(
                 port,
                 &format!("c{k}"),
-                &t.join("certs"),
+                Some(&t.join("certs")),
                 Some(k),
                 &t.join(format!("c{k}.log")),
             )
@@ -428,7 +437,7 @@ fn a_server_without_data_evaluates_on_its_clients() {
     let mut server = serve(
         &exp,
         &t.join("net"),
-        &t.join("certs"),
+        Some(&t.join("certs")),
         "127.0.0.1:0",
         false,
         false,
@@ -564,7 +573,7 @@ fn a_killed_server_resumes_and_its_clients_come_back_by_themselves() {
     let mut server = serve(
         &exp,
         &out,
-        &t.join("certs"),
+        Some(&t.join("certs")),
         "127.0.0.1:0",
         false,
         true,
@@ -587,7 +596,7 @@ fn a_killed_server_resumes_and_its_clients_come_back_by_themselves() {
     let mut resumed = serve(
         &exp,
         &out,
-        &t.join("certs"),
+        Some(&t.join("certs")),
         &format!("127.0.0.1:{port}"),
         true,
         true,
@@ -636,6 +645,136 @@ fn a_killed_server_resumes_and_its_clients_come_back_by_themselves() {
     );
 }
 
+/// Without TLS (`--insecure`): refused off loopback by `serve` and by `join`; on loopback two
+/// clients joining without `--shard` name themselves. The server remembers which index each id
+/// holds (`clients.toml` in the run folder): SIGKILLed after round 1 and resumed, it gives `a`,
+/// which now joins first, its index 1 again rather than the first free one. Every round is in
+/// `metrics.csv` once.
+#[test]
+fn insecure_on_loopback_only_and_client_indices_survive_a_server_restart() {
+    let exp_text = experiment("mlp", 300, 4, "min_clients = 2")
+        .replace("clients = 3", "clients = 2")
+        .replace("classes:4", "iid");
+    let (_one, tmp) = setup(&exp_text, "c0");
+    let t = tmp.path();
+    let exp = t.join("exp.toml");
+    let out = t.join("net");
+
+    let off_loopback = fedra()
+        .arg("serve")
+        .arg(&exp)
+        .args(["--insecure", "--listen", "0.0.0.0:0", "--out"])
+        .arg(t.join("never"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&off_loopback.stderr);
+    assert!(
+        !off_loopback.status.success() && err.contains("loopback"),
+        "{err}"
+    );
+    let remote = fedra()
+        .args([
+            "join",
+            "--insecure",
+            "--server",
+            "192.0.2.1:7000",
+            "--id",
+            "a",
+        ])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&remote.stderr);
+    assert!(
+        !remote.status.success() && err.contains("loopback"),
+        "{err}"
+    );
+
+    let mut server = serve(
+        &exp,
+        &out,
+        None,
+        "127.0.0.1:0",
+        false,
+        true,
+        &t.join("server1.log"),
+    );
+    let port = server.port;
+    let mut b = join(port, "b", None, None, &t.join("b1.log"));
+    wait_for_log(
+        &server.log,
+        &["connected", "client=b", "index=0"],
+        Duration::from_secs(60),
+    );
+    let mut a = join(port, "a", None, None, &t.join("a1.log"));
+    wait_for_log(
+        &server.log,
+        &["connected", "client=a", "index=1"],
+        Duration::from_secs(60),
+    );
+    assert!(read(&server.log).contains("TLS is off (--insecure)"));
+    loop {
+        let line = server
+            .lines
+            .recv_timeout(Duration::from_secs(120))
+            .unwrap_or_else(|_| panic!("no round 1:\n{}", read(&server.log)));
+        if line.starts_with("round    1") {
+            break;
+        }
+    }
+    for child in [&mut server.child, &mut a, &mut b] {
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+    let mut resumed = serve(
+        &exp,
+        &out,
+        None,
+        &format!("127.0.0.1:{port}"),
+        true,
+        true,
+        &t.join("server2.log"),
+    );
+    let mut a = join(port, "a", None, None, &t.join("a2.log"));
+    wait_for_log(
+        &resumed.log,
+        &["connected", "client=a", "index=1"],
+        Duration::from_secs(60),
+    );
+    let mut b = join(port, "b", None, None, &t.join("b2.log"));
+    let status = wait(
+        &mut resumed.child,
+        Duration::from_secs(120),
+        "resumed server",
+        &resumed.log,
+    );
+    assert!(
+        status.success(),
+        "resumed server failed:\n{}",
+        read(&resumed.log)
+    );
+    assert!(
+        read(&resumed.log).contains("client=b index=0"),
+        "{}",
+        read(&resumed.log)
+    );
+    for (c, log) in [(&mut a, "a2.log"), (&mut b, "b2.log")] {
+        let status = wait(c, Duration::from_secs(30), "client", &t.join(log));
+        assert!(status.success(), "{log}:\n{}", read(&t.join(log)));
+    }
+    let rounds: Vec<String> = read(&out.join("metrics.csv"))
+        .lines()
+        .skip(1)
+        .map(|l| l.split(',').next().unwrap().to_string())
+        .collect();
+    assert_eq!(rounds, ["0", "1", "2", "3", "4"]);
+    let remembered: std::collections::BTreeMap<String, usize> =
+        toml::from_str(&read(&out.join("clients.toml"))).unwrap();
+    assert_eq!(
+        remembered,
+        [("a".to_string(), 1), ("b".to_string(), 0)].into()
+    );
+}
+
 /// A client speaking the protocol by hand as shard 2: after Ready it tries a second session
 /// under its id, then answers round 0 with a wrong-shaped update, round 1 with a NaN update and
 /// round 2 with round 1's update again (stale), and leaves. Returns what the second session got.
@@ -668,6 +807,8 @@ fn rogue(port: u16, certs: &Path) -> tonic::Status {
         let hello = msg(client_message::Body::Hello(Hello {
             protocol: fedra_net::PROTOCOL,
             shard: Some(2),
+            // Under TLS the id is the certificate's (c2); a claimed one is ignored.
+            client_id: Some("c0".into()),
         }));
         let (tx, rx) = tokio::sync::mpsc::channel(64);
         tx.send(hello.clone()).await.unwrap();
@@ -866,7 +1007,7 @@ fn a_federation_that_never_fills_gives_up_naming_the_missing_clients() {
     let mut c1 = join(
         server.port,
         "c1",
-        &t.join("certs"),
+        Some(&t.join("certs")),
         Some(1),
         &t.join("c1.log"),
     );

@@ -47,6 +47,9 @@ pub struct JoinOptions {
     pub present_certificate: bool,
     /// Longest wait between reconnection attempts.
     pub max_backoff: Duration,
+    /// No TLS (`--insecure`): the server must be on this machine's loopback; the client names
+    /// itself in its Hello and `certs` is not read.
+    pub insecure: bool,
 }
 
 /// How a session ended without an error.
@@ -187,7 +190,35 @@ pub fn join(opts: &JoinOptions, load: &DataLoader) -> Result<Outcome, NetError> 
             opts.id
         )));
     }
+    check_transport(opts)?;
     runtime()?.block_on(member(opts, &DataCache::default(), load))
+}
+
+/// Without TLS the server must be on this machine: every address `opts.server` resolves to is
+/// a loopback address. Nothing to check with TLS.
+fn check_transport(opts: &JoinOptions) -> Result<(), NetError> {
+    if !opts.insecure {
+        return Ok(());
+    }
+    use std::net::ToSocketAddrs;
+    let bad = |message: String| NetError::Address {
+        addr: opts.server.clone(),
+        message,
+    };
+    let addrs: Vec<std::net::SocketAddr> = opts
+        .server
+        .to_socket_addrs()
+        .map_err(|e| bad(e.to_string()))?
+        .collect();
+    if addrs.is_empty() || addrs.iter().any(|a| !a.ip().is_loopback()) {
+        return Err(bad(
+            "without TLS (--insecure) the server must be on a loopback address (127.0.0.1, ::1, \
+             localhost)"
+                .into(),
+        ));
+    }
+    tracing::warn!(server = %opts.server, "TLS is off (--insecure): loopback only");
+    Ok(())
 }
 
 /// Run `n` clients in this process (a load test or a demonstration): client k has id
@@ -202,6 +233,7 @@ pub fn join_swarm(
     if let Some(bad) = ids.iter().find(|id| !pki::valid_client_id(id)) {
         return Err(NetError::Other(format!("client id {bad:?} is not valid")));
     }
+    check_transport(opts)?;
     let cache = Arc::new(DataCache::default());
     runtime()?.block_on(async {
         let mut members = tokio::task::JoinSet::new();
@@ -301,17 +333,22 @@ async fn session(
         .trim_start_matches('[')
         .trim_end_matches(']');
     let server_name = opts.server_name.as_deref().unwrap_or(host);
-    let tls = pki::client_tls(&opts.certs, &opts.id, server_name, opts.present_certificate)
-        .map_err(Failure::Final)?;
-    let endpoint = Endpoint::from_shared(format!("https://{}", opts.server))
-        .map_err(|e| {
+    let scheme = if opts.insecure { "http" } else { "https" };
+    let mut endpoint =
+        Endpoint::from_shared(format!("{scheme}://{}", opts.server)).map_err(|e| {
             Failure::Final(NetError::Address {
                 addr: opts.server.clone(),
                 message: e.to_string(),
             })
-        })?
-        .tls_config(tls)
-        .map_err(|e| Failure::Final(e.into()))?
+        })?;
+    if !opts.insecure {
+        let tls = pki::client_tls(&opts.certs, &opts.id, server_name, opts.present_certificate)
+            .map_err(Failure::Final)?;
+        endpoint = endpoint
+            .tls_config(tls)
+            .map_err(|e| Failure::Final(e.into()))?;
+    }
+    let endpoint = endpoint
         .connect_timeout(Duration::from_secs(10))
         .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
         .keep_alive_timeout(KEEPALIVE_TIMEOUT)
@@ -334,6 +371,7 @@ async fn session(
     let hello = message(client_message::Body::Hello(Hello {
         protocol: PROTOCOL,
         shard: opts.shard.map(|k| k as u64),
+        client_id: opts.insecure.then(|| opts.id.clone()),
     }));
     // The channel was just made: it has room.
     let _ = tx.try_send(hello);

@@ -1,8 +1,8 @@
 //! fedra over the network. The server runs the same round loop as `fedra run` with a
 //! [`server::NetExecutor`] in place of in-process threads; each client (`fedra join`) keeps one
 //! gRPC session open, trains the tasks it is sent with the same client code as the simulation,
-//! and returns its update. TLS is always on and mutual: a client's identity is the one in its
-//! certificate. The protocol is `proto/fedra/v1/federation.proto`.
+//! and returns its update. TLS is on and mutual (off only with `--insecure`, on loopback): a
+//! client's identity is the one in its certificate. The protocol is `proto/fedra/v1/federation.proto`.
 //!
 //! Modules by job: [`proto`] (the generated messages and service), [`wire`] (weights to
 //! chunks and back, with every check a decoder of untrusted bytes needs), [`pki`] (a

@@ -11,6 +11,7 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -63,6 +64,10 @@ pub struct ServerSettings {
     pub classes: usize,
     /// GEMM threads for the server's own training jobs (the SGD twin, the baseline).
     pub threads: usize,
+    /// Where the server remembers which index each client id holds (the run folder's
+    /// `clients.toml`), so that clients joining without `--shard` or `allowed_clients` return to
+    /// their own index after a server restart. `None`: indices live as long as the process.
+    pub clients_file: Option<PathBuf>,
 }
 
 /// One connected client.
@@ -105,6 +110,54 @@ struct Roster {
 }
 
 impl Roster {
+    /// The roster of a server starting with the indices remembered in `file` (none when it does
+    /// not exist yet).
+    fn from_file(file: Option<&Path>) -> Result<Roster, NetError> {
+        let mut roster = Roster::default();
+        let Some(file) = file else {
+            return Ok(roster);
+        };
+        let text = match std::fs::read_to_string(file) {
+            Ok(text) => text,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(roster),
+            Err(e) => return Err(crate::error::io(file)(e)),
+        };
+        let bad = |message: String| NetError::Other(format!("{}: {message}", file.display()));
+        let table: BTreeMap<String, usize> =
+            toml::from_str(&text).map_err(|e| bad(e.to_string()))?;
+        let mut seen = BTreeMap::new();
+        for (id, index) in table {
+            if !crate::pki::valid_client_id(&id) {
+                return Err(bad(format!("{id:?} is not a client id")));
+            }
+            if let Some(other) = seen.insert(index, id.clone()) {
+                return Err(bad(format!("{other} and {id} both hold index {index}")));
+            }
+            roster.index_of.insert(id, index);
+        }
+        Ok(roster)
+    }
+
+    /// Remember that `id` holds `index`, in `file` too when the pair is new (written to a
+    /// temporary file, then renamed over the old one: a crash leaves the old or the new table).
+    fn remember(&mut self, id: &str, index: usize, file: Option<&Path>) -> Result<(), NetError> {
+        if self.index_of.insert(id.to_string(), index) == Some(index) {
+            return Ok(());
+        }
+        let Some(file) = file else {
+            return Ok(());
+        };
+        let mut text = String::from(
+            "# Which index each client id holds in this run (written by `fedra serve`).\n",
+        );
+        text.push_str(
+            &toml::to_string(&self.index_of).map_err(|e| NetError::Other(e.to_string()))?,
+        );
+        let tmp = file.with_extension("toml.tmp");
+        std::fs::write(&tmp, text).map_err(crate::error::io(&tmp))?;
+        std::fs::rename(&tmp, file).map_err(crate::error::io(file))
+    }
+
     /// Clients that can take a task: ready, and not still busy with an earlier one (a client
     /// cut by the round's deadline may still be training or evaluating).
     fn ready(&self) -> Vec<usize> {
@@ -227,6 +280,22 @@ impl Shared {
 /// The gRPC service.
 struct Service {
     shared: Arc<Shared>,
+    /// No TLS (`--insecure`, loopback only): the client's id is the one its Hello names.
+    insecure: bool,
+}
+
+impl Service {
+    fn check_allowed(&self, id: &str, peer: &str) -> Result<(), Status> {
+        match &self.shared.settings.deploy.allowed_clients {
+            Some(allowed) if !allowed.iter().any(|a| a == id) => {
+                tracing::warn!(%peer, client = %id, "refused: not in deploy.allowed_clients");
+                Err(Status::permission_denied(format!(
+                    "client {id} is not in this federation's allowed_clients"
+                )))
+            }
+            _ => Ok(()),
+        }
+    }
 }
 
 type Outbox = mpsc::Sender<Result<ServerMessage, Status>>;
@@ -246,23 +315,17 @@ impl Federation for Service {
         let peer = request
             .remote_addr()
             .map_or_else(|| "unknown address".to_string(), |a| a.to_string());
-        let id = request
+        let certified = request
             .peer_certs()
             .and_then(|certs| certs.first().and_then(|c| crate::pki::client_id(c)));
-        let Some(id) = id else {
-            tracing::warn!(%peer, "refused a session: its certificate names no valid client id");
-            return Err(Status::unauthenticated(
-                "the client certificate names no valid client id",
-            ));
-        };
-        let deploy = &self.shared.settings.deploy;
-        if let Some(allowed) = &deploy.allowed_clients
-            && !allowed.contains(&id)
-        {
-            tracing::warn!(%peer, client = %id, "refused: not in deploy.allowed_clients");
-            return Err(Status::permission_denied(format!(
-                "client {id} is not in this federation's allowed_clients"
-            )));
+        if !self.insecure {
+            let Some(id) = &certified else {
+                tracing::warn!(%peer, "refused a session: its certificate names no valid client id");
+                return Err(Status::unauthenticated(
+                    "the client certificate names no valid client id",
+                ));
+            };
+            self.check_allowed(id, &peer)?;
         }
         let mut inbound = request.into_inner();
         let hello = match tokio::time::timeout(HELLO_TIMEOUT, inbound.message()).await {
@@ -274,6 +337,21 @@ impl Federation for Service {
             }
             Ok(Err(status)) => return Err(status),
             Err(_) => return Err(Status::deadline_exceeded("no Hello in time")),
+        };
+        let id = match certified {
+            Some(id) if !self.insecure => id,
+            _ => match hello.client_id.as_deref() {
+                Some(id) if crate::pki::valid_client_id(id) => {
+                    self.check_allowed(id, &peer)?;
+                    id.to_string()
+                }
+                _ => {
+                    tracing::warn!(%peer, "refused a session without TLS that names no valid client id");
+                    return Err(Status::unauthenticated(
+                        "without TLS, Hello must name a valid client id",
+                    ));
+                }
+            },
         };
         if hello.protocol != PROTOCOL {
             tracing::warn!(client = %id, protocol = hello.protocol, "refused: protocol version");
@@ -297,9 +375,18 @@ impl Federation for Service {
                 .inspect_err(|status| {
                     tracing::warn!(client = %id, "refused: {}", status.message());
                 })?;
+            if let Err(e) =
+                roster.remember(&id, index, self.shared.settings.clients_file.as_deref())
+            {
+                // Serving on with an index that a restart would forget could hand it to
+                // another client: refuse, and say why.
+                tracing::error!(client = %id, "cannot remember its index: {e}");
+                return Err(Status::unavailable(format!(
+                    "the server cannot record client indices: {e}"
+                )));
+            }
             roster.next_session += 1;
             let session = roster.next_session;
-            roster.index_of.insert(id.clone(), index);
             roster.connected.insert(
                 index,
                 Session {
@@ -724,13 +811,23 @@ pub struct NetExecutor {
 
 /// Bind `listen` for a server with `tls` on the given runtime; returns the handle (with the
 /// bound address: port 0 picks a free one; [`ServerHandle::serve`] starts accepting clients) and
-/// the executor for the round loop.
+/// the executor for the round loop. `tls` is `None` only for `--insecure`, which serves a
+/// loopback address alone and takes each client's id from its Hello.
 pub fn start(
     runtime: &tokio::runtime::Handle,
     listen: SocketAddr,
-    tls: ServerTlsConfig,
+    tls: Option<ServerTlsConfig>,
     settings: ServerSettings,
 ) -> Result<(ServerHandle, NetExecutor), NetError> {
+    if tls.is_none() && !listen.ip().is_loopback() {
+        return Err(NetError::Address {
+            addr: listen.to_string(),
+            message: "without TLS (--insecure) the server listens on a loopback address only \
+                      (127.0.0.1 or ::1)"
+                .into(),
+        });
+    }
+    let roster = Roster::from_file(settings.clients_file.as_deref())?;
     let listener = runtime
         .block_on(tokio::net::TcpListener::bind(listen))
         .map_err(|e| NetError::Address {
@@ -744,18 +841,29 @@ pub fn start(
     let (events_tx, events_rx) = std::sync::mpsc::channel();
     let shared = Arc::new(Shared {
         settings,
-        roster: Mutex::new(Roster::default()),
+        roster: Mutex::new(roster),
         roster_changed: Condvar::new(),
         events: Mutex::new(events_tx),
         over: std::sync::atomic::AtomicBool::new(false),
     });
+    let insecure = tls.is_none();
+    if insecure {
+        tracing::warn!(
+            "TLS is off (--insecure): clients are not authenticated, each names itself; \
+             serving {addr} (loopback) only"
+        );
+    }
     let service = FederationServer::new(Service {
         shared: shared.clone(),
+        insecure,
     })
     .max_decoding_message_size(MAX_MESSAGE_BYTES)
     .max_encoding_message_size(MAX_MESSAGE_BYTES);
-    let router = Server::builder()
-        .tls_config(tls)?
+    let mut builder = Server::builder();
+    if let Some(tls) = tls {
+        builder = builder.tls_config(tls)?;
+    }
+    let router = builder
         .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
         .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
         .add_service(service);
@@ -1366,6 +1474,33 @@ mod tests {
                 ..
             }) => result,
             other => panic!("no update at the end: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn client_indices_are_remembered_in_their_file_and_bad_files_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("clients.toml");
+        let mut roster = Roster::from_file(Some(&file)).unwrap();
+        assert!(
+            roster.index_of.is_empty(),
+            "no file yet: nobody holds an index"
+        );
+        roster.remember("site-b", 0, Some(&file)).unwrap();
+        roster.remember("site-a", 1, Some(&file)).unwrap();
+        roster.remember("site-a", 1, Some(&file)).unwrap();
+        let again = Roster::from_file(Some(&file)).unwrap();
+        assert_eq!(again.index_of, roster.index_of);
+        assert_eq!(again.index_of["site-a"], 1);
+        assert!(!dir.path().join("clients.toml.tmp").exists());
+        for (text, says) in [
+            ("a = 0\nb = 0\n", "a and b both hold index 0"),
+            ("\"../x\" = 1\n", "is not a client id"),
+            ("a = -1\n", "clients.toml"),
+        ] {
+            std::fs::write(&file, text).unwrap();
+            let e = Roster::from_file(Some(&file)).err().unwrap().to_string();
+            assert!(e.contains(says) && e.contains("clients.toml"), "{e}");
         }
     }
 
