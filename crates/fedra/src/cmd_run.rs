@@ -249,6 +249,9 @@ pub(crate) fn describe(row: &RoundMetrics) -> String {
     if let Some(eps) = row.epsilon {
         line.push_str(&format!("  epsilon {eps:.3}"));
     }
+    if let Some(spread) = row.bn_spread {
+        line.push_str(&format!("  bn spread {spread:.3}"));
+    }
     line.push_str(&format!("  {:.1}s", row.seconds));
     line
 }

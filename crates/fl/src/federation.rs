@@ -22,7 +22,7 @@ use fedra_nn::{
 use crate::client::{CENTRAL_ID, FitConfig, FitResult};
 use crate::config::AttackKind;
 use crate::config::ExperimentConfig;
-use crate::divergence::{Divergence, weight_divergence};
+use crate::divergence::{Divergence, statistics_spread, weight_divergence};
 use crate::error::FlError;
 use crate::privacy::{epsilon, poisson_sample, private_mean};
 use crate::seed::{Purpose, derive};
@@ -106,6 +106,10 @@ pub struct RoundMetrics {
     /// With `[privacy]`: the epsilon spent so far (at `privacy.delta`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub epsilon: Option<f64>,
+    /// Spread of the BatchNorm running means the clients of this row's round returned
+    /// ([`statistics_spread`]); none at round 0 and for models without running statistics.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bn_spread: Option<f64>,
 }
 
 /// A federated run in progress.
@@ -479,6 +483,8 @@ impl Federation {
         let examples = results
             .iter()
             .fold(0usize, |n, r| n.saturating_add(r.examples_seen));
+        let buffers: Vec<&[f32]> = results.iter().map(|r| r.buffers.as_slice()).collect();
+        let bn_spread = statistics_spread(&self.global, &buffers);
         let total: f64 = results.iter().map(|r| r.num_examples as f64).sum();
         // A private round may sample no client at all.
         let train_loss = (total > 0.0).then(|| {
@@ -555,6 +561,7 @@ impl Federation {
             let mut row = self.evaluate(data, executor, train_loss)?;
             row.seconds = self.pending_seconds + eval_started.elapsed().as_secs_f64();
             row.examples = self.pending_examples;
+            row.bn_spread = bn_spread;
             self.pending_seconds = 0.0;
             self.pending_examples = 0;
             self.history.push(row.clone());
@@ -778,6 +785,7 @@ impl Federation {
                 let q = self.config.train.fraction;
                 epsilon(q, f64::from(p.noise_multiplier), self.rounds_done, p.delta).0
             }),
+            bn_spread: None,
         })
     }
 }

@@ -18,7 +18,7 @@ pub mod sweep;
 
 pub use client::{CENTRAL_ID, FitConfig, FitResult, fit};
 pub use config::{ConfigError, ExperimentConfig};
-pub use divergence::{Divergence, weight_divergence};
+pub use divergence::{Divergence, statistics_spread, weight_divergence};
 pub use error::FlError;
 pub use federation::{
     Executor, Federation, FitJob, LocalState, RoundMetrics, SequentialExecutor, run_job,

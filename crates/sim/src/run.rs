@@ -404,7 +404,8 @@ impl Run {
 /// twin runs, then the clinical metrics: `test_auc,test_balanced_accuracy`, and
 /// `sensitivity_<c>` and `specificity_<c>` for each class index c, then `epsilon` with
 /// `[privacy]`. Empty cells where a value does not exist (train loss of round 0, sensitivity of
-/// a class absent from the test set).
+/// a class absent from the test set), and `bn_spread` (the spread of the clients' BatchNorm
+/// running means, [`fedra_fl::statistics_spread`]) for models with running statistics.
 pub fn metrics_csv(history: &[RoundMetrics]) -> String {
     let mut out = String::from("round,lr,test_accuracy,test_loss,train_loss,seconds");
     let twin = history.iter().any(|r| r.sgd_test_accuracy.is_some());
@@ -432,6 +433,10 @@ pub fn metrics_csv(history: &[RoundMetrics]) -> String {
     let private = history.iter().any(|r| r.epsilon.is_some());
     if private {
         out.push_str(",epsilon");
+    }
+    let batchnorm = history.iter().any(|r| r.bn_spread.is_some());
+    if batchnorm {
+        out.push_str(",bn_spread");
     }
     out.push('\n');
     for r in history {
@@ -466,6 +471,9 @@ pub fn metrics_csv(history: &[RoundMetrics]) -> String {
         }
         if private {
             out.push_str(&format!(",{}", cell(r.epsilon)));
+        }
+        if batchnorm {
+            out.push_str(&format!(",{}", cell(r.bn_spread)));
         }
         out.push('\n');
     }

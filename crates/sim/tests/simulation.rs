@@ -546,6 +546,16 @@ fn every_weight_frozen_still_moves_batchnorm_unless_bn_is_frozen() {
             "bn = {bn} {extra}"
         );
         let (out_before, out_after) = (outputs(&before, &data), outputs(&after, &data));
+        // The clients' statistics disagree after a round exactly when they move.
+        let spreads: Vec<f64> = run.federation.history[1..]
+            .iter()
+            .map(|r| r.bn_spread.expect("a BatchNorm model reports bn_spread"))
+            .collect();
+        assert!(!spreads.is_empty());
+        assert!(
+            spreads.iter().all(|&s| (s > 0.0) == moves),
+            "bn = {bn} {extra}: spreads {spreads:?}"
+        );
         if moves {
             let mean = after.tensor("bn1.running_mean").unwrap();
             let moved = mean
@@ -569,6 +579,8 @@ fn every_weight_frozen_still_moves_batchnorm_unless_bn_is_frozen() {
             assert_eq!(out_after, out_before, "{bn} {extra}");
         }
         run.finish().unwrap();
+        let csv = std::fs::read_to_string(dir.path().join("metrics.csv")).unwrap();
+        assert!(csv.lines().next().unwrap().ends_with(",bn_spread"), "{csv}");
     }
     // A pattern that matches no BatchNorm layer names the pattern and the layers there are.
     let config = transfer_config(
