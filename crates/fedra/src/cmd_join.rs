@@ -40,6 +40,10 @@ pub struct JoinArgs {
     /// CERTS/IDk.pem), client k acting as --shard k; the data is loaded once for all.
     #[arg(long, conflicts_with = "shard")]
     swarm: Option<usize>,
+    /// Compress the updates this client sends with gzip (tasks from a server started with
+    /// --compress arrive compressed either way).
+    #[arg(long)]
+    compress: bool,
     /// Threads for local training (default 1).
     #[arg(long, default_value_t = 1)]
     threads: usize,
@@ -69,6 +73,7 @@ pub fn run(args: JoinArgs) -> anyhow::Result<()> {
         present_certificate: !args.no_client_certificate,
         max_backoff: Duration::from_secs_f64(args.max_backoff_s),
         insecure: args.insecure,
+        compress: args.compress,
     };
     let data_dir = args.data_dir.clone();
     let load = move |config: &ExperimentConfig| {

@@ -56,6 +56,11 @@ pub struct ServeArgs {
     /// themselves (unauthenticated) and must join with --insecure. For debugging on one machine.
     #[arg(long, conflicts_with = "certs")]
     insecure: bool,
+    /// Compress what the server sends (global weights) with gzip; with --local-clients, they
+    /// compress their updates too. Clients always accept it. Raw f32 weights shrink little
+    /// (see the README's network costs); the log says what crossed the wire.
+    #[arg(long)]
+    compress: bool,
     /// Also start N `fedra join --shard K` processes against this server on 127.0.0.1: a real
     /// multi-process federation on one machine.
     #[arg(long)]
@@ -117,6 +122,7 @@ fn local_clients(
     addr: SocketAddr,
     certs: Option<&Path>,
     data_dir: Option<&Path>,
+    compress: bool,
 ) -> anyhow::Result<Vec<Child>> {
     let exe = std::env::current_exe().context("cannot find the fedra executable")?;
     let mut children = Vec::new();
@@ -134,6 +140,9 @@ fn local_clients(
         };
         if let Some(dir) = data_dir {
             cmd.arg("--data-dir").arg(dir);
+        }
+        if compress {
+            cmd.arg("--compress");
         }
         if std::env::var_os("RUST_LOG").is_none() {
             cmd.env("RUST_LOG", "warn");
@@ -226,6 +235,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         classes: spec.classes,
         threads: args.threads,
         clients_file: Some(clients_file),
+        compress: args.compress,
     };
     let (mut server, executor) = start(runtime.handle(), args.listen, tls, settings)?;
     let announcer = server.announcer();
@@ -275,7 +285,13 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         ),
     }
     let mut children = match args.local_clients {
-        Some(n) => local_clients(n, server.addr, certs.as_deref(), data_dir.as_deref())?,
+        Some(n) => local_clients(
+            n,
+            server.addr,
+            certs.as_deref(),
+            data_dir.as_deref(),
+            args.compress,
+        )?,
         None => Vec::new(),
     };
     let outcome = (|| -> anyhow::Result<fedra_sim::Summary> {

@@ -9,6 +9,7 @@
 //! - refused: a client without a certificate, one from another CA, one not allowed, and a
 //!   client that sends a wrong-shaped update, a NaN update and a stale one, none of which
 //!   changes the result;
+//! - gzip (`--compress`): the same weights, fewer bytes on the wire;
 //! - without TLS (`--insecure`) only on loopback; client indices kept across a server restart;
 //! - two sites holding only their own folders of PNG images (no `--shard`) federate, the server
 //!   evaluating on its own folder.
@@ -126,8 +127,23 @@ fn serve(
     data: bool,
     log: &Path,
 ) -> Server {
+    serve_with(exp, out, certs, listen, resume, data, log, &[])
+}
+
+/// [`serve`] with `extra` arguments.
+#[allow(clippy::too_many_arguments)]
+fn serve_with(
+    exp: &Path,
+    out: &Path,
+    certs: Option<&Path>,
+    listen: &str,
+    resume: bool,
+    data: bool,
+    log: &Path,
+    extra: &[&str],
+) -> Server {
     let mut cmd = fedra();
-    cmd.arg("serve");
+    cmd.arg("serve").args(extra);
     if resume {
         cmd.arg("--resume");
     } else {
@@ -175,6 +191,18 @@ fn serve(
 
 /// `fedra join` as `id` (without `certs`, `--insecure`).
 fn join(port: u16, id: &str, certs: Option<&Path>, shard: Option<usize>, log: &Path) -> Child {
+    join_with(port, id, certs, shard, log, &[])
+}
+
+/// [`join`] with `extra` arguments.
+fn join_with(
+    port: u16,
+    id: &str,
+    certs: Option<&Path>,
+    shard: Option<usize>,
+    log: &Path,
+    extra: &[&str],
+) -> Child {
     let mut cmd = fedra();
     match certs {
         Some(certs) => cmd.arg("join").arg("--certs").arg(certs),
@@ -192,6 +220,7 @@ fn join(port: u16, id: &str, certs: Option<&Path>, shard: Option<usize>, log: &P
     if let Some(k) = shard {
         cmd.arg("--shard").arg(k.to_string());
     }
+    cmd.args(extra);
     cmd.spawn().unwrap()
 }
 
@@ -405,6 +434,81 @@ fn federation_over_tls_equals_the_simulation_bit_for_bit() {
     }
     // `fedra run` accepts the [deploy] table and records it.
     assert!(read(&t.join("sim/config.toml")).contains("[deploy]"));
+}
+
+/// gzip on both directions (`--compress`, server and clients) changes the bytes on the wire,
+/// not the result: the weights are `fedra run`'s bit for bit, and the server's log reports fewer
+/// bytes crossing the wire than the raw model, where without compression it reports a little
+/// more (TLS and HTTP/2 framing).
+#[test]
+fn compressed_federation_equals_the_simulation_and_sends_fewer_bytes() {
+    let (_one, tmp) = setup(&experiment("mlp", 600, 2, "min_clients = 3"), "c0,c1,c2");
+    let t = tmp.path();
+    let exp = t.join("exp.toml");
+    let certs = t.join("certs");
+    let wire_ratios = |log: &Path| -> Vec<f64> {
+        read(log)
+            .lines()
+            .filter_map(|l| l.split("on the wire ").nth(1))
+            .flat_map(|rest| {
+                rest.split(['(', ')'])
+                    .filter_map(|p| p.strip_suffix('x')?.parse::<f64>().ok())
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    };
+    for (compress, run) in [(true, "gz"), (false, "plain")] {
+        let extra: &[&str] = if compress { &["--compress"] } else { &[] };
+        let log = t.join(format!("{run}.log"));
+        let mut server = serve_with(
+            &exp,
+            &t.join(run),
+            Some(&certs),
+            "127.0.0.1:0",
+            false,
+            true,
+            &log,
+            extra,
+        );
+        let mut clients: Vec<Child> = (0..3)
+            .map(|k| {
+                let id = format!("c{k}");
+                join_with(
+                    server.port,
+                    &id,
+                    Some(&certs),
+                    Some(k),
+                    &t.join(format!("{run}-{id}.log")),
+                    extra,
+                )
+            })
+            .collect();
+        let status = wait(&mut server.child, Duration::from_secs(120), "server", &log);
+        assert!(status.success(), "{}", read(&log));
+        for c in &mut clients {
+            assert!(wait(c, Duration::from_secs(30), "client", &log).success());
+        }
+        let ratios = wire_ratios(&log);
+        assert_eq!(
+            ratios.len(),
+            4,
+            "two rounds, down and up: {ratios:?}\n{}",
+            read(&log)
+        );
+        for r in ratios {
+            if compress {
+                assert!(r < 0.97, "compressed traffic at {r}x the model");
+            } else {
+                assert!(
+                    (1.0..1.01).contains(&r),
+                    "uncompressed traffic at {r}x the model"
+                );
+            }
+        }
+    }
+    simulate(&exp, &t.join("sim"));
+    assert!(final_weights(&t.join("gz")) == final_weights(&t.join("sim")));
+    assert!(final_weights(&t.join("plain")) == final_weights(&t.join("sim")));
 }
 
 /// The cells of column `name` of a run's `metrics.csv`.

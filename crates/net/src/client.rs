@@ -12,6 +12,7 @@ use rand::Rng;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Code;
+use tonic::codec::CompressionEncoding;
 use tonic::transport::Endpoint;
 
 use fedra_data::TrainTest;
@@ -50,6 +51,8 @@ pub struct JoinOptions {
     /// No TLS (`--insecure`): the server must be on this machine's loopback; the client names
     /// itself in its Hello and `certs` is not read.
     pub insecure: bool,
+    /// Compress updates with gzip (the client accepts compressed tasks whatever this says).
+    pub compress: bool,
 }
 
 /// How a session ended without an error.
@@ -366,7 +369,11 @@ async fn session(
     })?;
     let mut client = FederationClient::new(channel)
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
-        .max_encoding_message_size(MAX_MESSAGE_BYTES);
+        .max_encoding_message_size(MAX_MESSAGE_BYTES)
+        .accept_compressed(CompressionEncoding::Gzip);
+    if opts.compress {
+        client = client.send_compressed(CompressionEncoding::Gzip);
+    }
     let (tx, rx) = mpsc::channel::<ClientMessage>(8);
     let hello = message(client_message::Body::Hello(Hello {
         protocol: PROTOCOL,

@@ -6,10 +6,12 @@
 //!
 //! Modules by job: [`proto`] (the generated messages and service), [`wire`] (weights to
 //! chunks and back, with every check a decoder of untrusted bytes needs), [`pki`] (a
-//! federation's certificates, TLS settings, identities), [`server`] and [`client`].
+//! federation's certificates, TLS settings, identities), [`metered`] (bytes on the wire),
+//! [`server`] and [`client`].
 
 pub mod client;
 pub mod error;
+pub mod metered;
 pub mod pki;
 pub mod proto;
 pub mod server;

@@ -19,7 +19,9 @@ use std::time::{Duration, Instant};
 
 use prost::Message;
 use tokio::sync::mpsc;
+use tokio_stream::StreamExt;
 use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
+use tonic::codec::CompressionEncoding;
 use tonic::transport::{Server, ServerTlsConfig};
 use tonic::{Request, Response, Status, Streaming};
 
@@ -30,6 +32,7 @@ use fedra_fl::{CENTRAL_ID, Executor, FitJob, FitResult, FlError, run_job};
 use fedra_nn::{EvalCounts, Model};
 
 use crate::error::NetError;
+use crate::metered::{MeteredStream, Traffic};
 use crate::proto::federation_server::{Federation, FederationServer};
 use crate::proto::{
     ClientMessage, EvaluateTask, Finished, FitTask, ServerMessage, TaskEnd, Welcome,
@@ -68,6 +71,9 @@ pub struct ServerSettings {
     /// `clients.toml`), so that clients joining without `--shard` or `allowed_clients` return to
     /// their own index after a server restart. `None`: indices live as long as the process.
     pub clients_file: Option<PathBuf>,
+    /// Compress what the server sends with gzip (clients may compress their updates whatever
+    /// this says: the server accepts both).
+    pub compress: bool,
 }
 
 /// One connected client.
@@ -210,6 +216,8 @@ struct Shared {
     events: Mutex<Sender<Event>>,
     /// Set once clients have been told the run is over: departures are then expected.
     over: std::sync::atomic::AtomicBool,
+    /// Bytes on the wire, every connection together.
+    traffic: Arc<Traffic>,
 }
 
 impl Shared {
@@ -845,6 +853,7 @@ pub fn start(
         roster_changed: Condvar::new(),
         events: Mutex::new(events_tx),
         over: std::sync::atomic::AtomicBool::new(false),
+        traffic: Arc::new(Traffic::default()),
     });
     let insecure = tls.is_none();
     if insecure {
@@ -858,7 +867,13 @@ pub fn start(
         insecure,
     })
     .max_decoding_message_size(MAX_MESSAGE_BYTES)
-    .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    .max_encoding_message_size(MAX_MESSAGE_BYTES)
+    .accept_compressed(CompressionEncoding::Gzip);
+    let service = if shared.settings.compress {
+        service.send_compressed(CompressionEncoding::Gzip)
+    } else {
+        service
+    };
     let mut builder = Server::builder();
     if let Some(tls) = tls {
         builder = builder.tls_config(tls)?;
@@ -870,8 +885,10 @@ pub fn start(
     let (shutdown_tx, shutdown_rx) = tokio::sync::oneshot::channel::<()>();
     // Futures do nothing until polled: connections wait in the listener's backlog until
     // `serve` spawns this.
+    let traffic = shared.traffic.clone();
     let serving = Box::pin(async move {
-        let incoming = TcpListenerStream::new(listener);
+        let incoming = TcpListenerStream::new(listener)
+            .map(move |tcp| tcp.map(|tcp| MeteredStream::new(tcp, traffic.clone())));
         let stop = async {
             let _ = shutdown_rx.await;
         };
@@ -1009,6 +1026,7 @@ impl Executor for NetExecutor {
         let (mut sent_bytes, mut sent_to) = (0usize, 0usize);
         let (mut received_bytes, mut received_from) = (0usize, 0usize);
         let mut round_of_task = None;
+        let wire_before = self.shared.traffic.totals();
         for (i, job) in jobs.into_iter().enumerate() {
             if job.client == CENTRAL_ID {
                 local.push((i, job));
@@ -1138,16 +1156,23 @@ impl Executor for NetExecutor {
         }
         if let (Some(round), true) = (round_of_task, sent_to > 0) {
             // What the protocol costs against the raw model (f32 bytes), per client and
-            // direction; gRPC, HTTP/2 and TLS framing add about 0.2% on top.
+            // direction: the messages' protobuf bytes, then what crossed the wire (TLS
+            // records, HTTP/2 frames, keep-alives, compression) during the round.
             let model = layout.payload_bytes() as f64;
             let down = sent_bytes as f64 / sent_to as f64;
             let up = received_bytes as f64 / received_from.max(1) as f64;
+            let wire_after = self.shared.traffic.totals();
+            let wire_up = (wire_after.0 - wire_before.0) as f64 / received_from.max(1) as f64;
+            let wire_down = (wire_after.1 - wire_before.1) as f64 / sent_to as f64;
             tracing::info!(
                 round,
                 "traffic per client: {down:.0} bytes down ({:.4}x the model's {model:.0}), \
-                 {up:.0} bytes up ({:.4}x) from {received_from} of {sent_to} clients",
+                 {up:.0} bytes up ({:.4}x) from {received_from} of {sent_to} clients; on the \
+                 wire {wire_down:.0} down ({:.4}x), {wire_up:.0} up ({:.4}x)",
                 down / model,
-                up / model
+                up / model,
+                wire_down / model,
+                wire_up / model
             );
         }
         results
