@@ -44,6 +44,11 @@ pub struct JoinArgs {
     /// --compress arrive compressed either way).
     #[arg(long)]
     compress: bool,
+    /// Where this client keeps what outlives it: with `model.bn = "local"` (FedBN) its own
+    /// normalisation layers, in STATE_DIR/ID/, read back when it is restarted for the same
+    /// experiment. They never leave this machine.
+    #[arg(long, default_value = "fedra-state")]
+    state_dir: PathBuf,
     /// Threads for local training (default 1).
     #[arg(long, default_value_t = 1)]
     threads: usize,
@@ -74,6 +79,7 @@ pub fn run(args: JoinArgs) -> anyhow::Result<()> {
         max_backoff: Duration::from_secs_f64(args.max_backoff_s),
         insecure: args.insecure,
         compress: args.compress,
+        state_dir: args.state_dir.clone(),
     };
     let data_dir = args.data_dir.clone();
     let load = move |config: &ExperimentConfig| {

@@ -103,6 +103,19 @@ fn experiment(args: &ServeArgs) -> anyhow::Result<ExperimentConfig> {
              server does not tell real clients to attack (use `fedra run`)"
         );
     }
+    let evaluate = config
+        .deploy
+        .as_ref()
+        .map(|d| d.evaluate)
+        .unwrap_or_default();
+    if config.model.bn == fedra_nn::BnPolicy::Local && evaluate != Evaluation::Clients {
+        bail!(
+            "experiment: model.bn = \"local\" (FedBN) keeps each client's normalisation layers on \
+             its own machine, so the server cannot evaluate the models they make: set \
+             deploy.evaluate = \"clients\" (each client evaluates the global weights with its own \
+             layers on its own test data)"
+        );
+    }
     let d = &config.data;
     if d.dataset == fedra_data::DatasetName::ImageFolder
         && (d.classes.is_none() || d.channels.is_none() || d.image_size.is_none())
@@ -123,6 +136,7 @@ fn local_clients(
     certs: Option<&Path>,
     data_dir: Option<&Path>,
     compress: bool,
+    state_dir: &Path,
 ) -> anyhow::Result<Vec<Child>> {
     let exe = std::env::current_exe().context("cannot find the fedra executable")?;
     let mut children = Vec::new();
@@ -144,6 +158,7 @@ fn local_clients(
         if compress {
             cmd.arg("--compress");
         }
+        cmd.arg("--state-dir").arg(state_dir);
         if std::env::var_os("RUST_LOG").is_none() {
             cmd.env("RUST_LOG", "warn");
         }
@@ -291,6 +306,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
             certs.as_deref(),
             data_dir.as_deref(),
             args.compress,
+            &args.out.join("client-state"),
         )?,
         None => Vec::new(),
     };

@@ -10,6 +10,7 @@
 //!   client that sends a wrong-shaped update, a NaN update and a stale one, none of which
 //!   changes the result;
 //! - gzip (`--compress`): the same weights, fewer bytes on the wire;
+//! - FedBN: each client's normalisation layers on its own disk, equal to the simulation's;
 //! - without TLS (`--insecure`) only on loopback; client indices kept across a server restart;
 //! - two sites holding only their own folders of PNG images (no `--shard`) federate, the server
 //!   evaluating on its own folder.
@@ -509,6 +510,148 @@ fn compressed_federation_equals_the_simulation_and_sends_fewer_bytes() {
     simulate(&exp, &t.join("sim"));
     assert!(final_weights(&t.join("gz")) == final_weights(&t.join("sim")));
     assert!(final_weights(&t.join("plain")) == final_weights(&t.join("sim")));
+}
+
+/// FedBN over the network (`bn = "local"`, the clients evaluate): each client trains from its
+/// own normalisation layers, keeps them in its `--state-dir`, and uploads the server's values in
+/// their place. The shared weights and the accuracy and loss columns are `fedra run`'s exactly;
+/// each client's saved layers are the simulation's local state of that client bit for bit; the
+/// server, which never saw them, reports no `bn_spread`. A server that would evaluate FedBN
+/// models itself refuses to start.
+#[test]
+fn fedbn_layers_stay_on_the_clients_disk() {
+    let exp_text = experiment(
+        "mnist-cnn-bn",
+        900,
+        2,
+        "min_clients = 3\nevaluate = \"clients\"",
+    )
+    .replace(
+        "name = \"mnist-cnn-bn\"",
+        "name = \"mnist-cnn-bn\"\nbn = \"local\"",
+    );
+    let (_one, tmp) = setup(&exp_text, "c0,c1,c2");
+    let t = tmp.path();
+    let exp = t.join("exp.toml");
+    let certs = t.join("certs");
+    let state = t.join("state");
+
+    std::fs::write(
+        t.join("server-evaluates.toml"),
+        exp_text.replace("evaluate = \"clients\"", ""),
+    )
+    .unwrap();
+    let refused = fedra()
+        .arg("serve")
+        .arg(t.join("server-evaluates.toml"))
+        .args(["--listen", "127.0.0.1:0", "--certs"])
+        .arg(&certs)
+        .arg("--out")
+        .arg(t.join("never"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        !refused.status.success() && err.contains("deploy.evaluate = \"clients\""),
+        "{err}"
+    );
+
+    let log = t.join("server.log");
+    let mut server = serve(
+        &exp,
+        &t.join("net"),
+        Some(&certs),
+        "127.0.0.1:0",
+        false,
+        false,
+        &log,
+    );
+    let mut clients: Vec<Child> = (0..3)
+        .map(|k| {
+            let id = format!("c{k}");
+            let extra = ["--state-dir", state.to_str().unwrap()];
+            join_with(
+                server.port,
+                &id,
+                Some(&certs),
+                Some(k),
+                &t.join(format!("{id}.log")),
+                &extra,
+            )
+        })
+        .collect();
+    let status = wait(&mut server.child, Duration::from_secs(180), "server", &log);
+    assert!(status.success(), "{}", read(&log));
+    for (k, c) in clients.iter_mut().enumerate() {
+        let clog = t.join(format!("c{k}.log"));
+        assert!(
+            wait(c, Duration::from_secs(30), "client", &clog).success(),
+            "{}",
+            read(&clog)
+        );
+    }
+    simulate(&exp, &t.join("sim"));
+    let (net, sim) = (t.join("net"), t.join("sim"));
+    let spec = fedra_nn::ModelSpec::by_name("mnist-cnn-bn", [1, 28, 28], 10).unwrap();
+    let weights = |run: &Path| {
+        bits(&fedra_nn::Model::load_safetensors(&spec, &run.join("final.safetensors")).unwrap())
+    };
+    assert!(
+        weights(&net) == weights(&sim),
+        "shared weights differ from the simulation's"
+    );
+    for name in ["test_accuracy", "test_loss", "train_loss"] {
+        assert_eq!(column(&net, name), column(&sim, name), "{name}");
+    }
+    assert!(read(&sim.join("metrics.csv")).contains("bn_spread"));
+    assert!(!read(&net.join("metrics.csv")).contains("bn_spread"));
+
+    // The simulation's local state of each client, against what the client kept on its disk.
+    let mut config = ExperimentConfig::from_file(&exp).unwrap();
+    config.data.data_dir = Some(mnist_dir());
+    let data = fedra_data::load(
+        config.data.dataset,
+        Some(&mnist_dir()),
+        &fedra_data::LoadOptions::default(),
+    )
+    .unwrap();
+    let data = config.data.select(data).unwrap();
+    let mut fed = Federation::new(config, &data, 1).unwrap();
+    while !fed.finished() {
+        fed.run_round(&data, &SequentialExecutor { threads: 1 })
+            .unwrap();
+    }
+    for k in 0..3 {
+        let kept = fedra_nn::Model::load_safetensors(
+            &spec,
+            &state.join(format!("c{k}")).join("local.safetensors"),
+        )
+        .unwrap();
+        let (mut params, mut buffers) = (Vec::new(), Vec::new());
+        for t in kept.tensors().iter().filter(|t| t.norm) {
+            let range = t.offset..t.offset + t.len;
+            match t.kind {
+                fedra_nn::TensorKind::Param => params.extend_from_slice(&kept.params()[range]),
+                fedra_nn::TensorKind::Buffer => buffers.extend_from_slice(&kept.buffers()[range]),
+            }
+        }
+        let expected = &fed.local[&k];
+        let b = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert!(!params.is_empty());
+        assert_eq!(
+            b(&params),
+            b(&expected.params),
+            "client {k}'s normalisation weights"
+        );
+        assert_eq!(
+            b(&buffers),
+            b(&expected.buffers),
+            "client {k}'s running statistics"
+        );
+    }
+    // The clients' layers differ from one another (they are each client's own).
+    let first = std::fs::read(state.join("c0/local.safetensors")).unwrap();
+    assert!(first != std::fs::read(state.join("c1/local.safetensors")).unwrap());
 }
 
 /// The cells of column `name` of a run's `metrics.csv`.

@@ -53,6 +53,13 @@ pub trait Executor {
     /// round goes on without it. Any other error ends the run.
     fn fit(&self, jobs: Vec<FitJob<'_>>, data: &Dataset) -> Vec<Result<FitResult, FlError>>;
 
+    /// Whether the clients keep FedBN's local layers themselves (`model.bn = "local"` over a
+    /// network: they train from their own copy and return the server's values in its place).
+    /// Then the round loop neither stores the results' local layers nor measures their spread.
+    fn clients_keep_local_layers(&self) -> bool {
+        false
+    }
+
     /// The clients (of `clients`, by id) that can train now, in increasing order. In-process
     /// every client can; over a network, those connected (waiting for them if need be, and
     /// failing when they never come).
@@ -483,8 +490,14 @@ impl Federation {
         let examples = results
             .iter()
             .fold(0usize, |n, r| n.saturating_add(r.examples_seen));
+        let remote_layers = executor.clients_keep_local_layers()
+            && (!self.local_params.is_empty() || !self.local_buffers.is_empty());
         let buffers: Vec<&[f32]> = results.iter().map(|r| r.buffers.as_slice()).collect();
-        let bn_spread = statistics_spread(&self.global, &buffers);
+        let bn_spread = if remote_layers {
+            None
+        } else {
+            statistics_spread(&self.global, &buffers)
+        };
         let total: f64 = results.iter().map(|r| r.num_examples as f64).sum();
         // A private round may sample no client at all.
         let train_loss = (total > 0.0).then(|| {
@@ -537,7 +550,7 @@ impl Federation {
                 tensor: t.name.clone(),
             });
         }
-        if !self.local_params.is_empty() || !self.local_buffers.is_empty() {
+        if (!self.local_params.is_empty() || !self.local_buffers.is_empty()) && !remote_layers {
             for r in &results {
                 self.local.insert(
                     r.client,

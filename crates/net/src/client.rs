@@ -21,6 +21,7 @@ use fedra_fl::{ExperimentConfig, Federation, FitConfig, FitJob, run_job};
 use fedra_nn::{Model, ModelSpec, SgdConfig};
 
 use crate::error::NetError;
+use crate::local_state::LocalLayers;
 use crate::proto::federation_client::FederationClient;
 use crate::proto::{
     ClientMessage, EvaluateTask, Evaluation, FitTask, Goodbye, Hello, Ready, UpdateEnd,
@@ -53,6 +54,9 @@ pub struct JoinOptions {
     pub insecure: bool,
     /// Compress updates with gzip (the client accepts compressed tasks whatever this says).
     pub compress: bool,
+    /// Where this client keeps what must outlive it: with `model.bn = "local"` (FedBN), its own
+    /// normalisation layers, in `STATE_DIR/ID/`.
+    pub state_dir: PathBuf,
 }
 
 /// How a session ended without an error.
@@ -106,6 +110,8 @@ struct Prepared {
     frozen: Vec<std::ops::Range<usize>>,
     /// BatchNorm layers whose statistics `model.freeze_statistics` keeps fixed.
     frozen_statistics: Vec<String>,
+    /// With `model.bn = "local"`: this client's own normalisation layers, on its disk.
+    local: Option<std::sync::Mutex<LocalLayers>>,
 }
 
 /// Why a session ended badly.
@@ -426,8 +432,9 @@ async fn session(
                     .is_some_and(|p| p.toml == welcome.experiment_toml && p.index == index);
                 if !reuse {
                     let toml = welcome.experiment_toml;
+                    let state = opts.state_dir.join(&opts.id);
                     let p = tokio::task::block_in_place(|| {
-                        prepare(toml, index, opts.shard, opts.threads, cache, load)
+                        prepare(toml, index, opts.shard, opts.threads, cache, load, &state)
                     })
                     .map_err(Failure::Final)?;
                     tracing::info!(
@@ -573,6 +580,7 @@ fn prepare(
     threads: usize,
     cache: &DataCache,
     load: &DataLoader,
+    state: &std::path::Path,
 ) -> Result<Prepared, NetError> {
     let config = ExperimentConfig::from_toml_str(&toml, "the server's experiment")?;
     config.validate("the server's experiment")?;
@@ -602,6 +610,12 @@ fn prepare(
     let frozen = fedra_fl::federation::frozen_ranges(&shape, &config.model.freeze)?;
     let frozen_statistics =
         fedra_fl::federation::frozen_statistics(&shape, &config.model.freeze_statistics)?;
+    let local = if config.model.bn == fedra_nn::BnPolicy::Local {
+        let layers = LocalLayers::open(state, &toml, index, &spec)?;
+        Some(std::sync::Mutex::new(layers))
+    } else {
+        None
+    };
     Ok(Prepared {
         toml,
         index,
@@ -612,7 +626,16 @@ fn prepare(
         layout,
         frozen,
         frozen_statistics,
+        local,
     })
+}
+
+impl Prepared {
+    fn local_layers(&self) -> Option<std::sync::MutexGuard<'_, LocalLayers>> {
+        self.local
+            .as_ref()
+            .map(|m| m.lock().unwrap_or_else(|e| e.into_inner()))
+    }
 }
 
 /// The answer to an evaluation task. Score histograms too large for one message (a test set of
@@ -689,10 +712,13 @@ enum Task {
 /// Evaluate the server's weights on this client's own test data.
 fn evaluate_locally(
     p: &Prepared,
-    params: Vec<f32>,
-    buffers: Vec<f32>,
+    mut params: Vec<f32>,
+    mut buffers: Vec<f32>,
     threads: usize,
 ) -> Result<fedra_nn::EvalCounts, NetError> {
+    if let Some(local) = p.local_layers() {
+        local.overlay(&mut params, &mut buffers);
+    }
     let mut model = Model::new(&p.spec, 0)?;
     model.params_mut().copy_from_slice(&params);
     model.buffers_mut().copy_from_slice(&buffers);
@@ -713,9 +739,14 @@ fn train(
 ) -> Result<fedra_fl::FitResult, NetError> {
     let bn = bn_from_name(&fit.bn)
         .ok_or_else(|| NetError::Protocol(format!("unknown BatchNorm policy {:?}", fit.bn)))?;
+    // With FedBN, this client's own normalisation layers in place of the server's.
+    let (mut own_params, mut own_buffers) = (params.clone(), buffers.clone());
+    if let Some(local) = p.local_layers() {
+        local.overlay(&mut own_params, &mut own_buffers);
+    }
     let mut start = Model::new(&p.spec, 0)?;
-    start.params_mut().copy_from_slice(&params);
-    start.buffers_mut().copy_from_slice(&buffers);
+    start.params_mut().copy_from_slice(&own_params);
+    start.buffers_mut().copy_from_slice(&own_buffers);
     let config = FitConfig {
         round: usize::try_from(fit.round).unwrap_or(usize::MAX),
         run_seed: fit.run_seed,
@@ -738,5 +769,15 @@ fn train(
         start,
         config,
     };
-    Ok(run_job(job, &p.data.train, threads)?)
+    let mut result = run_job(job, &p.data.train, threads)?;
+    if let Some(mut local) = p.local_layers() {
+        local.keep(
+            &mut result.params,
+            &mut result.buffers,
+            (&params, &buffers),
+            &p.toml,
+            p.index,
+        )?;
+    }
+    Ok(result)
 }

@@ -7,10 +7,12 @@
 //! Modules by job: [`proto`] (the generated messages and service), [`wire`] (weights to
 //! chunks and back, with every check a decoder of untrusted bytes needs), [`pki`] (a
 //! federation's certificates, TLS settings, identities), [`metered`] (bytes on the wire),
+//! [`local_state`] (FedBN's layers on the client's disk),
 //! [`server`] and [`client`].
 
 pub mod client;
 pub mod error;
+pub mod local_state;
 pub mod metered;
 pub mod pki;
 pub mod proto;

@@ -983,6 +983,10 @@ impl NetExecutor {
 }
 
 impl Executor for NetExecutor {
+    fn clients_keep_local_layers(&self) -> bool {
+        true
+    }
+
     fn available(&self, clients: usize) -> Result<Vec<usize>, FlError> {
         let deploy = &self.shared.settings.deploy;
         let timeout = Duration::from_secs_f64(deploy.join_timeout_s);
