@@ -34,6 +34,8 @@ pub struct FitConfig {
     pub bn: BnPolicy,
     /// FedProx: add mu * (w - w_global) to every gradient.
     pub prox_mu: Option<f32>,
+    /// SCAFFOLD: add this (c - c_i, one value per parameter) to every gradient.
+    pub control: Option<std::sync::Arc<Vec<f32>>>,
     /// Parameters (ranges of the parameter vector) that training leaves unchanged
     /// (`model.freeze`).
     pub frozen: Vec<std::ops::Range<usize>>,
@@ -57,6 +59,19 @@ pub struct FitResult {
     /// Examples processed (epochs x examples, less a skipped last batch of one), for throughput
     /// figures.
     pub examples_seen: usize,
+}
+
+/// SCAFFOLD's correction: grad += c - c_i.
+struct Control<'a> {
+    shift: &'a [f32],
+}
+
+impl GradCorrection for Control<'_> {
+    fn correct(&self, _params: &[f32], grads: &mut [f32]) {
+        for (g, &d) in grads.iter_mut().zip(self.shift) {
+            *g += d;
+        }
+    }
 }
 
 /// FedProx's proximal term as a gradient correction: grad += mu * (w - w_global).
@@ -110,7 +125,26 @@ pub fn fit(
         (Some(mu), Some(global)) => Some(Proximal { mu, global }),
         _ => None,
     };
-    let correction = proximal.as_ref().map(|p| p as &dyn GradCorrection);
+    let control = config.control.as_deref().map(|shift| Control { shift });
+    if control.is_some() && proximal.is_some() {
+        return Err(fail(
+            "SCAFFOLD's control and FedProx's proximal term together".into(),
+        ));
+    }
+    if let Some(c) = &control
+        && c.shift.len() != model.params().len()
+    {
+        return Err(fail(format!(
+            "control of {} values for a model of {} parameters",
+            c.shift.len(),
+            model.params().len()
+        )));
+    }
+    let correction = match (&proximal, &control) {
+        (Some(p), _) => Some(p as &dyn GradCorrection),
+        (None, Some(c)) => Some(c as &dyn GradCorrection),
+        (None, None) => None,
+    };
 
     trainer.reset_optimizer();
     trainer.set_frozen(config.frozen.clone());

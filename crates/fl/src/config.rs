@@ -280,7 +280,7 @@ pub struct TrainConfig {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StrategyConfig {
-    /// `fedavg`, `fedprox`, `fedavgm`, `fedadam`, `fedyogi`, `fedadagrad`, `fednova`, `median`,
+    /// `fedavg`, `fedprox`, `fedavgm`, `fedadam`, `fedyogi`, `fedadagrad`, `fednova`, `scaffold`, `median`,
     /// `trimmed-mean`, `krum`, or `sgd` (the centralised baseline: pooled data, batch 10 x B,
     /// one epoch per round).
     #[serde(default = "default_strategy")]
@@ -427,6 +427,7 @@ pub const STRATEGIES: &[&str] = &[
     "trimmed-mean",
     "krum",
     "fednova",
+    "scaffold",
     "sgd",
 ];
 
@@ -594,6 +595,7 @@ impl ExperimentConfig {
         let mut allowed: Vec<&str> = match s.name.as_str() {
             "fedprox" => vec!["mu"],
             "fedavgm" => vec!["server_lr", "server_momentum"],
+            "scaffold" => vec!["server_lr"],
             "fedadam" | "fedyogi" | "fedadagrad" => vec!["server_lr", "beta1", "beta2", "tau"],
             "trimmed-mean" => vec!["trim"],
             "krum" => vec!["byzantine", "keep"],

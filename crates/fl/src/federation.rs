@@ -298,6 +298,7 @@ impl Federation {
                             },
                             bn: config.model.bn,
                             prox_mu: None,
+                            control: None,
                             frozen: frozen.clone(),
                             frozen_statistics: frozen_statistics.clone(),
                             flip_labels: false,
@@ -312,7 +313,7 @@ impl Federation {
             }
         };
         let twin = config.eval.sgd_twin.then(|| global.clone());
-        let strategy = from_config(&config.strategy, &config.train)?;
+        let strategy = from_config(&config.strategy, &config.train, config.partition.clients)?;
         let mut scope =
             AggregationScope::new(&global, config.model.bn, config.model.average_buffers);
         if config.privacy.is_some() && !scope.buffers.is_empty() {
@@ -408,6 +409,7 @@ impl Federation {
             },
             bn: self.config.model.bn,
             prox_mu: self.strategy.prox_mu(),
+            control: None,
             frozen: self.frozen.clone(),
             frozen_statistics: self.frozen_statistics.clone(),
             flip_labels: false,
@@ -637,6 +639,7 @@ impl Federation {
             for client in picks.into_iter().map(|i| available[i]) {
                 let mut config = self.fit_config(round, self.config.train.batch_size);
                 config.flip_labels = self.attacks(client, AttackKind::LabelFlip);
+                config.control = self.strategy.control(client);
                 jobs.push(FitJob {
                     client,
                     indices: &self.partition.clients[client],

@@ -5,9 +5,12 @@
 //! aggregates like FedAvg. FedAvgM and FedAdam treat the mean client update as a pseudo-gradient
 //! for a server optimiser (Hsu et al. 2019; Reddi et al. 2021). What is aggregated at all is an
 //! [`AggregationScope`]: with FedBN (`bn = "local"`) normalisation layers stay on the clients,
-//! and buffers are averaged only when the run asks for it.
+//! and buffers are averaged only when the run asks for it. SCAFFOLD steers each client with
+//! control variates the server keeps.
 
+use std::collections::BTreeMap;
 use std::ops::Range;
+use std::sync::Arc;
 
 use rand::SeedableRng;
 use rand::seq::index::sample;
@@ -112,6 +115,13 @@ pub trait Strategy: Send {
         None
     }
 
+    /// What client `client` adds to every gradient, if the strategy steers clients (SCAFFOLD's
+    /// c - c_i, over the whole parameter vector).
+    fn control(&self, client: usize) -> Option<Arc<Vec<f32>>> {
+        let _ = client;
+        None
+    }
+
     /// The fewest results a round can be aggregated from (a round with fewer is sampled again).
     fn min_results(&self) -> usize {
         1
@@ -155,6 +165,7 @@ pub trait Strategy: Send {
 pub fn from_config(
     config: &StrategyConfig,
     train: &TrainConfig,
+    clients: usize,
 ) -> Result<Box<dyn Strategy>, FlError> {
     Ok(match config.name.as_str() {
         "fedavg" | "sgd" => Box::new(FedAvg),
@@ -187,6 +198,19 @@ pub fn from_config(
             local_epochs: train.local_epochs,
             batch_size: train.batch_size,
             momentum: train.momentum,
+        }),
+        "scaffold" => Box::new(Scaffold {
+            server_lr: config.server_lr.unwrap_or(1.0),
+            steps: FedNova {
+                local_epochs: train.local_epochs,
+                batch_size: train.batch_size,
+                momentum: train.momentum,
+            },
+            lr: train.lr,
+            lr_decay: train.lr_decay,
+            clients,
+            c: Vec::new(),
+            client_c: BTreeMap::new(),
         }),
         "krum" => Box::new(Krum {
             byzantine: config.byzantine.unwrap_or(0),
@@ -709,6 +733,157 @@ impl Strategy for FedNova {
             &scope.buffers,
             global.buffers_mut(),
         );
+        Ok(())
+    }
+}
+
+/// SCAFFOLD (Karimireddy et al. 2020, "SCAFFOLD: Stochastic Controlled Averaging for Federated
+/// Learning"), option II. Each client i carries a control variate c_i and the server one, c; a
+/// client adds c - c_i to every gradient, which steers its local steps towards the global
+/// objective rather than its own (the client drift label skew causes). After client i takes K_i
+/// local steps at learning rate lr from x to y_i, its control becomes
+/// `c_i+ = c_i - c + (x - y_i) / (K_i lr)`; the server moves x by `server_lr` times the
+/// sample-weighted mean of the y_i - x (with `server_lr` = 1: FedAvg's mean, bit for bit) and c
+/// by `|S| / N` times the mean of the c_i+ - c_i over the round's |S| of the N clients. Every
+/// control starts at zero, so the first round is FedAvg's. The server keeps the clients' controls
+/// (one model-sized vector per client that has trained) and counts K_i itself, as FedNova does;
+/// with momentum on the clients the formula is applied as it stands. Buffers are averaged as
+/// FedAvg averages them.
+pub struct Scaffold {
+    pub server_lr: f32,
+    /// Counts clients' local steps.
+    pub steps: FedNova,
+    pub lr: f32,
+    pub lr_decay: f32,
+    /// N, every client of the federation.
+    pub clients: usize,
+    /// The server's control c (empty until the first aggregate).
+    pub c: Vec<f32>,
+    /// Each client's control c_i (absent: zero).
+    pub client_c: BTreeMap<usize, Vec<f32>>,
+}
+
+impl Scaffold {
+    fn lr_at(&self, round: usize) -> f32 {
+        // As `ExperimentConfig::lr_at`.
+        (self.lr as f64 * (self.lr_decay as f64).powi(round as i32)) as f32
+    }
+}
+
+impl Strategy for Scaffold {
+    fn name(&self) -> &'static str {
+        "scaffold"
+    }
+
+    fn control(&self, client: usize) -> Option<Arc<Vec<f32>>> {
+        if self.c.is_empty() {
+            return None;
+        }
+        Some(Arc::new(match self.client_c.get(&client) {
+            Some(own) => self.c.iter().zip(own).map(|(c, o)| c - o).collect(),
+            None => self.c.clone(),
+        }))
+    }
+
+    fn aggregate(
+        &mut self,
+        round: usize,
+        global: &mut Model,
+        results: &[FitResult],
+        scope: &AggregationScope,
+    ) -> Result<(), FlError> {
+        check_results(round, global, results)?;
+        let x = global.params().to_vec();
+        if self.c.is_empty() {
+            self.c = vec![0.0; x.len()];
+        }
+        let lr = f64::from(self.lr_at(round));
+        let mut c_step = vec![0f64; x.len()];
+        for r in results {
+            let steps = self.steps.steps(r.num_examples, r.examples_seen).max(1) as f64;
+            let own = self
+                .client_c
+                .entry(r.client)
+                .or_insert_with(|| vec![0.0; x.len()]);
+            for i in scope.params.iter().flat_map(|range| range.clone()) {
+                let delta = -f64::from(self.c[i])
+                    + (f64::from(x[i]) - f64::from(r.params[i])) / (steps * lr);
+                own[i] = (f64::from(own[i]) + delta) as f32;
+                c_step[i] += delta;
+            }
+        }
+        let share = results.len() as f64 / self.clients.max(1) as f64;
+        let n = results.len().max(1) as f64;
+        for i in scope.params.iter().flat_map(|range| range.clone()) {
+            self.c[i] = (f64::from(self.c[i]) + share * c_step[i] / n) as f32;
+        }
+        weighted_mean(results, |r| &r.params, &scope.params, global.params_mut());
+        if self.server_lr != 1.0 {
+            let eta = f64::from(self.server_lr);
+            let w = global.params_mut();
+            for i in scope.params.iter().flat_map(|range| range.clone()) {
+                w[i] = (f64::from(x[i]) + eta * (f64::from(w[i]) - f64::from(x[i]))) as f32;
+            }
+        }
+        weighted_mean(
+            results,
+            |r| &r.buffers,
+            &scope.buffers,
+            global.buffers_mut(),
+        );
+        Ok(())
+    }
+
+    fn state(&self) -> Vec<(String, Vec<f32>)> {
+        if self.c.is_empty() {
+            return Vec::new();
+        }
+        let mut state = vec![("scaffold.c".to_string(), self.c.clone())];
+        for (k, c) in &self.client_c {
+            state.push((format!("scaffold.c.{k}"), c.clone()));
+        }
+        state
+    }
+
+    fn restore(
+        &mut self,
+        state: Vec<(String, Vec<f32>)>,
+        scope: &AggregationScope,
+    ) -> Result<(), FlError> {
+        self.c.clear();
+        self.client_c.clear();
+        for (name, values) in state {
+            if name == "scaffold.c" {
+                self.c = values;
+            } else if let Some(k) = name
+                .strip_prefix("scaffold.c.")
+                .and_then(|k| k.parse::<usize>().ok())
+            {
+                self.client_c.insert(k, values);
+            } else {
+                return Err(FlError::State(format!(
+                    "strategy scaffold: unexpected checkpoint tensor {name:?}"
+                )));
+            }
+        }
+        let len = self.c.len();
+        let needed = scope.params.iter().map(|r| r.end).max().unwrap_or(0);
+        if len != 0 && len < needed {
+            return Err(FlError::State(format!(
+                "strategy scaffold: the checkpoint's control has {len} values, the model {needed}"
+            )));
+        }
+        if len == 0 && !self.client_c.is_empty() {
+            return Err(FlError::State(
+                "strategy scaffold: the checkpoint has client controls but no server control"
+                    .into(),
+            ));
+        }
+        if let Some((k, _)) = self.client_c.iter().find(|(_, c)| c.len() != len) {
+            return Err(FlError::State(format!(
+                "strategy scaffold: client {k}'s control does not match the server's size {len}"
+            )));
+        }
         Ok(())
     }
 }

@@ -207,7 +207,7 @@ fn fedavgm_with_zero_momentum_and_unit_lr_equals_fedavg() {
         server_momentum: Some(0.0),
         ..Default::default()
     };
-    let mut m = from_config(&config, &train()).unwrap();
+    let mut m = from_config(&config, &train(), 10).unwrap();
     let mut with_m = base.clone();
     m.aggregate(0, &mut with_m, &results, &scope).unwrap();
     let max_diff = (0..len)
@@ -217,7 +217,7 @@ fn fedavgm_with_zero_momentum_and_unit_lr_equals_fedavg() {
     // And its state round-trips for checkpoints.
     let state = m.state();
     assert_eq!(state[0].1.len(), len);
-    let mut fresh = from_config(&config, &train()).unwrap();
+    let mut fresh = from_config(&config, &train(), 10).unwrap();
     fresh.restore(state.clone(), &scope).unwrap();
     assert_eq!(fresh.state(), state);
     // State sized for another model, or missing, is rejected by name, never reset to zeros.
@@ -254,7 +254,7 @@ fn adaptive_server_optimisers_follow_reddi_et_al_algorithm_2() {
             tau: Some(tau as f32),
             ..Default::default()
         };
-        let mut strategy = from_config(&config, &train()).unwrap();
+        let mut strategy = from_config(&config, &train(), 10).unwrap();
         assert_eq!(strategy.name(), name);
         let mut global = tiny();
         let scope = AggregationScope::everything(&global);
@@ -309,7 +309,7 @@ fn median_and_trimmed_mean_by_hand_ignore_outliers_and_example_counts() {
             trim: (name == "trimmed-mean").then_some(0.2),
             ..Default::default()
         };
-        let mut strategy = from_config(&config, &train()).unwrap();
+        let mut strategy = from_config(&config, &train(), 10).unwrap();
         let mut global = tiny();
         let scope = AggregationScope::everything(&global);
         let results: Vec<FitResult> = [1.0f32, 2.0, 3.0, 1e6, 1.5]
@@ -410,4 +410,53 @@ fn the_private_mean_clips_sums_and_adds_the_stated_noise() {
             .params
             != mean.params
     );
+}
+
+/// SCAFFOLD's control variates on hand-made numbers: one client of four takes K = 2 local steps
+/// (10 examples, batch 5) at lr 0.1 from x to x - 0.5, so its control becomes
+/// (x - y) / (K lr) = 2.5 and the server's (1/4) * 2.5 = 0.625; it then trains with c - c_i =
+/// -1.875 added to its gradients, and a client never sampled with c = 0.625. The first
+/// aggregate is FedAvg's mean, bit for bit.
+#[test]
+fn scaffold_controls_follow_the_paper_and_start_as_fedavg() {
+    let train: fedra_fl::config::TrainConfig =
+        toml::from_str("rounds = 2\nbatch_size = 5\nlr = 0.1").unwrap();
+    let config: fedra_fl::config::StrategyConfig = toml::from_str("name = \"scaffold\"").unwrap();
+    let mut strategy = from_config(&config, &train, 4).unwrap();
+    assert!(
+        strategy.control(1).is_none(),
+        "every control starts at zero"
+    );
+    let global = cnn_bn();
+    let scope = AggregationScope::new(&global, BnPolicy::Train, true);
+    let y: Vec<f32> = global.params().iter().map(|w| w - 0.5).collect();
+    let results = vec![result(1, 10, y, global.buffers().to_vec())];
+    let mut scaffold = global.clone();
+    strategy
+        .aggregate(0, &mut scaffold, &results, &scope)
+        .unwrap();
+    let mut fedavg = global.clone();
+    FedAvg.aggregate(0, &mut fedavg, &results, &scope).unwrap();
+    assert_eq!(scaffold.params(), fedavg.params());
+    let own = strategy.control(1).unwrap();
+    let other = strategy.control(2).unwrap();
+    assert_eq!(own.len(), global.params().len());
+    for (i, (&o, &n)) in own.iter().zip(other.iter()).enumerate() {
+        // (x - y) / (K lr) in f64 from f32 weights: 2.5 to within the weights' rounding.
+        assert!((n - 0.625).abs() < 1e-4, "c[{i}] = {n}");
+        assert!((o + 1.875).abs() < 1e-4, "c - c_1 at {i} = {o}");
+    }
+    // Its state names the server's control and client 1's, and restores exactly.
+    let state = strategy.state();
+    let names: Vec<&str> = state.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(names, ["scaffold.c", "scaffold.c.1"]);
+    let mut fresh = from_config(&config, &train, 4).unwrap();
+    fresh.restore(state, &scope).unwrap();
+    assert_eq!(fresh.control(1), strategy.control(1));
+    let mut bad = from_config(&config, &train, 4).unwrap();
+    let err = bad
+        .restore(vec![("scaffold.c".into(), vec![0.0; 3])], &scope)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("3 values"), "{err}");
 }

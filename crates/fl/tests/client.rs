@@ -48,6 +48,7 @@ fn fit_config(bn: BnPolicy, batch_size: usize) -> FitConfig {
         },
         bn,
         prox_mu: None,
+        control: None,
         frozen: Vec::new(),
         frozen_statistics: Vec::new(),
         flip_labels: false,

@@ -759,6 +759,7 @@ fn train(
         },
         bn,
         prox_mu: fit.prox_mu,
+        control: None,
         frozen: p.frozen.clone(),
         frozen_statistics: p.frozen_statistics.clone(),
         flip_labels: false,
