@@ -45,8 +45,8 @@ pub struct JoinArgs {
     #[arg(long)]
     compress: bool,
     /// Where this client keeps what outlives it: with `model.bn = "local"` (FedBN) its own
-    /// normalisation layers, in STATE_DIR/ID/, read back when it is restarted for the same
-    /// experiment. They never leave this machine.
+    /// normalisation layers (its last two trainings), in STATE_DIR/ID/, read back when it is
+    /// restarted for the same run of the same experiment. They never leave this machine.
     #[arg(long, default_value = "fedra-state")]
     state_dir: PathBuf,
     /// Threads for local training (default 1).

@@ -177,6 +177,23 @@ fn local_clients(
     Ok(children)
 }
 
+/// The id of the run in `out` (`RUN_DIR/run-id`): made afresh for a new run, read back on
+/// `--resume` (and made for a run folder from before run ids).
+fn run_id(out: &Path, resume: bool) -> anyhow::Result<String> {
+    let path = out.join("run-id");
+    if resume && let Ok(text) = std::fs::read_to_string(&path) {
+        let id = text.trim().to_string();
+        if !id.is_empty() {
+            return Ok(id);
+        }
+    }
+    let id = format!("{:016x}", rand::random::<u64>());
+    std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
+    std::fs::write(&path, format!("{id}\n"))
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(id)
+}
+
 pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     if args.threads == 0 {
         bail!("--threads must be at least 1");
@@ -225,6 +242,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         std::fs::remove_file(&clients_file)
             .with_context(|| format!("cannot remove {}", clients_file.display()))?;
     }
+    let run_id = run_id(&args.out, args.resume)?;
     let evaluate = config
         .deploy
         .as_ref()
@@ -257,6 +275,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         classes: spec.classes,
         threads: args.threads,
         clients_file: Some(clients_file),
+        run_id,
         compress: args.compress,
     };
     let (mut server, executor) = start(runtime.handle(), args.listen, tls, settings)?;

@@ -624,7 +624,7 @@ fn fedbn_layers_stay_on_the_clients_disk() {
     for k in 0..3 {
         let kept = fedra_nn::Model::load_safetensors(
             &spec,
-            &state.join(format!("c{k}")).join("local.safetensors"),
+            &state.join(format!("c{k}")).join("round-1.safetensors"),
         )
         .unwrap();
         let (mut params, mut buffers) = (Vec::new(), Vec::new());
@@ -650,8 +650,8 @@ fn fedbn_layers_stay_on_the_clients_disk() {
         );
     }
     // The clients' layers differ from one another (they are each client's own).
-    let first = std::fs::read(state.join("c0/local.safetensors")).unwrap();
-    assert!(first != std::fs::read(state.join("c1/local.safetensors")).unwrap());
+    let first = std::fs::read(state.join("c0/round-1.safetensors")).unwrap();
+    assert!(first != std::fs::read(state.join("c1/round-1.safetensors")).unwrap());
 }
 
 /// The cells of column `name` of a run's `metrics.csv`.

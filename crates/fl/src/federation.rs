@@ -913,14 +913,16 @@ fn mean_clinical(each: &[ClinicalMetrics]) -> ClinicalMetrics {
     }
 }
 
-fn gather(values: &[f32], ranges: &[Range<usize>]) -> Vec<f32> {
+/// The values of `ranges` of `values`, one after another (a FedBN client's layers, packed).
+pub fn gather(values: &[f32], ranges: &[Range<usize>]) -> Vec<f32> {
     ranges
         .iter()
         .flat_map(|r| values[r.clone()].iter().copied())
         .collect()
 }
 
-fn scatter(packed: &[f32], ranges: &[Range<usize>], out: &mut [f32]) {
+/// The inverse of [`gather`]: `packed` written back into `ranges` of `out`.
+pub fn scatter(packed: &[f32], ranges: &[Range<usize>], out: &mut [f32]) {
     let mut j = 0;
     for r in ranges {
         out[r.clone()].copy_from_slice(&packed[j..j + r.len()]);

@@ -797,7 +797,20 @@ impl Strategy for Scaffold {
         if self.c.is_empty() {
             self.c = vec![0.0; x.len()];
         }
+        if self.c.len() != x.len() {
+            return Err(FlError::State(format!(
+                "strategy scaffold: a control of {} values for a model of {} parameters",
+                self.c.len(),
+                x.len()
+            )));
+        }
         let lr = f64::from(self.lr_at(round));
+        if !(lr.is_finite() && lr > 0.0) {
+            return Err(FlError::State(format!(
+                "strategy scaffold: the learning rate of round {round} is {lr}; the controls \
+                 divide by it (a train.lr_decay that reaches 0?)"
+            )));
+        }
         let mut c_step = vec![0f64; x.len()];
         for r in results {
             let steps = self.steps.steps(r.num_examples, r.examples_seen).max(1) as f64;
@@ -816,6 +829,13 @@ impl Strategy for Scaffold {
         let n = results.len().max(1) as f64;
         for i in scope.params.iter().flat_map(|range| range.clone()) {
             self.c[i] = (f64::from(self.c[i]) + share * c_step[i] / n) as f32;
+        }
+        if let Some(i) = self.c.iter().position(|v| !v.is_finite()) {
+            return Err(FlError::State(format!(
+                "strategy scaffold: the server control became {} at parameter {i} in round \
+                 {round}",
+                self.c[i]
+            )));
         }
         weighted_mean(results, |r| &r.params, &scope.params, global.params_mut());
         if self.server_lr != 1.0 {

@@ -21,7 +21,7 @@ use fedra_fl::{ExperimentConfig, Federation, FitConfig, FitJob, run_job};
 use fedra_nn::{Model, ModelSpec, SgdConfig};
 
 use crate::error::NetError;
-use crate::local_state::LocalLayers;
+use crate::local_state::{LocalLayers, stamp};
 use crate::proto::federation_client::FederationClient;
 use crate::proto::{
     ClientMessage, EvaluateTask, Evaluation, FitTask, Goodbye, Hello, Ready, UpdateEnd,
@@ -100,6 +100,8 @@ impl DataCache {
 /// Everything a client prepares once per experiment.
 struct Prepared {
     toml: String,
+    /// The server's name for the run.
+    run_id: String,
     index: usize,
     config: ExperimentConfig,
     data: Arc<TrainTest>,
@@ -427,14 +429,26 @@ async fn session(
                     ))));
                 }
                 let index = usize::try_from(welcome.client).unwrap_or(usize::MAX);
-                let reuse = prepared
-                    .as_ref()
-                    .is_some_and(|p| p.toml == welcome.experiment_toml && p.index == index);
+                let reuse = prepared.as_ref().is_some_and(|p| {
+                    p.toml == welcome.experiment_toml
+                        && p.index == index
+                        && p.run_id == welcome.run_id
+                });
                 if !reuse {
                     let toml = welcome.experiment_toml;
                     let state = opts.state_dir.join(&opts.id);
+                    let run = welcome.run_id;
                     let p = tokio::task::block_in_place(|| {
-                        prepare(toml, index, opts.shard, opts.threads, cache, load, &state)
+                        prepare(
+                            toml,
+                            run,
+                            index,
+                            opts.shard,
+                            opts.threads,
+                            cache,
+                            load,
+                            &state,
+                        )
                     })
                     .map_err(Failure::Final)?;
                     tracing::info!(
@@ -498,7 +512,8 @@ async fn session(
                         let threads = opts.threads;
                         let p2 = p.clone();
                         let what = format!("the evaluation of round {}", evaluate.round);
-                        let work = move || evaluate_locally(&p2, params, buffers, threads);
+                        let round = usize::try_from(evaluate.round).unwrap_or(usize::MAX);
+                        let work = move || evaluate_locally(&p2, round, params, buffers, threads);
                         let counts = match off_the_runtime(&tx, what, work).await? {
                             Ok(counts) => counts,
                             Err(stopped) => return Ok(stopped),
@@ -573,8 +588,10 @@ async fn session(
 }
 
 /// Load the data and work out which examples this client trains on.
+#[allow(clippy::too_many_arguments)]
 fn prepare(
     toml: String,
+    run_id: String,
     index: usize,
     shard: Option<usize>,
     threads: usize,
@@ -611,13 +628,14 @@ fn prepare(
     let frozen_statistics =
         fedra_fl::federation::frozen_statistics(&shape, &config.model.freeze_statistics)?;
     let local = if config.model.bn == fedra_nn::BnPolicy::Local {
-        let layers = LocalLayers::open(state, &toml, index, &spec)?;
+        let layers = LocalLayers::open(state, &stamp(&toml, &run_id, index), &spec)?;
         Some(std::sync::Mutex::new(layers))
     } else {
         None
     };
     Ok(Prepared {
         toml,
+        run_id,
         index,
         config,
         data,
@@ -712,12 +730,14 @@ enum Task {
 /// Evaluate the server's weights on this client's own test data.
 fn evaluate_locally(
     p: &Prepared,
+    round: usize,
     mut params: Vec<f32>,
     mut buffers: Vec<f32>,
     threads: usize,
 ) -> Result<fedra_nn::EvalCounts, NetError> {
     if let Some(local) = p.local_layers() {
-        local.overlay(&mut params, &mut buffers);
+        // After r rounds: the layers of this client's last training before round r.
+        local.overlay(&mut params, &mut buffers, round);
     }
     let mut model = Model::new(&p.spec, 0)?;
     model.params_mut().copy_from_slice(&params);
@@ -741,14 +761,15 @@ fn train(
         .ok_or_else(|| NetError::Protocol(format!("unknown BatchNorm policy {:?}", fit.bn)))?;
     // With FedBN, this client's own normalisation layers in place of the server's.
     let (mut own_params, mut own_buffers) = (params.clone(), buffers.clone());
+    let round = usize::try_from(fit.round).unwrap_or(usize::MAX);
     if let Some(local) = p.local_layers() {
-        local.overlay(&mut own_params, &mut own_buffers);
+        local.overlay(&mut own_params, &mut own_buffers, round);
     }
     let mut start = Model::new(&p.spec, 0)?;
     start.params_mut().copy_from_slice(&own_params);
     start.buffers_mut().copy_from_slice(&own_buffers);
     let config = FitConfig {
-        round: usize::try_from(fit.round).unwrap_or(usize::MAX),
+        round,
         run_seed: fit.run_seed,
         local_epochs: fit.local_epochs as usize,
         batch_size: usize::try_from(fit.batch_size).unwrap_or(usize::MAX),
@@ -773,11 +794,11 @@ fn train(
     let mut result = run_job(job, &p.data.train, threads)?;
     if let Some(mut local) = p.local_layers() {
         local.keep(
+            round,
             &mut result.params,
             &mut result.buffers,
             (&params, &buffers),
-            &p.toml,
-            p.index,
+            &stamp(&p.toml, &p.run_id, p.index),
         )?;
     }
     Ok(result)

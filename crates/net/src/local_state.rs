@@ -2,11 +2,18 @@
 //! tensor (BatchNorm weights, biases and running statistics) belongs to its client: the client
 //! trains from its own copy, keeps the trained copy in `STATE_DIR/ID/`, and uploads the values
 //! the server sent in their place, so its own never leave the machine. The copy outlives the
-//! process: a client restarted for the same experiment under the same index continues from it.
+//! process: a client restarted for the same run (experiment, run id, index) continues from it.
+//!
+//! Copies are kept by round, the last two: a task of round r starts from the copy of the latest
+//! round before r, so a round the server runs again (after a drop, or after resuming from its
+//! checkpoint) starts from the same layers as the first time.
 
+use std::collections::BTreeMap;
+use std::io::Write;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 
+use fedra_fl::federation::{gather, scatter};
 use fedra_nn::{Model, ModelSpec, TensorKind};
 
 use crate::error::{NetError, io};
@@ -18,23 +25,27 @@ pub struct LocalLayers {
     spec: ModelSpec,
     params: Vec<Range<usize>>,
     buffers: Vec<Range<usize>>,
-    /// This client's trained values (params, buffers), once it has trained.
-    values: Option<(Vec<f32>, Vec<f32>)>,
+    /// This client's trained values (params, buffers) after each kept round.
+    rounds: BTreeMap<usize, (Vec<f32>, Vec<f32>)>,
 }
 
-const WEIGHTS: &str = "local.safetensors";
-const EXPERIMENT: &str = "experiment.toml";
+const STAMP: &str = "run.toml";
+
+/// What identifies the run a client's layers belong to: its index, the server's run id and the
+/// experiment.
+pub fn stamp(experiment: &str, run_id: &str, index: usize) -> String {
+    format!("# fedra FedBN layers of client {index} in run {run_id}\n{experiment}")
+}
+
+fn round_file(dir: &Path, round: usize) -> PathBuf {
+    dir.join(format!("round-{round}.safetensors"))
+}
 
 impl LocalLayers {
-    /// The local layers of client `index` in `experiment` (its TOML as the server sent it), kept
-    /// in `dir`: read back when `dir` holds them for the same experiment and index, started
-    /// afresh (and said so) when it holds another experiment's.
-    pub fn open(
-        dir: &Path,
-        experiment: &str,
-        index: usize,
-        spec: &ModelSpec,
-    ) -> Result<LocalLayers, NetError> {
+    /// The local layers kept in `dir` for the run `stamp` names: read back when `dir` holds
+    /// them for the same run, started afresh (and said so) when it holds another run's or a
+    /// copy that cannot be read.
+    pub fn open(dir: &Path, stamp: &str, spec: &ModelSpec) -> Result<LocalLayers, NetError> {
         let shape = Model::new(spec, 0)?;
         let (mut params, mut buffers) = (Vec::new(), Vec::new());
         for t in shape.tensors().iter().filter(|t| t.norm) {
@@ -49,22 +60,13 @@ impl LocalLayers {
             spec: spec.clone(),
             params,
             buffers,
-            values: None,
+            rounds: BTreeMap::new(),
         };
-        let stamp = stamp(experiment, index);
-        let kept = dir.join(EXPERIMENT);
+        let kept = dir.join(STAMP);
         match std::fs::read_to_string(&kept) {
-            Ok(text) if text == stamp => {
-                let path = dir.join(WEIGHTS);
-                let model = Model::load_safetensors(spec, &path)?;
-                layers.values = Some((
-                    gather(model.params(), &layers.params),
-                    gather(model.buffers(), &layers.buffers),
-                ));
-                tracing::info!(dir = %dir.display(), "FedBN: continuing from this client's own normalisation layers");
-            }
+            Ok(text) if text == stamp => layers.read_rounds(),
             Ok(_) => {
-                tracing::warn!(dir = %dir.display(), "FedBN: the layers kept here belong to another experiment or client index; starting from the server's");
+                tracing::warn!(dir = %dir.display(), "FedBN: the layers kept here belong to another run or client index; starting from the server's");
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(io(&kept)(e)),
@@ -72,39 +74,87 @@ impl LocalLayers {
         Ok(layers)
     }
 
-    /// Put this client's own normalisation values into a model the server sent (nothing to do
-    /// before its first training).
-    pub fn overlay(&self, params: &mut [f32], buffers: &mut [f32]) {
-        if let Some((p, b)) = &self.values {
+    fn read_rounds(&mut self) {
+        let Ok(entries) = std::fs::read_dir(&self.dir) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let Some(round) = name
+                .strip_prefix("round-")
+                .and_then(|r| r.strip_suffix(".safetensors"))
+                .and_then(|r| r.parse::<usize>().ok())
+            else {
+                continue;
+            };
+            match Model::load_safetensors(&self.spec, &entry.path()) {
+                Ok(model) => {
+                    let values = (
+                        gather(model.params(), &self.params),
+                        gather(model.buffers(), &self.buffers),
+                    );
+                    self.rounds.insert(round, values);
+                }
+                Err(e) => {
+                    tracing::warn!(
+                        "FedBN: cannot read this client's layers, leaving them out: {e}"
+                    );
+                }
+            }
+        }
+        if let Some(last) = self.rounds.keys().next_back() {
+            tracing::info!(dir = %self.dir.display(), round = last, "FedBN: continuing from this client's own normalisation layers");
+        }
+    }
+
+    /// Put this client's own normalisation values, those of its latest training before
+    /// `round`, into a model the server sent (nothing to do before its first training).
+    pub fn overlay(&self, params: &mut [f32], buffers: &mut [f32], round: usize) {
+        if let Some((_, (p, b))) = self.rounds.range(..round).next_back() {
             scatter(p, &self.params, params);
             scatter(b, &self.buffers, buffers);
         }
     }
 
-    /// Keep the normalisation values of a trained model (on disk first: written to temporary
-    /// files, then renamed), and put `sent`'s values, the server's, in their place for the
-    /// upload.
+    /// Keep the normalisation values of the model trained in `round` (on disk first: a
+    /// temporary file, synced, then renamed; with the run's stamp), drop copies older than the
+    /// one this training started from, and put `sent`'s values, the server's, in their place
+    /// for the upload.
     pub fn keep(
         &mut self,
+        round: usize,
         params: &mut [f32],
         buffers: &mut [f32],
         sent: (&[f32], &[f32]),
-        experiment: &str,
-        index: usize,
+        stamp: &str,
     ) -> Result<(), NetError> {
         std::fs::create_dir_all(&self.dir).map_err(io(&self.dir))?;
+        let kept = self.dir.join(STAMP);
+        if std::fs::read_to_string(&kept).ok().as_deref() != Some(stamp) {
+            write_synced(&kept, stamp.as_bytes())?;
+        }
         let mut trained = Model::new(&self.spec, 0)?;
         trained.params_mut().copy_from_slice(params);
         trained.buffers_mut().copy_from_slice(buffers);
-        let weights = self.dir.join(WEIGHTS);
-        let tmp = self.dir.join("local.safetensors.tmp");
-        trained.save_safetensors(&tmp)?;
-        std::fs::rename(&tmp, &weights).map_err(io(&weights))?;
-        let kept = self.dir.join(EXPERIMENT);
-        let tmp = self.dir.join("experiment.toml.tmp");
-        std::fs::write(&tmp, stamp(experiment, index)).map_err(io(&tmp))?;
-        std::fs::rename(&tmp, &kept).map_err(io(&kept))?;
-        self.values = Some((gather(params, &self.params), gather(buffers, &self.buffers)));
+        write_synced(
+            &round_file(&self.dir, round),
+            &trained.to_safetensors_bytes()?,
+        )?;
+        self.rounds.insert(
+            round,
+            (gather(params, &self.params), gather(buffers, &self.buffers)),
+        );
+        let base = self.rounds.range(..round).next_back().map(|(&r, _)| r);
+        let stale: Vec<usize> = self
+            .rounds
+            .keys()
+            .copied()
+            .filter(|&r| r != round && Some(r) != base)
+            .collect();
+        for r in stale {
+            self.rounds.remove(&r);
+            let _ = std::fs::remove_file(round_file(&self.dir, r));
+        }
         let (sent_params, sent_buffers) = sent;
         scatter(&gather(sent_params, &self.params), &self.params, params);
         scatter(&gather(sent_buffers, &self.buffers), &self.buffers, buffers);
@@ -112,86 +162,113 @@ impl LocalLayers {
     }
 }
 
-/// What `experiment.toml` holds: the client index, then the experiment.
-fn stamp(experiment: &str, index: usize) -> String {
-    format!("# fedra FedBN layers of client {index}\n{experiment}")
-}
-
-fn gather(values: &[f32], ranges: &[Range<usize>]) -> Vec<f32> {
-    ranges
-        .iter()
-        .flat_map(|r| values[r.clone()].to_vec())
-        .collect()
-}
-
-fn scatter(values: &[f32], ranges: &[Range<usize>], into: &mut [f32]) {
-    let mut at = 0;
-    for r in ranges {
-        into[r.clone()].copy_from_slice(&values[at..at + r.len()]);
-        at += r.len();
-    }
+/// Write `bytes` to `path` through a synced temporary file renamed over it.
+fn write_synced(path: &Path, bytes: &[u8]) -> Result<(), NetError> {
+    let tmp = path.with_extension("tmp");
+    let mut file = std::fs::File::create(&tmp).map_err(io(&tmp))?;
+    file.write_all(bytes).map_err(io(&tmp))?;
+    file.sync_all().map_err(io(&tmp))?;
+    std::fs::rename(&tmp, path).map_err(io(path))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    fn norm_values(model_params: &[f32], model_buffers: &[f32], model: &Model) -> Vec<f32> {
+        let mut out = Vec::new();
+        for t in model.tensors().iter().filter(|t| t.norm) {
+            let r = t.offset..t.offset + t.len;
+            out.extend_from_slice(match t.kind {
+                TensorKind::Param => &model_params[r],
+                TensorKind::Buffer => &model_buffers[r],
+            });
+        }
+        out
+    }
+
     #[test]
-    fn kept_layers_come_back_for_their_experiment_only_and_never_upload() {
+    fn kept_layers_come_back_by_round_for_their_run_only_and_never_upload() {
         let dir = tempfile::tempdir().unwrap();
         let spec = ModelSpec::by_name("mnist-cnn-bn", [1, 28, 28], 10).unwrap();
         let server = Model::new(&spec, 1).unwrap();
-        let mut trained = server.clone();
-        trained.params_mut().iter_mut().for_each(|v| *v += 1.0);
-        // Whole steps: `num_batches_tracked` is kept as an integer.
-        trained.buffers_mut().iter_mut().for_each(|v| *v += 1.0);
-        let mut layers = LocalLayers::open(dir.path(), "exp A", 2, &spec).unwrap();
-        let (mut up_params, mut up_buffers) =
-            (trained.params().to_vec(), trained.buffers().to_vec());
-        layers
-            .keep(
-                &mut up_params,
-                &mut up_buffers,
-                (server.params(), server.buffers()),
-                "exp A",
-                2,
-            )
-            .unwrap();
-        // The upload: trained shared weights, the server's normalisation values.
-        for t in server.tensors() {
-            let (up, srv, tr) = match t.kind {
-                TensorKind::Param => (&up_params, server.params(), trained.params()),
-                TensorKind::Buffer => (&up_buffers, server.buffers(), trained.buffers()),
-            };
-            let r = t.offset..t.offset + t.len;
-            let expected = if t.norm {
-                &srv[r.clone()]
-            } else {
-                &tr[r.clone()]
-            };
-            assert_eq!(&up[r], expected, "{}", t.name);
+        let run = stamp("exp A", "run-1", 2);
+        // Trained in rounds 0, 1 and 2 (whole steps: `num_batches_tracked` is an integer).
+        let trained = |round: usize| {
+            let mut m = server.clone();
+            let step = (round + 1) as f32;
+            m.params_mut().iter_mut().for_each(|v| *v += step);
+            m.buffers_mut().iter_mut().for_each(|v| *v += step);
+            m
+        };
+        let mut layers = LocalLayers::open(dir.path(), &run, &spec).unwrap();
+        for round in 0..3 {
+            let t = trained(round);
+            let (mut up_p, mut up_b) = (t.params().to_vec(), t.buffers().to_vec());
+            layers
+                .keep(
+                    round,
+                    &mut up_p,
+                    &mut up_b,
+                    (server.params(), server.buffers()),
+                    &run,
+                )
+                .unwrap();
+            // The upload: trained shared weights, the server's normalisation values.
+            for info in server.tensors() {
+                let (up, srv, tr) = match info.kind {
+                    TensorKind::Param => (&up_p, server.params(), t.params()),
+                    TensorKind::Buffer => (&up_b, server.buffers(), t.buffers()),
+                };
+                let r = info.offset..info.offset + info.len;
+                let expected = if info.norm {
+                    &srv[r.clone()]
+                } else {
+                    &tr[r.clone()]
+                };
+                assert_eq!(&up[r], expected, "{}", info.name);
+            }
         }
-        // Reopened for the same experiment and index: the trained normalisation values return.
-        let again = LocalLayers::open(dir.path(), "exp A", 2, &spec).unwrap();
-        let (mut p, mut b) = (server.params().to_vec(), server.buffers().to_vec());
-        again.overlay(&mut p, &mut b);
-        for t in server.tensors().iter().filter(|t| t.norm) {
-            let r = t.offset..t.offset + t.len;
-            let (got, want) = match t.kind {
-                TensorKind::Param => (&p[r.clone()], &trained.params()[r]),
-                TensorKind::Buffer => (&b[r.clone()], &trained.buffers()[r]),
-            };
-            assert_eq!(got, want, "{}", t.name);
-        }
-        // Another experiment, or another index: the server's values stay.
-        for (exp, index) in [("exp B", 2), ("exp A", 3)] {
-            let other = LocalLayers::open(dir.path(), exp, index, &spec).unwrap();
+        // Two copies stay: round 2 and the round 1 it started from.
+        let mut files: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with("round-"))
+            .collect();
+        files.sort();
+        assert_eq!(files, ["round-1.safetensors", "round-2.safetensors"]);
+        // Reopened for the same run: round 3 (or an evaluation after 3 rounds) starts from
+        // round 2's layers, a round 2 run again from round 1's.
+        let again = LocalLayers::open(dir.path(), &run, &spec).unwrap();
+        for (round, from) in [(3, 2), (2, 1)] {
             let (mut p, mut b) = (server.params().to_vec(), server.buffers().to_vec());
-            other.overlay(&mut p, &mut b);
+            again.overlay(&mut p, &mut b, round);
+            let want = trained(from);
+            assert_eq!(
+                norm_values(&p, &b, &server),
+                norm_values(want.params(), want.buffers(), &server),
+                "round {round}"
+            );
+        }
+        // Another run of the same experiment, or another index: the server's values stay.
+        for other in [stamp("exp A", "run-2", 2), stamp("exp A", "run-1", 3)] {
+            let layers = LocalLayers::open(dir.path(), &other, &spec).unwrap();
+            let (mut p, mut b) = (server.params().to_vec(), server.buffers().to_vec());
+            layers.overlay(&mut p, &mut b, 5);
             assert_eq!(
                 (p.as_slice(), b.as_slice()),
                 (server.params(), server.buffers())
             );
         }
+        // An unreadable copy is left out with a warning, not a client that cannot start.
+        std::fs::write(dir.path().join("round-2.safetensors"), b"not safetensors").unwrap();
+        let damaged = LocalLayers::open(dir.path(), &run, &spec).unwrap();
+        let (mut p, mut b) = (server.params().to_vec(), server.buffers().to_vec());
+        damaged.overlay(&mut p, &mut b, 3);
+        let want = trained(1);
+        assert_eq!(
+            norm_values(&p, &b, &server),
+            norm_values(want.params(), want.buffers(), &server)
+        );
     }
 }

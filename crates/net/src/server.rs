@@ -71,6 +71,8 @@ pub struct ServerSettings {
     /// `clients.toml`), so that clients joining without `--shard` or `allowed_clients` return to
     /// their own index after a server restart. `None`: indices live as long as the process.
     pub clients_file: Option<PathBuf>,
+    /// Names this run for the clients (see `Welcome.run_id`).
+    pub run_id: String,
     /// Compress what the server sends with gzip (clients may compress their updates whatever
     /// this says: the server accepts both).
     pub compress: bool,
@@ -118,7 +120,7 @@ struct Roster {
 impl Roster {
     /// The roster of a server starting with the indices remembered in `file` (none when it does
     /// not exist yet).
-    fn from_file(file: Option<&Path>) -> Result<Roster, NetError> {
+    fn from_file(file: Option<&Path>, clients: usize) -> Result<Roster, NetError> {
         let mut roster = Roster::default();
         let Some(file) = file else {
             return Ok(roster);
@@ -136,6 +138,11 @@ impl Roster {
             if !crate::pki::valid_client_id(&id) {
                 return Err(bad(format!("{id:?} is not a client id")));
             }
+            if index >= clients {
+                return Err(bad(format!(
+                    "{id} holds index {index}, but the experiment has {clients} clients"
+                )));
+            }
             if let Some(other) = seen.insert(index, id.clone()) {
                 return Err(bad(format!("{other} and {id} both hold index {index}")));
             }
@@ -144,24 +151,28 @@ impl Roster {
         Ok(roster)
     }
 
-    /// Remember that `id` holds `index`, in `file` too when the pair is new (written to a
-    /// temporary file, then renamed over the old one: a crash leaves the old or the new table).
+    /// Remember that `id` holds `index` (and that no other id does any more: the index has a
+    /// new holder), in `file` first when the table changes (written to a temporary file, then
+    /// renamed over the old one: a crash leaves the old or the new table). A failed write
+    /// changes nothing, so the next attempt writes again.
     fn remember(&mut self, id: &str, index: usize, file: Option<&Path>) -> Result<(), NetError> {
-        if self.index_of.insert(id.to_string(), index) == Some(index) {
+        let mut table = self.index_of.clone();
+        table.retain(|other, k| *k != index || other == id);
+        table.insert(id.to_string(), index);
+        if table == self.index_of {
             return Ok(());
         }
-        let Some(file) = file else {
-            return Ok(());
-        };
-        let mut text = String::from(
-            "# Which index each client id holds in this run (written by `fedra serve`).\n",
-        );
-        text.push_str(
-            &toml::to_string(&self.index_of).map_err(|e| NetError::Other(e.to_string()))?,
-        );
-        let tmp = file.with_extension("toml.tmp");
-        std::fs::write(&tmp, text).map_err(crate::error::io(&tmp))?;
-        std::fs::rename(&tmp, file).map_err(crate::error::io(file))
+        if let Some(file) = file {
+            let mut text = String::from(
+                "# Which index each client id holds in this run (written by `fedra serve`).\n",
+            );
+            text.push_str(&toml::to_string(&table).map_err(|e| NetError::Other(e.to_string()))?);
+            let tmp = file.with_extension("toml.tmp");
+            std::fs::write(&tmp, text).map_err(crate::error::io(&tmp))?;
+            std::fs::rename(&tmp, file).map_err(crate::error::io(file))?;
+        }
+        self.index_of = table;
+        Ok(())
     }
 
     /// Clients that can take a task: ready, and not still busy with an earlier one (a client
@@ -413,6 +424,7 @@ impl Federation for Service {
             protocol: PROTOCOL,
             experiment_toml: self.shared.settings.experiment_toml.clone(),
             client: index as u64,
+            run_id: self.shared.settings.run_id.clone(),
         }));
         // The outbox was just made: it has room.
         let _ = outbox.try_send(Ok(welcome));
@@ -835,7 +847,7 @@ pub fn start(
                 .into(),
         });
     }
-    let roster = Roster::from_file(settings.clients_file.as_deref())?;
+    let roster = Roster::from_file(settings.clients_file.as_deref(), settings.clients)?;
     let listener = runtime
         .block_on(tokio::net::TcpListener::bind(listen))
         .map_err(|e| NetError::Address {
@@ -1510,7 +1522,7 @@ mod tests {
     fn client_indices_are_remembered_in_their_file_and_bad_files_named() {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("clients.toml");
-        let mut roster = Roster::from_file(Some(&file)).unwrap();
+        let mut roster = Roster::from_file(Some(&file), 4).unwrap();
         assert!(
             roster.index_of.is_empty(),
             "no file yet: nobody holds an index"
@@ -1518,17 +1530,27 @@ mod tests {
         roster.remember("site-b", 0, Some(&file)).unwrap();
         roster.remember("site-a", 1, Some(&file)).unwrap();
         roster.remember("site-a", 1, Some(&file)).unwrap();
-        let again = Roster::from_file(Some(&file)).unwrap();
+        let again = Roster::from_file(Some(&file), 4).unwrap();
         assert_eq!(again.index_of, roster.index_of);
         assert_eq!(again.index_of["site-a"], 1);
+        // A new holder of an index replaces the old one, in the file too.
+        roster.remember("site-c", 0, Some(&file)).unwrap();
+        let again = Roster::from_file(Some(&file), 4).unwrap();
+        assert_eq!(again.index_of.get("site-b"), None);
+        assert_eq!(again.index_of["site-c"], 0);
+        // A write that fails changes nothing, so the next attempt writes.
+        let gone = dir.path().join("missing-folder").join("clients.toml");
+        assert!(roster.remember("site-d", 2, Some(&gone)).is_err());
+        assert_eq!(roster.index_of.get("site-d"), None);
         assert!(!dir.path().join("clients.toml.tmp").exists());
         for (text, says) in [
             ("a = 0\nb = 0\n", "a and b both hold index 0"),
             ("\"../x\" = 1\n", "is not a client id"),
             ("a = -1\n", "clients.toml"),
+            ("a = 4\n", "the experiment has 4 clients"),
         ] {
             std::fs::write(&file, text).unwrap();
-            let e = Roster::from_file(Some(&file)).err().unwrap().to_string();
+            let e = Roster::from_file(Some(&file), 4).err().unwrap().to_string();
             assert!(e.contains(says) && e.contains("clients.toml"), "{e}");
         }
     }
