@@ -276,6 +276,12 @@ fn wait(child: &mut Child, limit: Duration, what: &str, log: &Path) -> std::proc
     }
 }
 
+/// [`wait`], then fail with `log` unless `child` exited successfully.
+fn wait_ok(child: &mut Child, limit: Duration, what: &str, log: &Path) {
+    let status = wait(child, limit, what, log);
+    assert!(status.success(), "{what} failed ({status}):\n{}", read(log));
+}
+
 /// Wait until a line of `log` contains every one of `parts`.
 fn wait_for_log(log: &Path, parts: &[&str], limit: Duration) {
     let start = Instant::now();
@@ -484,10 +490,10 @@ fn compressed_federation_equals_the_simulation_and_sends_fewer_bytes() {
                 )
             })
             .collect();
-        let status = wait(&mut server.child, Duration::from_secs(120), "server", &log);
-        assert!(status.success(), "{}", read(&log));
-        for c in &mut clients {
-            assert!(wait(c, Duration::from_secs(30), "client", &log).success());
+        wait_ok(&mut server.child, Duration::from_secs(120), "server", &log);
+        for (k, c) in clients.iter_mut().enumerate() {
+            let clog = t.join(format!("{run}-c{k}.log"));
+            wait_ok(c, Duration::from_secs(30), "client", &clog);
         }
         let ratios = wire_ratios(&log);
         assert_eq!(
@@ -580,14 +586,13 @@ fn fedbn_layers_stay_on_the_clients_disk() {
             )
         })
         .collect();
-    let status = wait(&mut server.child, Duration::from_secs(180), "server", &log);
-    assert!(status.success(), "{}", read(&log));
+    wait_ok(&mut server.child, Duration::from_secs(180), "server", &log);
     for (k, c) in clients.iter_mut().enumerate() {
-        let clog = t.join(format!("c{k}.log"));
-        assert!(
-            wait(c, Duration::from_secs(30), "client", &clog).success(),
-            "{}",
-            read(&clog)
+        wait_ok(
+            c,
+            Duration::from_secs(30),
+            "client",
+            &t.join(format!("c{k}.log")),
         );
     }
     simulate(&exp, &t.join("sim"));
@@ -988,16 +993,11 @@ fn insecure_on_loopback_only_and_client_indices_survive_a_server_restart() {
         Duration::from_secs(60),
     );
     let mut b = join(port, "b", None, None, &t.join("b2.log"));
-    let status = wait(
+    wait_ok(
         &mut resumed.child,
         Duration::from_secs(120),
         "resumed server",
         &resumed.log,
-    );
-    assert!(
-        status.success(),
-        "resumed server failed:\n{}",
-        read(&resumed.log)
     );
     assert!(
         read(&resumed.log).contains("client=b index=0"),
@@ -1005,8 +1005,7 @@ fn insecure_on_loopback_only_and_client_indices_survive_a_server_restart() {
         read(&resumed.log)
     );
     for (c, log) in [(&mut a, "a2.log"), (&mut b, "b2.log")] {
-        let status = wait(c, Duration::from_secs(30), "client", &t.join(log));
-        assert!(status.success(), "{log}:\n{}", read(&t.join(log)));
+        wait_ok(c, Duration::from_secs(30), "client", &t.join(log));
     }
     let rounds: Vec<String> = read(&out.join("metrics.csv"))
         .lines()

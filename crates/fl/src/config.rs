@@ -837,6 +837,13 @@ impl ExperimentConfig {
 
     /// Learning rate of round `round` (0-based).
     pub fn lr_at(&self, round: usize) -> f32 {
-        (self.train.lr as f64 * (self.train.lr_decay as f64).powi(round as i32)) as f32
+        self.train.lr_at(round)
+    }
+}
+
+impl TrainConfig {
+    /// Learning rate of round `round` (0-based): `lr * lr_decay^round`.
+    pub fn lr_at(&self, round: usize) -> f32 {
+        (self.lr as f64 * (self.lr_decay as f64).powi(round as i32)) as f32
     }
 }

@@ -206,8 +206,7 @@ pub fn from_config(
                 batch_size: train.batch_size,
                 momentum: train.momentum,
             },
-            lr: train.lr,
-            lr_decay: train.lr_decay,
+            train: train.clone(),
             clients,
             c: Vec::new(),
             client_c: BTreeMap::new(),
@@ -753,21 +752,14 @@ pub struct Scaffold {
     pub server_lr: f32,
     /// Counts clients' local steps.
     pub steps: FedNova,
-    pub lr: f32,
-    pub lr_decay: f32,
+    /// The clients' training settings (their learning rate schedule).
+    pub train: TrainConfig,
     /// N, every client of the federation.
     pub clients: usize,
     /// The server's control c (empty until the first aggregate).
     pub c: Vec<f32>,
     /// Each client's control c_i (absent: zero).
     pub client_c: BTreeMap<usize, Vec<f32>>,
-}
-
-impl Scaffold {
-    fn lr_at(&self, round: usize) -> f32 {
-        // As `ExperimentConfig::lr_at`.
-        (self.lr as f64 * (self.lr_decay as f64).powi(round as i32)) as f32
-    }
 }
 
 impl Strategy for Scaffold {
@@ -804,7 +796,7 @@ impl Strategy for Scaffold {
                 x.len()
             )));
         }
-        let lr = f64::from(self.lr_at(round));
+        let lr = f64::from(self.train.lr_at(round));
         if !(lr.is_finite() && lr > 0.0) {
             return Err(FlError::State(format!(
                 "strategy scaffold: the learning rate of round {round} is {lr}; the controls \
