@@ -659,6 +659,46 @@ fn fedbn_layers_stay_on_the_clients_disk() {
     assert!(first != std::fs::read(state.join("c1/round-1.safetensors")).unwrap());
 }
 
+/// What the network cannot do yet is refused before anything starts, naming the setting:
+/// SCAFFOLD (its controls would live on the clients), `[privacy]` and `[attack]`.
+#[test]
+fn serve_refuses_what_the_network_does_not_offer() {
+    let tmp = tempfile::tempdir().unwrap();
+    let base = experiment("mlp", 300, 1, "min_clients = 3");
+    for (extra, says) in [
+        ("[strategy]\nname = \"scaffold\"\n", "strategy \"scaffold\""),
+        (
+            "[privacy]\nclip = 1.0\nnoise_multiplier = 1.0\n",
+            "[privacy]",
+        ),
+        (
+            "[attack]\nclients = [0]\nkind = \"sign-flip\"\n",
+            "[attack]",
+        ),
+    ] {
+        let exp = tmp.path().join("exp.toml");
+        std::fs::write(&exp, format!("{base}\n{extra}")).unwrap();
+        let out = fedra()
+            .arg("serve")
+            .arg(&exp)
+            .args(["--listen", "127.0.0.1:0", "--certs"])
+            .arg(tmp.path().join("no-certs"))
+            .arg("--out")
+            .arg(tmp.path().join("never"))
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && err.contains(says),
+            "{extra}: {err}"
+        );
+        assert!(
+            !tmp.path().join("never").exists(),
+            "{extra}: a run folder was made"
+        );
+    }
+}
+
 /// The cells of column `name` of a run's `metrics.csv`.
 fn column(run: &Path, name: &str) -> Vec<String> {
     let text = read(&run.join("metrics.csv"));
