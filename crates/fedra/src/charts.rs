@@ -31,7 +31,9 @@ macro_rules! render_both {
 }
 
 fn color(i: usize) -> RGBColor {
-    const PALETTE: [RGBColor; 8] = [
+    // Matplotlib's tab10 and then black and navy: the twelve lines of a remedies comparison
+    // stay distinct.
+    const PALETTE: [RGBColor; 12] = [
         RGBColor(31, 119, 180),
         RGBColor(255, 127, 14),
         RGBColor(44, 160, 44),
@@ -40,6 +42,10 @@ fn color(i: usize) -> RGBColor {
         RGBColor(140, 86, 75),
         RGBColor(227, 119, 194),
         RGBColor(127, 127, 127),
+        RGBColor(188, 189, 34),
+        RGBColor(23, 190, 207),
+        RGBColor(0, 0, 0),
+        RGBColor(0, 0, 128),
     ];
     PALETTE[i % PALETTE.len()]
 }

@@ -117,6 +117,24 @@ pub struct RoundMetrics {
     /// ([`statistics_spread`]); none at round 0 and for models without running statistics.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bn_spread: Option<f64>,
+    /// Bytes the server sent to clients since the run began, up to this row ([`Traffic`]).
+    #[serde(default)]
+    pub bytes_sent: u64,
+    /// Bytes the server received from clients since the run began, up to this row.
+    #[serde(default)]
+    pub bytes_received: u64,
+}
+
+/// What crossed the network in a run, counted as `fedra serve` sends it: the whole model
+/// (parameters and buffers) as f32 to every client whose update the round aggregated and back,
+/// SCAFFOLD's control variate both ways (c down, the change of c_i up: the upload doubles), and
+/// with data sharing the examples of G each client received (f32 features and a 4-byte label),
+/// counted before round 1. Protocol and TLS framing are not included (they add 0.3%, measured in
+/// the README), nor rounds whose results were lost.
+#[derive(Clone, Copy, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Traffic {
+    pub sent: u64,
+    pub received: u64,
 }
 
 /// A federated run in progress.
@@ -146,6 +164,8 @@ pub struct Federation {
     pub pending_seconds: f64,
     /// Training examples processed since the last evaluated row (the next row's `examples`).
     pub pending_examples: usize,
+    /// Bytes sent and received since the run began; a checkpoint carries them.
+    pub traffic: Traffic,
 }
 
 /// The model spec a configuration names: a built-in name, or a TOML spec file.
@@ -350,6 +370,16 @@ impl Federation {
         let mut all_indices: Vec<usize> = partition.clients.iter().flatten().copied().collect();
         all_indices.sort_unstable();
         all_indices.dedup();
+        let shared_examples: usize = match &before_share {
+            Some(before) => partition
+                .clients
+                .iter()
+                .zip(&before.clients)
+                .map(|(after, before)| after.len().saturating_sub(before.len()))
+                .sum(),
+            None => 0,
+        };
+        let example_bytes = 4 * (data.train.example_len() as u64 + 1);
         Ok(Federation {
             before_share,
             all_indices,
@@ -370,6 +400,10 @@ impl Federation {
             threads: threads.max(1),
             pending_seconds: 0.0,
             pending_examples: 0,
+            traffic: Traffic {
+                sent: shared_examples as u64 * example_bytes,
+                received: 0,
+            },
         })
     }
 
@@ -492,6 +526,14 @@ impl Federation {
         let examples = results
             .iter()
             .fold(0usize, |n, r| n.saturating_add(r.examples_seen));
+        if !self.is_central() {
+            let params = self.global.params().len();
+            let extra = self.strategy.extra_values(params);
+            let each = 4 * (params + self.global.buffers().len() + extra) as u64;
+            let both = each.saturating_mul(results.len() as u64);
+            self.traffic.sent = self.traffic.sent.saturating_add(both);
+            self.traffic.received = self.traffic.received.saturating_add(both);
+        }
         let remote_layers = executor.clients_keep_local_layers()
             && (!self.local_params.is_empty() || !self.local_buffers.is_empty());
         let buffers: Vec<&[f32]> = results.iter().map(|r| r.buffers.as_slice()).collect();
@@ -802,6 +844,8 @@ impl Federation {
                 epsilon(q, f64::from(p.noise_multiplier), self.rounds_done, p.delta).0
             }),
             bn_spread: None,
+            bytes_sent: self.traffic.sent,
+            bytes_received: self.traffic.received,
         })
     }
 }

@@ -1,17 +1,29 @@
-//! Grids and profiles inside an experiment file.
+//! Grids, variants and profiles inside an experiment file.
 //!
 //! A `[sweep]` table maps dotted keys to lists of values; the file stands for every combination
-//! (a *cell*), each run into its own sub-folder. A `[profile.NAME]` table maps dotted keys to
-//! single values applied when the run asks for that profile (e.g. `short`: fewer rounds, so an
-//! artefact of the study regenerates in minutes instead of hours).
+//! (a *cell*), each run into its own sub-folder. A `[variant.NAME]` table maps dotted keys to
+//! single values that go together (a remedy: a strategy with its own parameters, perhaps its own
+//! model); with variants, the file stands for every variant times every combination of the
+//! sweep, and the variant's name leads the cell's name. A `[profile.NAME]` table maps dotted
+//! keys to single values applied when the run asks for that profile (e.g. `short`: fewer rounds,
+//! so an artefact of the study regenerates in minutes instead of hours); its `variants` key, a
+//! list of names, keeps only those variants.
 //!
 //! ```toml
 //! [sweep]
 //! "partition.scheme" = ["iid", "classes:2", "classes:1"]
 //! "train.batch_size" = [10, 100]
+//! [variant.fedavg]
+//! "strategy.name" = "fedavg"
+//! [variant.fedprox]
+//! "strategy.name" = "fedprox"
+//! "strategy.mu" = 0.01
 //! [profile.short]
 //! "train.rounds" = 20
+//! variants = ["fedavg"]
 //! ```
+//!
+//! Variants run in the order of their names (a TOML table has no order).
 
 use toml::{Table, Value};
 
@@ -75,6 +87,86 @@ fn short(value: &Value) -> String {
         .collect()
 }
 
+/// The `[variant.NAME]` tables, by name; each maps dotted keys to values.
+fn read_variants(
+    section: Option<Value>,
+    origin: &str,
+) -> Result<Vec<(String, Table)>, ConfigError> {
+    let table = match section {
+        None => return Ok(Vec::new()),
+        Some(Value::Table(t)) if !t.is_empty() => t,
+        Some(_) => {
+            return Err(parse_error(
+                origin,
+                "[variant] must hold tables [variant.NAME] of settings".into(),
+            ));
+        }
+    };
+    table
+        .into_iter()
+        .map(|(name, overrides)| {
+            if !name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.')
+            {
+                return Err(parse_error(
+                    origin,
+                    format!(
+                        "[variant.{name}]: a variant's name names its folder; use letters, \
+                         digits, '-' and '.'"
+                    ),
+                ));
+            }
+            match overrides {
+                Value::Table(t) => Ok((name, t)),
+                _ => Err(parse_error(
+                    origin,
+                    format!("[variant.{name}] must be a table of \"dotted.key\" = value"),
+                )),
+            }
+        })
+        .collect()
+}
+
+/// The variants a profile's `variants = [...]` names, in the file's order of names.
+fn keep_variants(
+    variants: Vec<(String, Table)>,
+    keep: &Value,
+    origin: &str,
+    profile: &str,
+) -> Result<Vec<(String, Table)>, ConfigError> {
+    let bad = || {
+        parse_error(
+            origin,
+            format!("[profile.{profile}] variants must be a list of [variant.NAME] names"),
+        )
+    };
+    let names: Vec<&str> = match keep {
+        Value::Array(list) if !list.is_empty() => list
+            .iter()
+            .map(|v| v.as_str().ok_or_else(bad))
+            .collect::<Result<_, _>>()?,
+        _ => return Err(bad()),
+    };
+    if let Some(unknown) = names
+        .iter()
+        .find(|n| !variants.iter().any(|(name, _)| name == *n))
+    {
+        let known: Vec<&str> = variants.iter().map(|(n, _)| n.as_str()).collect();
+        return Err(parse_error(
+            origin,
+            format!(
+                "[profile.{profile}] variants: no [variant.{unknown}] in this file (it has: \
+                 {known:?})"
+            ),
+        ));
+    }
+    Ok(variants
+        .into_iter()
+        .filter(|(name, _)| names.contains(&name.as_str()))
+        .collect())
+}
+
 /// Expand an experiment file into its cells, applying `profile` first when given.
 pub fn expand(text: &str, origin: &str, profile: Option<&str>) -> Result<Vec<Cell>, ConfigError> {
     let mut table: Table = text
@@ -90,8 +182,9 @@ pub fn expand(text: &str, origin: &str, profile: Option<&str>) -> Result<Vec<Cel
         Some(Value::Table(t)) => t,
         Some(_) => return Err(parse_error(origin, "[profile] must be a table".into())),
     };
+    let mut variants = read_variants(table.remove("variant"), origin)?;
     if let Some(name) = profile {
-        let overrides = match profiles.get(name) {
+        let mut overrides = match profiles.get(name) {
             Some(Value::Table(t)) => t.clone(),
             _ => {
                 let known: Vec<&String> = profiles.keys().collect();
@@ -101,6 +194,9 @@ pub fn expand(text: &str, origin: &str, profile: Option<&str>) -> Result<Vec<Cel
                 ));
             }
         };
+        if let Some(keep) = overrides.remove("variants") {
+            variants = keep_variants(variants, &keep, origin, name)?;
+        }
         for (key, value) in overrides {
             // A profile may narrow or replace a sweep axis (e.g. one seed instead of five).
             if let Some(axis) = sweep.get_mut(&key) {
@@ -125,7 +221,19 @@ pub fn expand(text: &str, origin: &str, profile: Option<&str>) -> Result<Vec<Cel
             }
         }
     }
-    let mut cells = vec![(String::new(), table)];
+    let mut cells = if variants.is_empty() {
+        vec![(String::new(), table)]
+    } else {
+        let mut cells = Vec::with_capacity(variants.len());
+        for (name, overrides) in variants {
+            let mut t = table.clone();
+            for (key, value) in overrides {
+                set_dotted(&mut t, &key, value, origin)?;
+            }
+            cells.push((name, t));
+        }
+        cells
+    };
     for (key, values) in &axes {
         let label = key.rsplit('.').next().unwrap_or(key);
         let mut next = Vec::with_capacity(cells.len() * values.len());
@@ -225,6 +333,69 @@ lr = 0.01
             .unwrap_err()
             .to_string();
         assert!(e.contains("profile.long"), "{e}");
+    }
+
+    #[test]
+    fn variants_set_several_keys_together_times_the_grid() {
+        let text = format!(
+            "{BASE}[variant.fedavg]\n\"strategy.name\" = \"fedavg\"\n\
+             [variant.fedprox]\n\"strategy.name\" = \"fedprox\"\n\"strategy.mu\" = 0.1\n\
+             [variant.fedbn]\n\"model.name\" = \"mnist-cnn-bn\"\n\"model.bn\" = \"local\"\n"
+        );
+        let cells = expand(&text, "t.toml", None).unwrap();
+        assert_eq!(cells.len(), 12);
+        let names: Vec<&str> = cells.iter().map(|c| c.name.as_str()).collect();
+        assert_eq!(names[0], "fedavg_scheme-iid_batch_size-10");
+        assert_eq!(names[4], "fedbn_scheme-iid_batch_size-10");
+        assert_eq!(names[11], "fedprox_scheme-classes-1_batch_size-100");
+        let prox = &cells[11].config;
+        assert_eq!(prox.strategy.name, "fedprox");
+        assert_eq!(prox.strategy.mu, Some(0.1));
+        assert_eq!(prox.partition.scheme, "classes:1");
+        assert_eq!(prox.train.batch_size, 100);
+        let bn = &cells[4].config;
+        assert_eq!(bn.model.name, "mnist-cnn-bn");
+        assert_eq!(bn.strategy.name, "fedavg");
+        assert_eq!(bn.strategy.mu, None);
+
+        // A profile keeps the variants it names; an unknown one is an error.
+        let short = text.replace(
+            "[profile.short]",
+            "[profile.short]\nvariants = [\"fedprox\"]",
+        );
+        let cells = expand(&short, "t.toml", Some("short")).unwrap();
+        assert_eq!(cells.len(), 4);
+        assert!(cells.iter().all(|c| c.name.starts_with("fedprox_")));
+        assert!(cells.iter().all(|c| c.config.train.rounds == 3));
+        let e = expand(
+            &short.replace("[\"fedprox\"]", "[\"scaffold\"]"),
+            "t.toml",
+            Some("short"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("variant.scaffold") && e.contains("fedprox"),
+            "{e}"
+        );
+
+        // A variant's bad value is named with its cell; a bad name or shape is refused.
+        let e = expand(&text.replace("0.1", "-1.0"), "t.toml", None)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("fedprox_") && e.contains("mu"), "{e}");
+        let e = expand(
+            &text.replace("[variant.fedbn]", "[variant.\"fed bn\"]"),
+            "t.toml",
+            None,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("variant.fed bn"), "{e}");
+        let e = expand(&format!("{BASE}[variant]\nfedavg = 1\n"), "t.toml", None)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("variant.fedavg"), "{e}");
     }
 
     #[test]

@@ -14,7 +14,7 @@ use safetensors::tensor::{Dtype, TensorView};
 use serde::{Deserialize, Serialize};
 
 use fedra_data::TrainTest;
-use fedra_fl::federation::model_spec;
+use fedra_fl::federation::{Traffic, model_spec};
 use fedra_fl::{ExperimentConfig, Federation, LocalState, RoundMetrics};
 use fedra_nn::Model;
 
@@ -33,6 +33,10 @@ struct State {
     pending_seconds: f64,
     #[serde(default)]
     pending_examples: usize,
+    /// Bytes sent and received so far (absent in older checkpoints: then what the federation
+    /// counts when it is built, the shared examples).
+    #[serde(default)]
+    traffic: Option<Traffic>,
 }
 
 /// Folder of the checkpoint inside a run folder.
@@ -102,6 +106,7 @@ pub fn save(run_dir: &Path, fed: &Federation) -> Result<(), SimError> {
         history: fed.history.clone(),
         pending_seconds: fed.pending_seconds,
         pending_examples: fed.pending_examples,
+        traffic: Some(fed.traffic),
     };
     let state_path = tmp.join("state.json");
     let json = serde_json::to_string_pretty(&state).expect("checkpoint state serialises");
@@ -263,5 +268,8 @@ fn restore_rest(dir: &Path, fed: &mut Federation, state: State) -> Result<(), Si
     fed.rounds_done = state.rounds_done;
     fed.pending_seconds = state.pending_seconds;
     fed.pending_examples = state.pending_examples;
+    if let Some(traffic) = state.traffic {
+        fed.traffic = traffic;
+    }
     Ok(())
 }

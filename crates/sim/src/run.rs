@@ -17,6 +17,7 @@ use serde::{Deserialize, Serialize};
 
 use fedra_data::TrainTest;
 use fedra_data::stats::partition_stats;
+use fedra_fl::federation::Traffic;
 use fedra_fl::{Executor, ExperimentConfig, Federation, RoundMetrics};
 
 use crate::checkpoint;
@@ -56,6 +57,10 @@ pub struct Summary {
     pub final_epsilon: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub privacy_delta: Option<f64>,
+    /// Mean bytes the server sent to / received from each client of the partition over the
+    /// run ([`fedra_fl::federation::Traffic`]); absent for the centralised baseline.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bytes_per_client: Option<Traffic>,
     pub total_seconds: f64,
     pub samples_per_s: f64,
     pub threads: usize,
@@ -361,6 +366,13 @@ impl Run {
                 .map(|p| partition_stats(&self.data.train.labels, p).mean_emd),
             final_epsilon: last.and_then(|r| r.epsilon),
             privacy_delta: fed.config.privacy.as_ref().map(|p| p.delta),
+            bytes_per_client: (!fed.is_central()).then(|| {
+                let clients = fed.partition.clients.len().max(1) as u64;
+                Traffic {
+                    sent: fed.traffic.sent / clients,
+                    received: fed.traffic.received / clients,
+                }
+            }),
             total_seconds: seconds,
             samples_per_s: if seconds > 0.0 {
                 examples as f64 / seconds
@@ -405,7 +417,9 @@ impl Run {
 /// `sensitivity_<c>` and `specificity_<c>` for each class index c, then `epsilon` with
 /// `[privacy]`. Empty cells where a value does not exist (train loss of round 0, sensitivity of
 /// a class absent from the test set), and `bn_spread` (the spread of the clients' BatchNorm
-/// running means, [`fedra_fl::statistics_spread`]) for models with running statistics.
+/// running means, [`fedra_fl::statistics_spread`]) for models with running statistics, and last
+/// `bytes_sent,bytes_received`: what the server sent to and received from the clients since the
+/// run began ([`fedra_fl::federation::Traffic`]).
 pub fn metrics_csv(history: &[RoundMetrics]) -> String {
     let mut out = String::from("round,lr,test_accuracy,test_loss,train_loss,seconds");
     let twin = history.iter().any(|r| r.sgd_test_accuracy.is_some());
@@ -438,6 +452,7 @@ pub fn metrics_csv(history: &[RoundMetrics]) -> String {
     if batchnorm {
         out.push_str(",bn_spread");
     }
+    out.push_str(",bytes_sent,bytes_received");
     out.push('\n');
     for r in history {
         let train_loss = r.train_loss.map(|v| format!("{v:.6}")).unwrap_or_default();
@@ -475,6 +490,7 @@ pub fn metrics_csv(history: &[RoundMetrics]) -> String {
         if batchnorm {
             out.push_str(&format!(",{}", cell(r.bn_spread)));
         }
+        out.push_str(&format!(",{},{}", r.bytes_sent, r.bytes_received));
         out.push('\n');
     }
     out

@@ -10,7 +10,8 @@
 //!   1,000 clients) / 300 examples;
 //! - `share.holdout` (and so |G|) in proportion, `share.warmup_epochs` at most 1;
 //! - `model.init` (the pre-trained runs read the SGD run's final weights) points at a freshly
-//!   initialised model saved in a temporary folder;
+//!   initialised model saved in a temporary folder; a model file (`models/*.toml`) is read from
+//!   the repo root, as `fedra run` started there reads it;
 //! - Speech Commands: the shared subset is the official *test* archive, whose clips all fall in
 //!   the testing split, so the test makes its own train/test split of those clips.
 //!
@@ -158,6 +159,14 @@ fn every_experiment_runs_one_round_of_its_short_profile_on_real_data() {
                 share.holdout = train_n / 2;
                 share.warmup_epochs = share.warmup_epochs.min(1);
             }
+            // Model files are named relative to the repo root, where `fedra run` is started.
+            if config.model.name.ends_with(".toml") && Path::new(&config.model.name).is_relative() {
+                config.model.name = root
+                    .join("..")
+                    .join(&config.model.name)
+                    .display()
+                    .to_string();
+            }
             if config.model.init.is_some() {
                 let selected = config.data.select(data.clone()).unwrap();
                 let spec = model_spec(&config, &selected.train).unwrap();
@@ -286,11 +295,16 @@ fn a_pneumoniamnist_run_records_consistent_clinical_metrics() {
     let header = csv.lines().next().unwrap();
     assert!(
         header.ends_with(
-            ",test_auc,test_balanced_accuracy,sensitivity_0,sensitivity_1,specificity_0,specificity_1"
+            ",test_auc,test_balanced_accuracy,sensitivity_0,sensitivity_1,specificity_0,specificity_1,\
+             bytes_sent,bytes_received"
         ),
         "{header}"
     );
     let last_line: Vec<&str> = csv.lines().last().unwrap().split(',').collect();
-    let auc_cell: f64 = last_line[last_line.len() - 6].parse().unwrap();
+    let auc_cell: f64 = last_line[last_line.len() - 8].parse().unwrap();
     assert!((auc_cell - summary.final_auc.unwrap()).abs() < 1e-6);
+    // Bytes are cumulative over the run and equal both ways for FedAvg.
+    let sent: u64 = last_line[last_line.len() - 2].parse().unwrap();
+    let received: u64 = last_line[last_line.len() - 1].parse().unwrap();
+    assert!(sent > 0 && sent == received, "{sent} {received}");
 }

@@ -239,6 +239,83 @@ seed = 2
     let acc = |h: &[RoundMetrics]| h.iter().map(|r| r.test_accuracy).collect::<Vec<_>>();
     eprintln!("fedavg {:?}\nscaffold {:?}", acc(&h_avg), acc(&h_scaffold));
     assert!(h_scaffold.iter().all(|r| r.test_loss.is_finite()));
+
+    // Bytes: the model both ways to each of the 10 clients every round; SCAFFOLD's control
+    // variate doubles both directions (c down, the change of c_i up).
+    let model = 4 * p_avg.len() as u64;
+    for (avg, scaffold) in h_avg.iter().zip(&h_scaffold) {
+        let expected = avg.round as u64 * 10 * model;
+        assert_eq!((avg.bytes_sent, avg.bytes_received), (expected, expected));
+        assert_eq!(
+            (scaffold.bytes_sent, scaffold.bytes_received),
+            (2 * expected, 2 * expected)
+        );
+    }
+}
+
+/// Data sharing's examples count as bytes sent before round 1 (f32 features and a label), on
+/// top of the model's traffic; the summary divides the run's bytes by the clients.
+#[test]
+fn traffic_counts_the_shared_examples_before_the_first_round() {
+    let config = config(
+        "[share]\nholdout = 400\nbeta = 0.02\nalpha = 0.5\nwarmup_epochs = 0",
+        "logreg",
+        "classes:1",
+        0.5,
+        2,
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let mut run = Run::start(config, embedded_mnist().unwrap(), dir.path(), 1).unwrap();
+    while !run.federation.finished() {
+        run.step().unwrap();
+    }
+    let fed = &run.federation;
+    let before = fed.before_share.as_ref().unwrap();
+    let shared: usize = fed
+        .partition
+        .clients
+        .iter()
+        .zip(&before.clients)
+        .map(|(after, before)| after.len() - before.len())
+        .sum();
+    assert!(shared > 0);
+    let shared_bytes = shared as u64 * 4 * (28 * 28 + 1);
+    let model = 4 * fed.global.params().len() as u64;
+    let rows: Vec<(usize, u64, u64)> = fed
+        .history
+        .iter()
+        .map(|r| (r.round, r.bytes_sent, r.bytes_received))
+        .collect();
+    // fraction 0.5 of 10 clients: 5 a round.
+    assert_eq!(
+        rows,
+        [
+            (0, shared_bytes, 0),
+            (1, shared_bytes + 5 * model, 5 * model),
+            (2, shared_bytes + 10 * model, 10 * model)
+        ]
+    );
+    let summary = run.finish().unwrap();
+    let each = summary.bytes_per_client.unwrap();
+    assert_eq!(
+        (each.sent, each.received),
+        ((shared_bytes + 10 * model) / 10, model)
+    );
+    let csv = std::fs::read_to_string(dir.path().join("metrics.csv")).unwrap();
+    assert!(
+        csv.lines()
+            .next()
+            .unwrap()
+            .ends_with(",bytes_sent,bytes_received")
+    );
+    assert!(
+        csv.lines().nth(2).unwrap().ends_with(&format!(
+            ",{},{}",
+            shared_bytes + 5 * model,
+            5 * model
+        )),
+        "{csv}"
+    );
 }
 
 /// Resume must be exact for every kind of server and client state, not only FedAvg's: server
@@ -625,7 +702,13 @@ fn every_weight_frozen_still_moves_batchnorm_unless_bn_is_frozen() {
         }
         run.finish().unwrap();
         let csv = std::fs::read_to_string(dir.path().join("metrics.csv")).unwrap();
-        assert!(csv.lines().next().unwrap().ends_with(",bn_spread"), "{csv}");
+        assert!(
+            csv.lines()
+                .next()
+                .unwrap()
+                .ends_with(",bn_spread,bytes_sent,bytes_received"),
+            "{csv}"
+        );
     }
     // A pattern that matches no BatchNorm layer names the pattern and the layers there are.
     let config = transfer_config(
