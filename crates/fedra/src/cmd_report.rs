@@ -700,6 +700,10 @@ fn write_side_by_side(md: &mut String, runs: &[RunInfo], out: &Path) -> anyhow::
         }
     }
     groups.retain(|_, g| g.len() >= 2);
+    // By label, as the matrix below: folder order puts "fedavg-bn_..." before "fedavg_...".
+    for group in groups.values_mut() {
+        group.sort_by(|a, b| a.0.cmp(&b.0));
+    }
     if groups.is_empty() {
         return Ok(());
     }

@@ -182,7 +182,9 @@ impl DataConfig {
     }
 
     /// The loaded data cut to `train_examples` / `test_examples`; asking for more examples than
-    /// the dataset has is an error naming the key, never a silent truncation.
+    /// the dataset has is an error naming the key, never a silent truncation. So is a cut that
+    /// loses classes: some files are ordered by class (this CIFAR-10 test batch is 1,000
+    /// airplanes first), and a test set of one class scores a skewed run as 0% or 100%.
     pub fn select(&self, data: TrainTest) -> Result<TrainTest, ConfigError> {
         fn cut(
             set: Dataset,
@@ -199,8 +201,47 @@ impl DataConfig {
                     message: format!("is {n} but {} has only {} examples", set.name, set.len()),
                 }),
                 Some(n) if n == set.len() => Ok(set),
-                Some(n) => Ok(set.subset(&(0..n).collect::<Vec<_>>())),
+                Some(n) => {
+                    let cut = set.subset(&(0..n).collect::<Vec<_>>());
+                    let missing = missing_classes(&set, &cut);
+                    if missing.is_empty() {
+                        return Ok(cut);
+                    }
+                    let classes = set.class_names.len() - missing.len();
+                    Err(ConfigError::Invalid {
+                        origin: "experiment".into(),
+                        key,
+                        message: format!(
+                            "is {n}, and the first {n} examples of {} (file order) hold only \
+                             {classes} of its {} classes (none of: {}), as when a file is ordered \
+                             by class; use all {} examples or more of them",
+                            set.name,
+                            set.class_names.len(),
+                            missing.join(", "),
+                            set.len()
+                        ),
+                    })
+                }
             }
+        }
+        /// The class names `full` holds examples of and `cut` does not.
+        fn missing_classes(full: &Dataset, cut: &Dataset) -> Vec<String> {
+            let count = |d: &Dataset| {
+                let mut seen = vec![false; d.class_names.len()];
+                for &l in &d.labels {
+                    if let Some(s) = seen.get_mut(usize::from(l)) {
+                        *s = true;
+                    }
+                }
+                seen
+            };
+            let (in_full, in_cut) = (count(full), count(cut));
+            full.class_names
+                .iter()
+                .zip(in_full.iter().zip(&in_cut))
+                .filter(|&(_, (&f, &c))| f && !c)
+                .map(|(name, _)| name.clone())
+                .collect()
         }
         Ok(TrainTest {
             train: cut(data.train, self.train_examples, "data.train_examples")?,

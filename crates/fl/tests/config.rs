@@ -217,9 +217,31 @@ fn data_limits_cut_in_file_order_and_never_truncate_silently() {
         "dataset = \"mnist\"\ntrain_examples = 10001",
     );
     let config = ExperimentConfig::from_toml_str(&text, "test.toml").unwrap();
-    let e = config.data.select(full).unwrap_err().to_string();
+    let e = config.data.select(full.clone()).unwrap_err().to_string();
     assert!(
         e.contains("data.train_examples") && e.contains("10000"),
+        "{e}"
+    );
+
+    // A file ordered by class (as the CIFAR-10 test batch is): the first 200 examples are the
+    // zeros and ones, so the cut is refused, naming the key and the classes it would lose.
+    let mut by_class: Vec<usize> = (0..full.test.len()).collect();
+    by_class.sort_by_key(|&i| full.test.labels[i]);
+    let ordered = fedra_data::TrainTest {
+        train: full.train.clone(),
+        test: full.test.subset(&by_class),
+    };
+    let text = EXAMPLE.replace(
+        "dataset = \"mnist\"",
+        "dataset = \"mnist\"\ntest_examples = 200",
+    );
+    let config = ExperimentConfig::from_toml_str(&text, "test.toml").unwrap();
+    assert_eq!(config.data.select(full).unwrap().test.len(), 200);
+    let e = config.data.select(ordered).unwrap_err().to_string();
+    assert!(
+        e.contains("data.test_examples")
+            && e.contains("only 2 of its 10 classes")
+            && e.contains("none of: 2, 3, 4, 5, 6, 7, 8, 9"),
         "{e}"
     );
 }
