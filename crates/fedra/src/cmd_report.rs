@@ -676,6 +676,16 @@ fn tail_mean(rows: &[Row], n: usize) -> Option<f64> {
     (!tail.is_empty()).then(|| tail.iter().map(|r| r.accuracy).sum::<f64>() / tail.len() as f64)
 }
 
+/// The best test accuracy in `rows` and the first round that reached it, read from the same
+/// rounded values as every other row (the summary's best is unrounded and names the last tie).
+fn first_best(rows: &[Row]) -> Option<(f64, usize)> {
+    rows.iter().fold(None, |best, r| match best {
+        Some((b, _)) if r.accuracy <= b => best,
+        _ if r.accuracy.is_nan() => best,
+        _ => Some((r.accuracy, r.round)),
+    })
+}
+
 fn mb(bytes: u64) -> String {
     format!("{:.1}", bytes as f64 / 1e6)
 }
@@ -711,8 +721,9 @@ fn write_side_by_side(md: &mut String, runs: &[RunInfo], out: &Path) -> anyhow::
     writeln!(
         md,
         "Runs of the same dataset and partition scheme, named by what else sets them apart. \
-         *last 5*: mean test accuracy of the last five rounds (curves under label skew swing \
-         from round to round); *rounds to FedAvg's best*: the first round that reached the best \
+         *last 5*: mean test accuracy of the last five evaluated rounds (curves under label skew \
+         swing from round to round); *best*: the first round that reached it; *rounds to \
+         FedAvg's best*: the first round that reached the best \
          accuracy FedAvg reached in that partition (– never); *MB to / from a client*: what the \
          server sent to and received from each client over the run (the model as f32 each way, \
          SCAFFOLD's control too, data sharing's examples; mean over clients).\n"
@@ -723,7 +734,8 @@ fn write_side_by_side(md: &mut String, runs: &[RunInfo], out: &Path) -> anyhow::
         let target = group
             .iter()
             .find(|(label, _)| label == "fedavg")
-            .map(|(_, r)| r.summary.best_accuracy);
+            .and_then(|(_, r)| first_best(&r.rows))
+            .map(|(best, _)| best);
         writeln!(
             md,
             "| run | rounds | final acc | last 5 | best acc (round) | rounds to FedAvg's best{} | MB to / from a client |",
@@ -749,14 +761,15 @@ fn write_side_by_side(md: &mut String, runs: &[RunInfo], out: &Path) -> anyhow::
             let traffic = r.summary.bytes_per_client.map_or("–".to_string(), |t| {
                 format!("{} / {}", mb(t.sent), mb(t.received))
             });
+            let (best, best_round) =
+                first_best(&r.rows).unwrap_or((r.summary.best_accuracy, r.summary.best_round));
             writeln!(
                 md,
-                "| {label} | {} | {} | {} | {} ({}) | {} | {traffic} |",
+                "| {label} | {} | {} | {} | {} ({best_round}) | {} | {traffic} |",
                 r.summary.rounds,
                 pct(r.summary.final_accuracy),
                 last5.map_or("–".to_string(), pct),
-                pct(r.summary.best_accuracy),
-                r.summary.best_round,
+                pct(best),
                 reached.unwrap_or_else(|| "no FedAvg run".to_string()),
             )?;
         }
@@ -944,7 +957,7 @@ fn write_clinical(md: &mut String, runs: &[RunInfo], out: &Path) -> anyhow::Resu
 
 #[cfg(test)]
 mod tests {
-    use super::{Row, natural_cmp, side_label, table1_kind, tail_mean};
+    use super::{Row, first_best, natural_cmp, side_label, table1_kind, tail_mean};
     use fedra_fl::ExperimentConfig;
     use fedra_fl::sweep::expand;
     use std::path::Path;
@@ -1043,6 +1056,12 @@ mod tests {
         assert!((tail_mean(&rows, 5).unwrap() - 0.54).abs() < 1e-12);
         assert!((tail_mean(&rows[..3], 5).unwrap() - 0.6).abs() < 1e-12);
         assert_eq!(tail_mean(&rows[..1], 5), None);
+        // The best is the first round that reached it (a tie later does not move it).
+        let mut tied = rows.clone();
+        tied[4].accuracy = 0.8;
+        assert_eq!(first_best(&tied), Some((0.8, 4)));
+        assert_eq!(first_best(&rows[..3]), Some((0.7, 2)));
+        assert_eq!(first_best(&[]), None);
     }
 
     #[test]

@@ -207,7 +207,12 @@ impl DataConfig {
                     if missing.is_empty() {
                         return Ok(cut);
                     }
-                    let classes = set.class_names.len() - missing.len();
+                    let classes = {
+                        let mut held: Vec<u16> = cut.labels.clone();
+                        held.sort_unstable();
+                        held.dedup();
+                        held.len()
+                    };
                     Err(ConfigError::Invalid {
                         origin: "experiment".into(),
                         key,

@@ -125,12 +125,14 @@ pub struct RoundMetrics {
     pub bytes_received: u64,
 }
 
-/// What crossed the network in a run, counted as `fedra serve` sends it: the whole model
+/// What a run's aggregated rounds moved, in the tensors `fedra serve` sends: the whole model
 /// (parameters and buffers) as f32 to every client whose update the round aggregated and back,
 /// SCAFFOLD's control variate both ways (c down, the change of c_i up: the upload doubles), and
 /// with data sharing the examples of G each client received (f32 features and a 4-byte label),
-/// counted before round 1. Protocol and TLS framing are not included (they add 0.3%, measured in
-/// the README), nor rounds whose results were lost.
+/// counted before round 1. It is what the algorithm costs, not a wire meter: protocol and TLS
+/// framing (0.3%, measured in the README), models sent to clients whose results were lost or
+/// came too late, rounds sampled again and evaluation tasks are not included (`fedra serve`
+/// logs the bytes on the wire per client and round).
 #[derive(Clone, Copy, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Traffic {
     pub sent: u64,

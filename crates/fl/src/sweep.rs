@@ -7,7 +7,8 @@
 //! sweep, and the variant's name leads the cell's name. A `[profile.NAME]` table maps dotted
 //! keys to single values applied when the run asks for that profile (e.g. `short`: fewer rounds,
 //! so an artefact of the study regenerates in minutes instead of hours); its `variants` key, a
-//! list of names, keeps only those variants.
+//! list of names, keeps only those variants. A profile's settings come last (a short profile
+//! shortens every variant); a variant may not set a key the sweep sweeps.
 //!
 //! ```toml
 //! [sweep]
@@ -105,9 +106,11 @@ fn read_variants(
     table
         .into_iter()
         .map(|(name, overrides)| {
-            if !name
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.')
+            // Only dots ("", ".", "..") would name no folder or the one above.
+            if name.chars().all(|c| c == '.')
+                || !name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.')
             {
                 return Err(parse_error(
                     origin,
@@ -183,6 +186,7 @@ pub fn expand(text: &str, origin: &str, profile: Option<&str>) -> Result<Vec<Cel
         Some(_) => return Err(parse_error(origin, "[profile] must be a table".into())),
     };
     let mut variants = read_variants(table.remove("variant"), origin)?;
+    let mut profile_settings: Vec<(String, Value)> = Vec::new();
     if let Some(name) = profile {
         let mut overrides = match profiles.get(name) {
             Some(Value::Table(t)) => t.clone(),
@@ -205,8 +209,20 @@ pub fn expand(text: &str, origin: &str, profile: Option<&str>) -> Result<Vec<Cel
                     scalar => Value::Array(vec![scalar]),
                 };
             } else {
-                set_dotted(&mut table, &key, value, origin)?;
+                set_dotted(&mut table, &key, value.clone(), origin)?;
+                profile_settings.push((key, value));
             }
+        }
+    }
+    // A variant must not set what the grid sweeps: the axis would silently overwrite it.
+    for (name, overrides) in &variants {
+        if let Some(key) = overrides.keys().find(|k| sweep.contains_key(*k)) {
+            return Err(parse_error(
+                origin,
+                format!(
+                    "[variant.{name}] sets \"{key}\", which [sweep] sweeps; set one or the other"
+                ),
+            ));
         }
     }
     let mut axes: Vec<(String, Vec<Value>)> = Vec::new();
@@ -229,6 +245,10 @@ pub fn expand(text: &str, origin: &str, profile: Option<&str>) -> Result<Vec<Cel
             let mut t = table.clone();
             for (key, value) in overrides {
                 set_dotted(&mut t, &key, value, origin)?;
+            }
+            // The profile has the last word (a short profile shortens every variant).
+            for (key, value) in &profile_settings {
+                set_dotted(&mut t, key, value.clone(), origin)?;
             }
             cells.push((name, t));
         }
@@ -392,6 +412,41 @@ lr = 0.01
         .unwrap_err()
         .to_string();
         assert!(e.contains("variant.fed bn"), "{e}");
+        let e = expand(
+            &text.replace("[variant.fedbn]", "[variant.\"..\"]"),
+            "t.toml",
+            None,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("variant...") && e.contains("folder"), "{e}");
+        // The profile overrides a variant's setting; a variant setting a swept key is refused.
+        let long = short.replace(
+            "\"strategy.mu\" = 0.1\n",
+            "\"strategy.mu\" = 0.1\n\"train.rounds\" = 50\n",
+        );
+        let cells = expand(&long, "t.toml", None).unwrap();
+        let prox = cells
+            .iter()
+            .find(|c| c.name.starts_with("fedprox_"))
+            .unwrap();
+        assert_eq!(prox.config.train.rounds, 50);
+        let cells = expand(&long, "t.toml", Some("short")).unwrap();
+        assert!(cells.iter().all(|c| c.config.train.rounds == 3));
+        let e = expand(
+            &text.replace(
+                "\"strategy.mu\" = 0.1\n",
+                "\"strategy.mu\" = 0.1\n\"train.batch_size\" = 5\n",
+            ),
+            "t.toml",
+            None,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("variant.fedprox") && e.contains("train.batch_size"),
+            "{e}"
+        );
         let e = expand(&format!("{BASE}[variant]\nfedavg = 1\n"), "t.toml", None)
             .unwrap_err()
             .to_string();

@@ -418,8 +418,8 @@ impl Run {
 /// `[privacy]`. Empty cells where a value does not exist (train loss of round 0, sensitivity of
 /// a class absent from the test set), and `bn_spread` (the spread of the clients' BatchNorm
 /// running means, [`fedra_fl::statistics_spread`]) for models with running statistics, and last
-/// `bytes_sent,bytes_received`: what the server sent to and received from the clients since the
-/// run began ([`fedra_fl::federation::Traffic`]).
+/// `bytes_sent,bytes_received`: what the aggregated rounds moved between server and clients since
+/// the run began ([`fedra_fl::federation::Traffic`]).
 pub fn metrics_csv(history: &[RoundMetrics]) -> String {
     let mut out = String::from("round,lr,test_accuracy,test_loss,train_loss,seconds");
     let twin = history.iter().any(|r| r.sgd_test_accuracy.is_some());
