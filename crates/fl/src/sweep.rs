@@ -387,38 +387,27 @@ lr = 0.01
         assert_eq!(cells.len(), 4);
         assert!(cells.iter().all(|c| c.name.starts_with("fedprox_")));
         assert!(cells.iter().all(|c| c.config.train.rounds == 3));
-        let e = expand(
+        let refused = |text: &str, profile: Option<&str>| {
+            expand(text, "t.toml", profile).unwrap_err().to_string()
+        };
+        let e = refused(
             &short.replace("[\"fedprox\"]", "[\"scaffold\"]"),
-            "t.toml",
             Some("short"),
-        )
-        .unwrap_err()
-        .to_string();
+        );
         assert!(
             e.contains("variant.scaffold") && e.contains("fedprox"),
             "{e}"
         );
 
         // A variant's bad value is named with its cell; a bad name or shape is refused.
-        let e = expand(&text.replace("0.1", "-1.0"), "t.toml", None)
-            .unwrap_err()
-            .to_string();
+        let e = refused(&text.replace("0.1", "-1.0"), None);
         assert!(e.contains("fedprox_") && e.contains("mu"), "{e}");
-        let e = expand(
+        let e = refused(
             &text.replace("[variant.fedbn]", "[variant.\"fed bn\"]"),
-            "t.toml",
             None,
-        )
-        .unwrap_err()
-        .to_string();
+        );
         assert!(e.contains("variant.fed bn"), "{e}");
-        let e = expand(
-            &text.replace("[variant.fedbn]", "[variant.\"..\"]"),
-            "t.toml",
-            None,
-        )
-        .unwrap_err()
-        .to_string();
+        let e = refused(&text.replace("[variant.fedbn]", "[variant.\"..\"]"), None);
         assert!(e.contains("variant...") && e.contains("folder"), "{e}");
         // The profile overrides a variant's setting; a variant setting a swept key is refused.
         let long = short.replace(
@@ -433,23 +422,18 @@ lr = 0.01
         assert_eq!(prox.config.train.rounds, 50);
         let cells = expand(&long, "t.toml", Some("short")).unwrap();
         assert!(cells.iter().all(|c| c.config.train.rounds == 3));
-        let e = expand(
+        let e = refused(
             &text.replace(
                 "\"strategy.mu\" = 0.1\n",
                 "\"strategy.mu\" = 0.1\n\"train.batch_size\" = 5\n",
             ),
-            "t.toml",
             None,
-        )
-        .unwrap_err()
-        .to_string();
+        );
         assert!(
             e.contains("variant.fedprox") && e.contains("train.batch_size"),
             "{e}"
         );
-        let e = expand(&format!("{BASE}[variant]\nfedavg = 1\n"), "t.toml", None)
-            .unwrap_err()
-            .to_string();
+        let e = refused(&format!("{BASE}[variant]\nfedavg = 1\n"), None);
         assert!(e.contains("variant.fedavg"), "{e}");
     }
 
