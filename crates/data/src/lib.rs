@@ -31,7 +31,7 @@ pub use imagefolder::{ImageFolderOptions, load_image_folder};
 pub use medmnist::{MedMnist, MedMnistSplits, load_medmnist};
 pub use mnist::load_mnist;
 pub use partition::{Partition, PartitionError, Scheme, partition};
-pub use speech::{FeatureCache, SpeechOptions, load_speech_commands};
+pub use speech::{FeatureCache, SpeechOptions, SplitRule, load_speech_commands};
 pub use stats::{PartitionStats, partition_stats};
 
 /// Environment variable overriding [`default_data_dir`].

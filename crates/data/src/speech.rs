@@ -6,6 +6,14 @@
 //!   scaled to a percentage; below 10 is validation, below 20 testing, the rest training.
 //!   Train = the training split (plus validation when `validation_into_train`); test = testing.
 //!   Validation clips are otherwise left out.
+//! * **Speaker split** ([`SplitRule::Speakers`], and what [`SplitRule::Auto`] falls back to when
+//!   the rules above leave no training clip, as for the official *test* archive, where every
+//!   speaker hashes to testing): every speaker (the file-name part before `_nohash_`) goes wholly
+//!   to one side. Speakers are ordered by SHA-256 of `fedra-speaker-split/<speaker>` (a fixed,
+//!   documented shuffle that does not depend on which other speakers the folder holds), and taken
+//!   into test in that order until test holds at least [`SPEAKER_TEST_PERCENT`]% of the word
+//!   clips; the rest is train. Background-noise slices keep their hash split (they have no
+//!   speaker).
 //! * **Classes**: the chosen keywords in the given order, then `_unknown_` (every clip of every
 //!   other word, when `unknown`), then `_silence_` (when `silence`: every whole 1-s slice of the
 //!   files in `_background_noise_/`, slice `k` of `noise.wav` split by `which_set("noise_<k>")`).
@@ -46,6 +54,8 @@ pub const CLIP_SAMPLES: usize = SAMPLE_RATE as usize;
 pub const VALIDATION_PERCENT: f64 = 10.0;
 /// Percentage of speakers in the testing split when no official lists exist.
 pub const TESTING_PERCENT: f64 = 10.0;
+/// Share of word clips (in percent) the speaker split puts in test.
+pub const SPEAKER_TEST_PERCENT: usize = 20;
 /// Bumped whenever the feature definition changes, so old cache files are never reused.
 const CACHE_VERSION: &str = "fedra-mfcc-v1";
 
@@ -72,8 +82,23 @@ pub struct SpeechOptions {
     /// Put the validation split into train (otherwise it is not loaded). Default `true`: fedra
     /// has no use for a held-out validation split, and this keeps every clip in train or test.
     pub validation_into_train: bool,
+    /// How clips are split into train and test.
+    pub split: SplitRule,
     /// Where to cache the MFCCs.
     pub cache: FeatureCache,
+}
+
+/// How a folder's clips are split into train and test (see the module documentation).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum SplitRule {
+    /// The official split; when it leaves no training clip (the official test archive), the
+    /// speaker split.
+    #[default]
+    Auto,
+    /// The official lists, or without them the dataset's hash rule, whatever they give.
+    Official,
+    /// The speaker split, even when official lists exist.
+    Speakers,
 }
 
 impl Default for SpeechOptions {
@@ -83,6 +108,7 @@ impl Default for SpeechOptions {
             unknown: false,
             silence: false,
             validation_into_train: true,
+            split: SplitRule::Auto,
             cache: FeatureCache::Default,
         }
     }
@@ -351,6 +377,18 @@ fn list_items(dir: &Path, opts: &SpeechOptions) -> Result<(Vec<Item>, Vec<String
             });
         }
     }
+    let no_training_clip = items.iter().all(|it| it.split == SpeechSplit::Testing);
+    if opts.split == SplitRule::Speakers || (opts.split == SplitRule::Auto && no_training_clip) {
+        let test = speaker_split(&mut items);
+        if opts.split == SplitRule::Auto && !items.is_empty() {
+            tracing::info!(
+                "{}: the official split leaves no training clip (the official test archive?); \
+                 split by speaker instead: {test} of {} clips in test",
+                dir.display(),
+                items.len()
+            );
+        }
+    }
     if let Some(label) = silence_label {
         let noise_dir = dir.join(BACKGROUND_FOLDER);
         require_dir(
@@ -382,6 +420,63 @@ fn list_items(dir: &Path, opts: &SpeechOptions) -> Result<(Vec<Item>, Vec<String
         }
     }
     Ok((items, class_names))
+}
+
+/// The speaker of a clip file: its name's part before `_nohash_` (the whole name without one).
+fn speaker_of(path: &Path) -> String {
+    let name = file_name(path);
+    match name.find("_nohash_") {
+        Some(i) => name[..i].to_string(),
+        None => name,
+    }
+}
+
+/// Assigns every word clip of `items` to train or test by speaker (the module documentation
+/// gives the rule); returns how many clips went to test.
+fn speaker_split(items: &mut [Item]) -> usize {
+    let mut clips_of: std::collections::BTreeMap<String, usize> = Default::default();
+    for it in items.iter() {
+        *clips_of.entry(speaker_of(&it.path)).or_default() += 1;
+    }
+    let mut order: Vec<([u8; 32], &String)> = clips_of
+        .keys()
+        .map(|s| {
+            let d = sha2::Sha256::digest(format!("fedra-speaker-split/{s}").as_bytes());
+            (d.into(), s)
+        })
+        .collect();
+    order.sort();
+    // Rounded up: a folder of one speaker puts its clips in test rather than nowhere.
+    let want = (items.len() * SPEAKER_TEST_PERCENT).div_ceil(100);
+    let mut test_speakers = HashSet::new();
+    let mut test = 0;
+    for (_, speaker) in order {
+        if test >= want {
+            break;
+        }
+        test += clips_of[speaker];
+        test_speakers.insert(speaker.clone());
+    }
+    for it in items.iter_mut() {
+        it.split = if test_speakers.contains(&speaker_of(&it.path)) {
+            SpeechSplit::Testing
+        } else {
+            SpeechSplit::Training
+        };
+    }
+    test
+}
+
+/// Every clip [`load_speech_commands`] would load from `dir` with `opts`, in load order, with
+/// its split (a background-noise slice appears once per slice, under its file's path). Reads
+/// only the folder listing and the noise files' lengths, no clip.
+pub fn clip_splits(
+    dir: &Path,
+    opts: &SpeechOptions,
+) -> Result<Vec<(PathBuf, SpeechSplit)>, DataError> {
+    require_dir(dir, "Speech Commands word folders")?;
+    let (items, _) = list_items(dir, opts)?;
+    Ok(items.into_iter().map(|it| (it.path, it.split)).collect())
 }
 
 /// MFCCs of one item: its clip padded/trimmed to 1 s.

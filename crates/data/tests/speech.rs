@@ -6,9 +6,9 @@ use std::path::Path;
 
 use common::*;
 use fedra_data::mfcc::{MFCC_COEFFS, MFCC_FRAMES_PER_SECOND, Mfcc};
-use fedra_data::speech::{SpeechSplit, which_set};
+use fedra_data::speech::{SpeechSplit, clip_splits, which_set};
 use fedra_data::wav::read_wav_mono16k;
-use fedra_data::{DataError, FeatureCache, SpeechOptions, load_speech_commands};
+use fedra_data::{DataError, FeatureCache, SpeechOptions, SplitRule, load_speech_commands};
 
 fn no_cache() -> SpeechOptions {
     SpeechOptions {
@@ -122,9 +122,72 @@ fn coefficient_moments(features: &[f32]) -> Vec<(f64, f64)> {
         .collect()
 }
 
+/// The speaker of a clip path (the file-name part before `_nohash_`).
+fn speaker(path: &Path) -> String {
+    let name = path.file_name().unwrap().to_string_lossy().into_owned();
+    name.split("_nohash_").next().unwrap().to_string()
+}
+
 #[test]
-fn subset_loads_with_160_clips_per_keyword() {
+fn subset_splits_by_speaker_since_the_official_split_has_no_training_clip() {
     let tt = load_speech_commands(&speech_dir(), &no_cache()).unwrap();
+    assert_eq!(tt.train.shape, [1, 49, 10]);
+    assert_eq!(tt.train.class_names, fedra_data::speech::STUDY_KEYWORDS);
+    let per_class: Vec<usize> = tt
+        .train
+        .class_counts()
+        .iter()
+        .zip(tt.test.class_counts())
+        .map(|(a, b)| a + b)
+        .collect();
+    assert_eq!(per_class, vec![160; 10]);
+    let splits = clip_splits(&speech_dir(), &no_cache()).unwrap();
+    assert_eq!(splits.len(), 1600);
+    let side = |want: SpeechSplit| -> std::collections::BTreeSet<String> {
+        splits
+            .iter()
+            .filter(|(_, s)| *s == want)
+            .map(|(p, _)| speaker(p))
+            .collect()
+    };
+    let (train_speakers, test_speakers) = (side(SpeechSplit::Training), side(SpeechSplit::Testing));
+    assert_eq!(train_speakers.len() + test_speakers.len(), 193);
+    assert!(train_speakers.is_disjoint(&test_speakers));
+    // At least 20% of the clips in test, and the last speaker taken adds fewer than 20 clips.
+    let n_test = splits
+        .iter()
+        .filter(|(_, s)| *s == SpeechSplit::Testing)
+        .count();
+    assert_eq!(tt.test.len(), n_test);
+    assert!((320..340).contains(&n_test), "{n_test} test clips");
+    // Every keyword on both sides.
+    assert!(
+        tt.test.class_counts().iter().all(|&c| c >= 10),
+        "{:?}",
+        tt.test.class_counts()
+    );
+    // The standardisation is train's: train's coefficients have mean 0 and std 1.
+    for (c, (mean, std)) in coefficient_moments(&tt.train.features)
+        .into_iter()
+        .enumerate()
+    {
+        assert!(mean.abs() < 1e-4, "coefficient {c} mean {mean}");
+        assert!((std - 1.0).abs() < 1e-3, "coefficient {c} std {std}");
+    }
+    // Deterministic: loading again gives the same bits.
+    assert_eq!(
+        load_speech_commands(&speech_dir(), &no_cache()).unwrap(),
+        tt
+    );
+}
+
+#[test]
+fn subset_loads_with_160_clips_per_keyword_under_the_official_split() {
+    let opts = SpeechOptions {
+        split: SplitRule::Official,
+        ..no_cache()
+    };
+    let tt = load_speech_commands(&speech_dir(), &opts).unwrap();
     assert_eq!(tt.test.shape, [1, 49, 10]);
     assert_eq!(tt.test.class_names, fedra_data::speech::STUDY_KEYWORDS);
     // The subset comes from the official test archive: the hash split puts every speaker in
@@ -191,6 +254,7 @@ fn keywords_unknown_silence_and_cache() {
         unknown: true,
         silence: true,
         validation_into_train: true,
+        split: SplitRule::Auto,
         cache: FeatureCache::Dir(cache.path().to_path_buf()),
     };
     let tt = load_speech_commands(&speech_dir(), &opts).unwrap();
@@ -368,6 +432,29 @@ fn official_lists_decide_the_split() {
     let tt = load_speech_commands(tmp.path(), &two_words()).unwrap();
     assert_eq!(tt.test.len(), 2);
     assert_eq!(tt.train.len(), 4);
+    // Asked for, the speaker split overrides the lists: 20% of 6 clips rounds up to 2, so the
+    // first speaker in the split's order goes to test with all its clips, whatever the lists say.
+    let opts = SpeechOptions {
+        split: SplitRule::Speakers,
+        ..two_words()
+    };
+    let splits = clip_splits(tmp.path(), &opts).unwrap();
+    let test: Vec<String> = splits
+        .iter()
+        .filter(|(_, s)| *s == SpeechSplit::Testing)
+        .map(|(p, _)| speaker(p))
+        .collect();
+    assert!(!test.is_empty());
+    for (p, s) in &splits {
+        assert_eq!(
+            *s == SpeechSplit::Testing,
+            test.contains(&speaker(p)),
+            "{}",
+            p.display()
+        );
+    }
+    let by_speaker = load_speech_commands(tmp.path(), &opts).unwrap();
+    assert_eq!(by_speaker.test.len(), test.len());
     // Only one of the two lists: an error naming the missing one.
     std::fs::remove_file(tmp.path().join("validation_list.txt")).unwrap();
     let err = load_speech_commands(tmp.path(), &two_words()).unwrap_err();

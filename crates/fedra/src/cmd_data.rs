@@ -7,7 +7,9 @@ use std::time::Instant;
 
 use anyhow::Context;
 use clap::{Args, Subcommand};
-use fedra_data::{Dataset, DatasetName, FeatureCache, LoadOptions, SpeechOptions, TrainTest};
+use fedra_data::{
+    Dataset, DatasetName, FeatureCache, LoadOptions, SpeechOptions, SplitRule, TrainTest,
+};
 
 /// Arguments of `fedra data`.
 #[derive(Args, Debug)]
@@ -63,9 +65,22 @@ pub struct SpeechArgs {
     /// Speech Commands: leave the validation split out instead of adding it to train.
     #[arg(long)]
     no_validation_in_train: bool,
+    /// Speech Commands: how clips are split into train and test: `auto` (the official split;
+    /// by speaker when that leaves no training clip, as for the official test archive),
+    /// `official`, or `speakers` (20% of clips to test, no speaker on both sides).
+    #[arg(long, value_enum, default_value_t = SplitArg::Auto)]
+    split: SplitArg,
     /// Speech Commands: do not read or write the MFCC cache.
     #[arg(long)]
     no_cache: bool,
+}
+
+/// `--split` of Speech Commands.
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+enum SplitArg {
+    Auto,
+    Official,
+    Speakers,
 }
 
 /// Image-folder options of `fedra data info`.
@@ -118,6 +133,11 @@ impl SpeechArgs {
             unknown: self.unknown,
             silence: self.silence,
             validation_into_train: !self.no_validation_in_train,
+            split: match self.split {
+                SplitArg::Auto => SplitRule::Auto,
+                SplitArg::Official => SplitRule::Official,
+                SplitArg::Speakers => SplitRule::Speakers,
+            },
             cache: if self.no_cache {
                 FeatureCache::Disabled
             } else {

@@ -9,6 +9,7 @@ use anyhow::{Context, bail};
 
 use fedra_data::stats::PartitionStats;
 use fedra_fl::ExperimentConfig;
+use fedra_fl::config::Convergence;
 use fedra_sim::Summary;
 
 use crate::charts;
@@ -41,6 +42,9 @@ struct Row {
 struct RunInfo {
     name: String,
     dir: PathBuf,
+    /// The run folder relative to the report's folder (what the report prints: a report moved
+    /// with its runs, or committed, names them the same on every machine).
+    rel: PathBuf,
     config: ExperimentConfig,
     summary: Summary,
     rows: Vec<Row>,
@@ -166,7 +170,30 @@ fn read_metrics(path: &Path) -> anyhow::Result<Vec<Row>> {
     Ok(rows)
 }
 
-fn read_run(dir: &Path, root: &Path) -> anyhow::Result<RunInfo> {
+/// `target` as a path relative to `base` (both resolved first when they exist, so `..` and
+/// symbolic links do not confuse the common part).
+fn relative_path(target: &Path, base: &Path) -> PathBuf {
+    let resolve = |p: &Path| p.canonicalize().unwrap_or_else(|_| p.to_path_buf());
+    let (target, base) = (resolve(target), resolve(base));
+    let common = target
+        .components()
+        .zip(base.components())
+        .take_while(|(a, b)| a == b)
+        .count();
+    let mut out = PathBuf::new();
+    for _ in base.components().skip(common) {
+        out.push("..");
+    }
+    for c in target.components().skip(common) {
+        out.push(c);
+    }
+    if out.as_os_str().is_empty() {
+        out.push(".");
+    }
+    out
+}
+
+fn read_run(dir: &Path, root: &Path, out: &Path) -> anyhow::Result<RunInfo> {
     let config = ExperimentConfig::from_file(&dir.join("config.toml"))?;
     let summary_path = dir.join("summary.json");
     let summary: Summary = serde_json::from_str(
@@ -188,16 +215,19 @@ fn read_run(dir: &Path, root: &Path) -> anyhow::Result<RunInfo> {
         None
     };
     let rows = read_metrics(&dir.join("metrics.csv"))?;
+    let rel = relative_path(dir, out);
+    // Inside the one folder given: the path below it; else the path from the report.
     let name = dir
         .strip_prefix(root)
         .ok()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(dir)
+        .filter(|p| !root.as_os_str().is_empty() && !p.as_os_str().is_empty())
+        .unwrap_or(&rel)
         .display()
         .to_string();
     Ok(RunInfo {
         name,
         dir: dir.to_path_buf(),
+        rel,
         config,
         summary,
         rows,
@@ -259,12 +289,12 @@ pub fn run(args: ReportArgs) -> anyhow::Result<()> {
     } else {
         PathBuf::new()
     };
-    let runs: Vec<RunInfo> = dirs
-        .iter()
-        .map(|d| read_run(d, &root))
-        .collect::<anyhow::Result<_>>()?;
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("cannot create {}", args.out.display()))?;
+    let runs: Vec<RunInfo> = dirs
+        .iter()
+        .map(|d| read_run(d, &root, &args.out))
+        .collect::<anyhow::Result<_>>()?;
     let mut md = String::new();
     writeln!(md, "# fedra report\n")?;
     writeln!(
@@ -287,13 +317,31 @@ pub fn run(args: ReportArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The report's convergence criterion: test accuracy within 0.2 points over 20 rounds.
+const CONVERGED: Convergence = Convergence {
+    window: 20,
+    within: 0.2,
+};
+
+/// Whether and when `rows` met [`CONVERGED`], and the spread over the last 20 rounds run.
+fn convergence_cells(rows: &[Row]) -> (String, String) {
+    let history: Vec<(usize, f64)> = rows.iter().map(|r| (r.round, r.accuracy)).collect();
+    let met = CONVERGED
+        .first_met(&history)
+        .map_or_else(|| "no".to_string(), |r| format!("round {r}"));
+    let spread = CONVERGED
+        .spread_at(&history)
+        .map_or_else(|| "–".to_string(), |s| format!("{:.2}", s * 100.0));
+    (met, spread)
+}
+
 fn write_runs_table(md: &mut String, runs: &[RunInfo]) -> anyhow::Result<()> {
     writeln!(md, "## Runs (Table 1)\n")?;
     writeln!(
         md,
-        "| run | dataset | training | B | E | rounds | mean EMD | final acc | best acc | study | difference |"
+        "| run | dataset | training | B | E | rounds | converged | last-20 spread | mean EMD | final acc | best acc | study | difference |"
     )?;
-    writeln!(md, "|---|---|---|---|---|---|---|---|---|---|---|")?;
+    writeln!(md, "|---|---|---|---|---|---|---|---|---|---|---|---|---|")?;
     for r in runs {
         let c = &r.config;
         let dataset = c.data.dataset.to_string();
@@ -305,15 +353,18 @@ fn write_runs_table(md: &mut String, runs: &[RunInfo]) -> anyhow::Result<()> {
             (_, Some("pretrained")) => "pre-trained, 1-class".to_string(),
             (name, _) => format!("{name} {}", c.partition.scheme),
         };
+        let (converged, spread) = convergence_cells(&r.rows);
         writeln!(
             md,
-            "| {} | {} | {} | {} | {} | {} | {:.3} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {:.3} | {} | {} | {} | {} |",
             r.name,
             dataset,
             training,
             c.train.batch_size,
             c.train.local_epochs,
             r.summary.rounds,
+            converged,
+            spread,
             r.summary.mean_emd.unwrap_or(f64::NAN),
             pct(r.summary.final_accuracy),
             pct(r.summary.best_accuracy),
@@ -328,7 +379,10 @@ fn write_runs_table(md: &mut String, runs: &[RunInfo]) -> anyhow::Result<()> {
         md,
         "\nThe study ran 500 rounds; a run with fewer rounds is not expected to reach its number. \
          A study number is shown only for runs with the study's model, learning rate and decay \
-         (plain SGD).\n"
+         (plain SGD). *Converged*: the first evaluated round r whose test accuracies from round \
+         r - 20 to r lie within 0.2 points of each other (\"no\": never, in the rounds run); \
+         *last-20 spread*: max - min of the test accuracy over the last 20 rounds run, in \
+         points. On a test set of n examples one example is 100/n points.\n"
     )?;
     Ok(())
 }
@@ -626,7 +680,7 @@ fn write_heatmaps(md: &mut String, runs: &[RunInfo], out: &Path) -> anyhow::Resu
             "![{stem}]({stem}.png) ({dataset}, {}, seed {} from {})\n",
             partition.scheme,
             partition.seed,
-            r.dir.display()
+            r.rel.display()
         )?;
         seen.push(key);
         stems.push(stem);
@@ -957,7 +1011,10 @@ fn write_clinical(md: &mut String, runs: &[RunInfo], out: &Path) -> anyhow::Resu
 
 #[cfg(test)]
 mod tests {
-    use super::{Row, first_best, natural_cmp, side_label, table1_kind, tail_mean};
+    use super::{
+        Row, convergence_cells, first_best, natural_cmp, relative_path, side_label, table1_kind,
+        tail_mean,
+    };
     use fedra_fl::ExperimentConfig;
     use fedra_fl::sweep::expand;
     use std::path::Path;
@@ -1086,5 +1143,58 @@ mod tests {
                 "scheme-emd-1.8_seed-0",
             ]
         );
+    }
+
+    #[test]
+    fn run_folders_are_named_relative_to_the_report() {
+        let tmp = tempfile::tempdir().unwrap();
+        let run = tmp.path().join("results/x/runs/table1/scheme-iid");
+        let report = tmp.path().join("results/x");
+        let elsewhere = tmp.path().join("reports/y");
+        for d in [&run, &report, &elsewhere] {
+            std::fs::create_dir_all(d).unwrap();
+        }
+        assert_eq!(
+            relative_path(&run, &report),
+            Path::new("runs/table1/scheme-iid")
+        );
+        assert_eq!(
+            relative_path(&run, &elsewhere),
+            Path::new("../../results/x/runs/table1/scheme-iid")
+        );
+        assert_eq!(relative_path(&report, &report), Path::new("."));
+        // A `..` in the given path is resolved, not kept.
+        let roundabout = report.join("../x/runs/table1/scheme-iid");
+        assert_eq!(
+            relative_path(&roundabout, &report),
+            Path::new("runs/table1/scheme-iid")
+        );
+    }
+
+    #[test]
+    fn convergence_is_the_first_flat_twenty_rounds() {
+        let row = |round: usize, accuracy: f64| Row {
+            round,
+            accuracy,
+            sgd_accuracy: None,
+            divergence: Vec::new(),
+            auc: None,
+        };
+        // Every 5 rounds: rising to round 20, then within 0.1 points from round 20 on.
+        let mut rows: Vec<Row> = [0.1, 0.5, 0.8, 0.9, 0.95]
+            .iter()
+            .enumerate()
+            .map(|(i, &a)| row(5 * i, a))
+            .collect();
+        for (k, a) in [0.9505, 0.9495, 0.9502, 0.9508, 0.9501].iter().enumerate() {
+            rows.push(row(25 + 5 * k, *a));
+        }
+        let (met, spread) = convergence_cells(&rows);
+        assert_eq!(met, "round 40", "rounds 20..40 are the first flat window");
+        assert_eq!(spread, "0.13", "last 20 rounds: 0.9495..0.9508");
+        let (met, spread) = convergence_cells(&rows[..6]);
+        assert_eq!((met.as_str(), spread.as_str()), ("no", "45.05"));
+        let (met, spread) = convergence_cells(&rows[..2]);
+        assert_eq!((met.as_str(), spread.as_str()), ("no", "–"));
     }
 }

@@ -270,6 +270,9 @@ pub(crate) fn print_summary(name: &str, s: &Summary) {
         s.total_seconds,
         s.samples_per_s
     );
+    if let Some(round) = s.converged_round {
+        println!("{name}: converged at round {round} (eval.stop_when_converged)");
+    }
     if let (Some(auc), Some(best)) = (s.final_auc, s.best_auc) {
         let mut line = format!(
             "{name}: final AUC {auc:.4} (best {best:.4} at round {})",

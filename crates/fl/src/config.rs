@@ -373,6 +373,52 @@ pub struct EvalConfig {
     /// divergence ||w_FedAvg - w_SGD|| / ||w_SGD|| after each evaluated round.
     #[serde(default)]
     pub sgd_twin: bool,
+    /// Stop before `train.rounds` once converged (see [`Convergence`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stop_when_converged: Option<Convergence>,
+}
+
+/// When a run counts as converged: at an evaluated round r, the test accuracies of every
+/// evaluation from round r - `window` to r (both evaluated) lie within `within` percentage points
+/// of each other. A run that never meets it stops at `train.rounds`.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Convergence {
+    /// Rounds looked back; a multiple of `eval.every`, so that round r - window is evaluated.
+    pub window: usize,
+    /// Largest spread of test accuracy over the window, in percentage points (0.2 = 0.2%).
+    pub within: f64,
+}
+
+impl Convergence {
+    /// The first evaluated round at which `history` (rounds and test accuracies as fractions,
+    /// in round order) meets the criterion.
+    pub fn first_met(&self, history: &[(usize, f64)]) -> Option<usize> {
+        (0..history.len()).find_map(|end| self.met_at(&history[..=end]))
+    }
+
+    /// The last round of `history` if the criterion holds there.
+    pub fn met_at(&self, history: &[(usize, f64)]) -> Option<usize> {
+        let &(round, _) = history.last()?;
+        ((self.spread_at(history)? * 100.0) < self.within).then_some(round)
+    }
+
+    /// The spread (max - min, as a fraction) of the accuracies over the window ending at the
+    /// last round of `history`; none when the history does not reach `window` rounds back.
+    /// Without an evaluation exactly `window` rounds back, the window starts at the first one
+    /// after it.
+    pub fn spread_at(&self, history: &[(usize, f64)]) -> Option<f64> {
+        let &(round, _) = history.last()?;
+        let start = round.checked_sub(self.window)?;
+        if history.first()?.0 > start {
+            return None;
+        }
+        let window = history.iter().filter(|&&(r, _)| r >= start);
+        let (min, max) = window.fold((f64::MAX, f64::MIN), |(lo, hi), &(_, a)| {
+            (lo.min(a), hi.max(a))
+        });
+        Some(max - min)
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -430,6 +476,7 @@ impl Default for EvalConfig {
         EvalConfig {
             every: 1,
             sgd_twin: false,
+            stop_when_converged: None,
         }
     }
 }
@@ -626,6 +673,24 @@ impl ExperimentConfig {
         }
         if self.eval.every == 0 {
             return Err(bad("eval.every", "must be at least 1".into()));
+        }
+        if let Some(c) = &self.eval.stop_when_converged {
+            if c.window == 0 || !c.window.is_multiple_of(self.eval.every) {
+                return Err(bad(
+                    "eval.stop_when_converged.window",
+                    format!(
+                        "is {} but must be a positive multiple of eval.every ({}), so that the \
+                         round it looks back to is evaluated",
+                        c.window, self.eval.every
+                    ),
+                ));
+            }
+            if !(c.within.is_finite() && c.within > 0.0) {
+                return Err(bad(
+                    "eval.stop_when_converged.within",
+                    format!("is {} but must be a positive number of points", c.within),
+                ));
+            }
         }
         let s = &self.strategy;
         if !STRATEGIES.contains(&s.name.as_str()) {

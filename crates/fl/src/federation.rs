@@ -776,8 +776,24 @@ impl Federation {
     }
 
     /// Whether every configured round has run.
+    /// All `train.rounds` run, or converged by `eval.stop_when_converged`.
     pub fn finished(&self) -> bool {
-        self.rounds_done >= self.config.train.rounds
+        self.rounds_done >= self.config.train.rounds || self.converged_round().is_some()
+    }
+
+    /// With `eval.stop_when_converged`: the round just run, if it met the criterion (the run
+    /// stops there).
+    pub fn converged_round(&self) -> Option<usize> {
+        let criterion = self.config.eval.stop_when_converged?;
+        if self.history.last()?.round != self.rounds_done {
+            return None;
+        }
+        let history: Vec<(usize, f64)> = self
+            .history
+            .iter()
+            .map(|r| (r.round, r.test_accuracy))
+            .collect();
+        criterion.met_at(&history)
     }
 
     fn eval_trainer(&self) -> Result<Trainer, FlError> {

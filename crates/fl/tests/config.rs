@@ -76,6 +76,16 @@ fn bad_values_are_rejected_naming_the_key() {
         ),
         ("\nevery = 1", "\nevery = 0", "eval.every"),
         (
+            "\nevery = 1",
+            "\nevery = 5\nstop_when_converged = { window = 12, within = 0.2 }",
+            "eval.stop_when_converged.window",
+        ),
+        (
+            "\nevery = 1",
+            "\nevery = 5\nstop_when_converged = { window = 20, within = -0.2 }",
+            "eval.stop_when_converged.within",
+        ),
+        (
             "dataset = \"mnist\"",
             "dataset = \"mnist\"\ntrain_examples = 0",
             "data.train_examples",
@@ -244,4 +254,44 @@ fn data_limits_cut_in_file_order_and_never_truncate_silently() {
             && e.contains("none of: 2, 3, 4, 5, 6, 7, 8, 9"),
         "{e}"
     );
+}
+
+#[test]
+fn convergence_needs_the_whole_window_within_the_spread() {
+    use fedra_fl::config::Convergence;
+    let c = Convergence {
+        window: 4,
+        within: 0.5,
+    };
+    // Accuracies as fractions: 0.5 points is 0.005.
+    let h = [
+        (0, 0.10),
+        (2, 0.90),
+        (4, 0.903),
+        (6, 0.906),
+        (8, 0.907),
+        (10, 0.908),
+    ];
+    // Round 4 looks back to round 0 (0.10): no. Round 6: 0.900..0.906 spans 0.6 points: no.
+    // Round 8: 0.903..0.907, 0.4 points: yes.
+    assert_eq!(c.met_at(&h[..3]), None);
+    assert_eq!(c.met_at(&h[..4]), None);
+    assert_eq!(c.met_at(&h[..5]), Some(8));
+    assert_eq!(c.first_met(&h), Some(8));
+    // A history shorter than the window: not converged, however flat.
+    assert_eq!(c.met_at(&h[..1]), None);
+    assert_eq!(c.met_at(&[(2, 0.5), (4, 0.5), (5, 0.5)]), None);
+    // Evaluations that skip round r - window: the window starts at the first one after it.
+    assert_eq!(c.met_at(&[(0, 0.1), (3, 0.5), (5, 0.5)]), Some(5));
+    let spread = c.spread_at(&[(0, 0.1), (3, 0.5), (5, 0.52)]).unwrap();
+    assert!((spread - 0.02).abs() < 1e-12, "{spread}");
+    // It parses from an experiment file and round-trips.
+    let text = EXAMPLE.replace(
+        "\nevery = 1",
+        "\nevery = 2\nstop_when_converged = { window = 4, within = 0.5 }",
+    );
+    let config = ExperimentConfig::from_toml_str(&text, "test").unwrap();
+    assert_eq!(config.eval.stop_when_converged, Some(c));
+    let again = ExperimentConfig::from_toml_str(&config.to_toml_string(), "again").unwrap();
+    assert_eq!(config, again);
 }

@@ -61,6 +61,10 @@ pub struct Summary {
     /// run ([`fedra_fl::federation::Traffic`]); absent for the centralised baseline.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bytes_per_client: Option<Traffic>,
+    /// With `eval.stop_when_converged`: the round at which the criterion was met and the run
+    /// stopped (absent when it ran all `train.rounds` without meeting it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub converged_round: Option<usize>,
     pub total_seconds: f64,
     pub samples_per_s: f64,
     pub threads: usize,
@@ -373,6 +377,7 @@ impl Run {
                     received: fed.traffic.received / clients,
                 }
             }),
+            converged_round: fed.converged_round(),
             total_seconds: seconds,
             samples_per_s: if seconds > 0.0 {
                 examples as f64 / seconds

@@ -13,7 +13,8 @@
 //!   initialised model saved in a temporary folder; a model file (`models/*.toml`) is read from
 //!   the repo root, as `fedra run` started there reads it;
 //! - Speech Commands: the shared subset is the official *test* archive, whose clips all fall in
-//!   the testing split, so the test makes its own train/test split of those clips.
+//!   the testing split; the loader splits it by speaker, and the test interleaves train's
+//!   classes so that a prefix of it holds every keyword.
 //!
 //! Needs `FEDRA_TEST_DATA` (the shared datasets folder); it only reads it.
 
@@ -59,8 +60,8 @@ fn experiment_files(dir: &Path, found: &mut Vec<PathBuf>) {
 const MAX_TRAIN: usize = 3000;
 const MAX_TEST: usize = 300;
 
-/// The first `MAX_TRAIN` / `MAX_TEST` examples of a dataset, or for Speech Commands a split of
-/// the shared subset's clips.
+/// The first `MAX_TRAIN` / `MAX_TEST` examples of a dataset, or for Speech Commands the loader's
+/// speaker split of the shared subset with train interleaved by class.
 fn load_dataset(name: DatasetName) -> TrainTest {
     let opts = LoadOptions {
         speech: SpeechOptions {
@@ -89,25 +90,29 @@ fn load_dataset(name: DatasetName) -> TrainTest {
                 .subset(&(0..MAX_TEST.min(data.test.len())).collect::<Vec<_>>()),
         };
     }
-    // Every clip of the shared subset is in the testing split: train on four in five of each
-    // keyword's clips.
-    assert!(data.train.is_empty(), "the subset gained a training split");
-    // The clips come in class order and the runs keep only a file-order prefix, so interleave
-    // the classes (first clip of each class, then the second, ...) to keep every class in it.
-    let all = data.test;
-    let mut seen = vec![0usize; all.class_names.len()];
-    let mut rank = Vec::with_capacity(all.len());
-    for &label in &all.labels {
+    // Every clip of the shared subset is in the official testing split, so the loader splits it
+    // by speaker (20% of clips to test).
+    assert!(
+        !data.train.is_empty() && data.test.len() * 5 >= data.train.len() + data.test.len(),
+        "the loader's speaker split changed: {} train / {} test clips",
+        data.train.len(),
+        data.test.len()
+    );
+    // The clips come in class order and the runs keep only a file-order prefix of train, so
+    // interleave the classes (first clip of each class, then the second, ...) to keep every
+    // class in it.
+    let train = data.train;
+    let mut seen = vec![0usize; train.class_names.len()];
+    let mut rank = Vec::with_capacity(train.len());
+    for &label in &train.labels {
         rank.push(seen[label as usize]);
         seen[label as usize] += 1;
     }
-    let mut order: Vec<usize> = (0..all.len()).collect();
-    order.sort_by_key(|&i| (rank[i], all.labels[i]));
-    // Every fifth clip of each class is a test clip.
-    let (test, train): (Vec<usize>, Vec<usize>) = order.iter().partition(|&&i| rank[i] % 5 == 0);
+    let mut order: Vec<usize> = (0..train.len()).collect();
+    order.sort_by_key(|&i| (rank[i], train.labels[i]));
     TrainTest {
-        train: all.subset(&train),
-        test: all.subset(&test),
+        train: train.subset(&order),
+        test: data.test,
     }
 }
 

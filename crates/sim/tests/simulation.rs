@@ -135,6 +135,37 @@ fn resumed_run_equals_uninterrupted_run() {
 }
 
 #[test]
+fn a_converged_run_stops_at_the_first_round_meeting_the_criterion() {
+    let extra = "[eval]\nevery = 2\nstop_when_converged = { window = 4, within = 1.0 }";
+    let config = config(extra, "mlp", "iid", 1.0, 40);
+    let dir = tempfile::tempdir().unwrap();
+    let mut run = Run::start(config.clone(), embedded_mnist().unwrap(), dir.path(), 2).unwrap();
+    while !run.federation.finished() {
+        run.step().unwrap();
+    }
+    let history: Vec<(usize, f64)> = run
+        .federation
+        .history
+        .iter()
+        .map(|r| (r.round, r.test_accuracy))
+        .collect();
+    let summary = run.finish().unwrap();
+    let stopped = summary.converged_round.expect("converged within 40 rounds");
+    assert!(stopped < 40, "{history:?}");
+    assert_eq!(summary.rounds, stopped);
+    assert_eq!(history.last().unwrap().0, stopped);
+    // The first round where the three evaluations r-4, r-2, r lie within one point, and no
+    // earlier one.
+    let criterion = config.eval.stop_when_converged.unwrap();
+    assert_eq!(criterion.first_met(&history), Some(stopped), "{history:?}");
+    let window: Vec<f64> = history[history.len() - 3..].iter().map(|r| r.1).collect();
+    let spread = window.iter().cloned().fold(f64::MIN, f64::max)
+        - window.iter().cloned().fold(f64::MAX, f64::min);
+    assert!(spread * 100.0 < 1.0, "{window:?}");
+    eprintln!("stopped at round {stopped}: {history:?}");
+}
+
+#[test]
 fn sgd_twin_divergence_is_reported_and_zero_at_round_zero() {
     let config = config("[eval]\nsgd_twin = true", "mlp", "classes:1", 1.0, 2);
     let dir = tempfile::tempdir().unwrap();
