@@ -751,14 +751,27 @@ fn mb(bytes: u64) -> String {
 /// partition in bold.
 fn write_side_by_side(md: &mut String, runs: &[RunInfo], out: &Path) -> anyhow::Result<()> {
     type Group<'a> = Vec<(String, &'a RunInfo)>;
+    // Runs of several experiment folders (say two sweeps that both hold a `fedavg_scheme-iid`)
+    // are compared within their own folder: the group is named by dataset and folder.
+    let folder = |r: &RunInfo| r.rel.parent().map(Path::to_path_buf).unwrap_or_default();
+    let mut folders: Vec<PathBuf> = runs
+        .iter()
+        .filter(|r| side_label(&r.dir).is_some())
+        .map(folder)
+        .collect();
+    folders.sort();
+    folders.dedup();
     let mut groups: BTreeMap<(String, String), Group> = BTreeMap::new();
     for r in runs {
         if let Some(label) = side_label(&r.dir) {
+            let dataset = r.config.data.dataset.to_string();
+            let set = if folders.len() > 1 {
+                format!("{dataset} ({})", folder(r).display())
+            } else {
+                dataset
+            };
             groups
-                .entry((
-                    r.config.data.dataset.to_string(),
-                    r.config.partition.scheme.clone(),
-                ))
+                .entry((set, r.config.partition.scheme.clone()))
                 .or_default()
                 .push((label, r));
         }
@@ -1196,5 +1209,43 @@ mod tests {
         assert_eq!((met.as_str(), spread.as_str()), ("no", "45.05"));
         let (met, spread) = convergence_cells(&rows[..2]);
         assert_eq!((met.as_str(), spread.as_str()), ("no", "–"));
+    }
+
+    #[test]
+    fn two_experiment_folders_with_the_same_run_names_stay_apart() {
+        // Two copies of committed runs, as two sweeps would leave them.
+        let tmp = tempfile::tempdir().unwrap();
+        let source =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../../results/remedies-mnist/runs");
+        for set in ["first", "second"] {
+            for run in ["fedavg_scheme-classes-1", "fedprox_scheme-classes-1"] {
+                let to = tmp.path().join(set).join(run);
+                std::fs::create_dir_all(&to).unwrap();
+                for file in std::fs::read_dir(source.join(run)).unwrap() {
+                    let file = file.unwrap().path();
+                    std::fs::copy(&file, to.join(file.file_name().unwrap())).unwrap();
+                }
+            }
+        }
+        let out = tmp.path().join("report");
+        super::run(super::ReportArgs {
+            runs: vec![tmp.path().join("first"), tmp.path().join("second")],
+            out: out.clone(),
+        })
+        .unwrap();
+        let md = std::fs::read_to_string(out.join("report.md")).unwrap();
+        for set in ["first", "second"] {
+            let heading = format!("### mnist (../{set}), classes:1\n");
+            let at = md
+                .find(&heading)
+                .unwrap_or_else(|| panic!("no {heading:?} in\n{md}"));
+            let section = &md[at + heading.len()..];
+            let section = &section[..section.find("###").unwrap_or(section.len())];
+            assert_eq!(section.matches("\n| fedavg |").count(), 1, "{section}");
+            assert_eq!(section.matches("\n| fedprox |").count(), 1, "{section}");
+        }
+        // Run folders are named from the report's folder, not by an absolute path.
+        assert!(md.contains("| ../first/fedavg_scheme-classes-1 |"), "{md}");
+        assert!(!md.contains(&tmp.path().display().to_string()), "{md}");
     }
 }
