@@ -97,13 +97,6 @@ fn experiment(args: &ServeArgs) -> anyhow::Result<ExperimentConfig> {
              (use `fedra run`)"
         );
     }
-    if config.strategy.name == "scaffold" {
-        bail!(
-            "experiment: strategy \"scaffold\" is not offered over the network yet: its client \
-             control variates would have to travel with every task and live on the clients (use \
-             `fedra run`)"
-        );
-    }
     if config.attack.is_some() {
         bail!(
             "experiment: [attack] makes simulated clients misbehave to measure an aggregator; a \

@@ -443,6 +443,53 @@ fn federation_over_tls_equals_the_simulation_bit_for_bit() {
     assert!(read(&t.join("sim/config.toml")).contains("[deploy]"));
 }
 
+/// SCAFFOLD over the network: from round 2 on each task carries the client's correction
+/// c - c_i after the weights (the server keeps every control variate, as the simulation does);
+/// the result is `fedra run`'s bit for bit, and not FedAvg's.
+#[test]
+fn scaffold_over_the_network_equals_the_simulation_bit_for_bit() {
+    let base = experiment("mlp", 600, 3, "min_clients = 3");
+    let (_one, tmp) = setup(
+        &format!("{base}\n[strategy]\nname = \"scaffold\"\n"),
+        "c0,c1,c2",
+    );
+    let t = tmp.path();
+    let exp = t.join("exp.toml");
+    let mut server = serve_in(t, &exp);
+    let mut clients = shard_clients(t, server.port, 3);
+    wait_ok(
+        &mut server.child,
+        Duration::from_secs(300),
+        "server",
+        &server.log,
+    );
+    for (k, c) in clients.iter_mut().enumerate() {
+        wait_ok(
+            c,
+            Duration::from_secs(30),
+            "client",
+            &t.join(format!("c{k}.log")),
+        );
+    }
+    simulate(&exp, &t.join("sim"));
+    let net = final_weights(&t.join("net"));
+    assert!(
+        net == final_weights(&t.join("sim")),
+        "final weights differ between network and simulation"
+    );
+    assert_eq!(
+        metrics_without_time(&t.join("net")),
+        metrics_without_time(&t.join("sim"))
+    );
+    let fedavg = t.join("fedavg.toml");
+    std::fs::write(&fedavg, &base).unwrap();
+    simulate(&fedavg, &t.join("fedavg"));
+    assert!(
+        net != final_weights(&t.join("fedavg")),
+        "SCAFFOLD's corrections changed nothing"
+    );
+}
+
 /// gzip on both directions (`--compress`, server and clients) changes the bytes on the wire,
 /// not the result: the weights are `fedra run`'s bit for bit, and the server's log reports fewer
 /// bytes crossing the wire than the raw model, where without compression it reports a little
@@ -666,7 +713,6 @@ fn serve_refuses_what_the_network_does_not_offer() {
     let tmp = tempfile::tempdir().unwrap();
     let base = experiment("mlp", 300, 1, "min_clients = 3");
     for (extra, says) in [
-        ("[strategy]\nname = \"scaffold\"\n", "strategy \"scaffold\""),
         (
             "[privacy]\nclip = 1.0\nnoise_multiplier = 1.0\n",
             "[privacy]",

@@ -477,7 +477,12 @@ async fn session(
                         "a task before Welcome".into(),
                     )));
                 };
-                task = Some((Task::Fit(fit), Assembler::new(&p.layout), p));
+                let layout = if fit.control {
+                    p.layout.with_control()
+                } else {
+                    p.layout.clone()
+                };
+                task = Some((Task::Fit(fit), Assembler::new(&layout), p));
             }
             server_message::Body::Evaluate(evaluate) => {
                 let Some(p) = prepared.clone() else {
@@ -503,9 +508,11 @@ async fn session(
                         "a task end without a task".into(),
                     )));
                 };
-                let (params, buffers) = assembler.finish().map_err(|e| {
+                let received = assembler.finish_with_control().map_err(|e| {
                     Failure::Final(NetError::Protocol(format!("task weights: {e}")))
                 })?;
+                let (params, buffers, control) =
+                    (received.params, received.buffers, received.control);
                 let fit = match header {
                     Task::Fit(fit) => fit,
                     Task::Evaluate(evaluate) => {
@@ -536,7 +543,8 @@ async fn session(
                 let p2 = p.clone();
                 let fit2 = fit.clone();
                 let what = format!("training in round {round}");
-                let work = move || train(&p2, &fit2, params, buffers, threads);
+                let control = fit.control.then_some(control);
+                let work = move || train(&p2, &fit2, params, buffers, control, threads);
                 let result = match off_the_runtime(&tx, what, work).await? {
                     Ok(result) => result,
                     Err(stopped) => return Ok(stopped),
@@ -755,6 +763,7 @@ fn train(
     fit: &FitTask,
     params: Vec<f32>,
     buffers: Vec<f32>,
+    control: Option<Vec<f32>>,
     threads: usize,
 ) -> Result<fedra_fl::FitResult, NetError> {
     let bn = bn_from_name(&fit.bn)
@@ -780,7 +789,7 @@ fn train(
         },
         bn,
         prox_mu: fit.prox_mu,
-        control: None,
+        control: control.map(Arc::new),
         frozen: p.frozen.clone(),
         frozen_statistics: p.frozen_statistics.clone(),
         flip_labels: false,

@@ -1089,8 +1089,17 @@ impl Executor for NetExecutor {
                 weight_decay: c.sgd.weight_decay,
                 bn: bn_name(c.bn).to_string(),
                 prox_mu: c.prox_mu,
+                control: c.control.is_some(),
             };
-            let messages = task_messages(server_message::Body::Fit(fit), layout, &job.start);
+            let messages = match &c.control {
+                None => task_messages(server_message::Body::Fit(fit), layout, &job.start),
+                Some(control) => task_messages_with_control(
+                    server_message::Body::Fit(fit),
+                    &layout.with_control(),
+                    &job.start,
+                    control,
+                ),
+            };
             tracing::info!(client = %id, index = job.client, round, "task sent");
             sent_bytes += messages.iter().map(Message::encoded_len).sum::<usize>();
             sent_to += 1;
@@ -1238,10 +1247,20 @@ fn task_messages(
     layout: &Layout,
     model: &Model,
 ) -> Vec<ServerMessage> {
+    task_messages_with_control(header, layout, model, &[])
+}
+
+/// [`task_messages`] with SCAFFOLD's correction after the weights (`layout` with control).
+fn task_messages_with_control(
+    header: server_message::Body,
+    layout: &Layout,
+    model: &Model,
+    control: &[f32],
+) -> Vec<ServerMessage> {
     let mut messages = vec![message(header)];
     messages.extend(
         layout
-            .chunks(model.params(), model.buffers())
+            .chunks_with_control(model.params(), model.buffers(), control)
             .into_iter()
             .map(|c| message(server_message::Body::Chunk(c))),
     );

@@ -1,5 +1,6 @@
 //! Model weights on the wire: every tensor of the model, in the model's own order, as raw
-//! little-endian f32 bytes cut into [`TensorChunk`]s of at most [`CHUNK_VALUES`] values. The
+//! little-endian f32 bytes cut into [`TensorChunk`]s of at most [`CHUNK_VALUES`] values (for a
+//! SCAFFOLD task, followed by one `control/<name>` tensor per parameter tensor). The
 //! receiving side rebuilds the parameter and buffer vectors with an [`Assembler`], which takes
 //! chunks from an untrusted peer: every name, offset, length and value is checked against the
 //! model's [`Layout`] before it is stored, and any mismatch is an error naming the tensor, never a
@@ -54,11 +55,20 @@ pub enum WireError {
     },
 }
 
-/// One tensor's place in the model's parameter or buffer vector.
+/// Which vector a tensor belongs to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Part {
+    Param,
+    Buffer,
+    /// SCAFFOLD's correction, shaped like the parameters.
+    Control,
+}
+
+/// One tensor's place in the model's parameter or buffer vector (or the control vector).
 #[derive(Clone, Debug, PartialEq)]
 struct Slot {
     name: String,
-    kind: TensorKind,
+    part: Part,
     offset: usize,
     len: usize,
 }
@@ -69,6 +79,8 @@ pub struct Layout {
     slots: Vec<Slot>,
     params_len: usize,
     buffers_len: usize,
+    /// Values of the control tensors ([`Layout::with_control`]; 0 without).
+    control_len: usize,
 }
 
 impl Layout {
@@ -79,30 +91,67 @@ impl Layout {
                 .iter()
                 .map(|t| Slot {
                     name: t.name.clone(),
-                    kind: t.kind,
+                    part: match t.kind {
+                        TensorKind::Param => Part::Param,
+                        TensorKind::Buffer => Part::Buffer,
+                    },
                     offset: t.offset,
                     len: t.len,
                 })
                 .collect(),
             params_len: model.params().len(),
             buffers_len: model.buffers().len(),
+            control_len: 0,
         }
     }
 
-    /// Bytes the weights take on the wire, without message framing.
-    pub fn payload_bytes(&self) -> usize {
-        4 * (self.params_len + self.buffers_len)
+    /// This layout followed by a `control/<name>` tensor for each parameter tensor (a SCAFFOLD
+    /// task's correction).
+    pub fn with_control(&self) -> Layout {
+        let mut out = self.clone();
+        let controls: Vec<Slot> = self
+            .slots
+            .iter()
+            .filter(|s| s.part == Part::Param)
+            .map(|s| Slot {
+                name: format!("control/{}", s.name),
+                part: Part::Control,
+                offset: s.offset,
+                len: s.len,
+            })
+            .collect();
+        out.slots.extend(controls);
+        out.control_len = self.params_len;
+        out
     }
 
-    /// The chunks carrying `params` and `buffers` (which must have this layout's sizes).
+    /// Bytes the weights (and control) take on the wire, without message framing.
+    pub fn payload_bytes(&self) -> usize {
+        4 * (self.params_len + self.buffers_len + self.control_len)
+    }
+
+    /// The chunks carrying `params` and `buffers` (which must have this layout's sizes; a layout
+    /// with control needs [`Layout::chunks_with_control`]).
     pub fn chunks(&self, params: &[f32], buffers: &[f32]) -> Vec<TensorChunk> {
+        self.chunks_with_control(params, buffers, &[])
+    }
+
+    /// The chunks carrying `params`, `buffers` and `control` (empty for a layout without).
+    pub fn chunks_with_control(
+        &self,
+        params: &[f32],
+        buffers: &[f32],
+        control: &[f32],
+    ) -> Vec<TensorChunk> {
         assert_eq!(params.len(), self.params_len, "parameter vector size");
         assert_eq!(buffers.len(), self.buffers_len, "buffer vector size");
+        assert_eq!(control.len(), self.control_len, "control vector size");
         let mut out = Vec::new();
         for slot in &self.slots {
-            let values = match slot.kind {
-                TensorKind::Param => &params[slot.offset..slot.offset + slot.len],
-                TensorKind::Buffer => &buffers[slot.offset..slot.offset + slot.len],
+            let values = match slot.part {
+                Part::Param => &params[slot.offset..slot.offset + slot.len],
+                Part::Buffer => &buffers[slot.offset..slot.offset + slot.len],
+                Part::Control => &control[slot.offset..slot.offset + slot.len],
             };
             for (k, part) in values.chunks(CHUNK_VALUES).enumerate() {
                 let mut bytes = Vec::with_capacity(part.len() * 4);
@@ -126,6 +175,7 @@ pub struct Assembler {
     layout: Layout,
     params: Vec<f32>,
     buffers: Vec<f32>,
+    control: Vec<f32>,
     /// Index of the tensor being filled.
     current: usize,
     /// Values of that tensor received so far.
@@ -138,6 +188,7 @@ impl Assembler {
             layout: layout.clone(),
             params: vec![0.0; layout.params_len],
             buffers: vec![0.0; layout.buffers_len],
+            control: vec![0.0; layout.control_len],
             current: 0,
             filled: 0,
         }
@@ -197,9 +248,10 @@ impl Assembler {
                 expected: slot.len,
             });
         }
-        let target = match slot.kind {
-            TensorKind::Param => &mut self.params,
-            TensorKind::Buffer => &mut self.buffers,
+        let target = match slot.part {
+            Part::Param => &mut self.params,
+            Part::Buffer => &mut self.buffers,
+            Part::Control => &mut self.control,
         };
         let start = slot.offset + self.filled;
         for (i, (dst, src)) in target[start..start + n]
@@ -223,6 +275,11 @@ impl Assembler {
 
     /// The parameter and buffer vectors, once every tensor is complete.
     pub fn finish(self) -> Result<(Vec<f32>, Vec<f32>), WireError> {
+        self.finish_with_control().map(|r| (r.params, r.buffers))
+    }
+
+    /// Every vector, control included, once every tensor is complete.
+    pub fn finish_with_control(self) -> Result<Received, WireError> {
         let slots = &self.layout.slots;
         let mut current = self.current;
         let mut filled = self.filled;
@@ -237,8 +294,21 @@ impl Assembler {
                 expected: slot.len,
             });
         }
-        Ok((self.params, self.buffers))
+        Ok(Received {
+            params: self.params,
+            buffers: self.buffers,
+            control: self.control,
+        })
     }
+}
+
+/// What an [`Assembler`] rebuilt.
+#[derive(Debug)]
+pub struct Received {
+    pub params: Vec<f32>,
+    pub buffers: Vec<f32>,
+    /// SCAFFOLD's correction; empty for a layout without control.
+    pub control: Vec<f32>,
 }
 
 #[cfg(test)]
@@ -320,5 +390,105 @@ mod tests {
             a.push(&chunks[0]),
             Err(WireError::ExtraTensor { .. })
         ));
+    }
+
+    #[test]
+    fn a_control_travels_after_the_weights_and_is_checked_like_them() {
+        let m = model();
+        let layout = Layout::of(&m).with_control();
+        let control: Vec<f32> = (0..m.params().len()).map(|i| i as f32 * 1e-3).collect();
+        let chunks = layout.chunks_with_control(m.params(), m.buffers(), &control);
+        let plain = Layout::of(&m).chunks(m.params(), m.buffers());
+        assert_eq!(
+            &chunks[..plain.len()],
+            &plain[..],
+            "the weights come first, unchanged"
+        );
+        assert!(
+            chunks[plain.len()..]
+                .iter()
+                .all(|c| c.name.starts_with("control/"))
+        );
+        assert_eq!(
+            layout.payload_bytes(),
+            Layout::of(&m).payload_bytes() + 4 * m.params().len()
+        );
+        let mut a = Assembler::new(&layout);
+        for c in &chunks {
+            a.push(c).unwrap();
+        }
+        let r = a.finish_with_control().unwrap();
+        assert_eq!(
+            (r.params.as_slice(), r.buffers.as_slice()),
+            (m.params(), m.buffers())
+        );
+        assert_eq!(r.control, control);
+        // A task that promised a control and sends none is incomplete, naming the first control
+        // tensor; a model layout refuses a control tensor.
+        let mut a = Assembler::new(&layout);
+        for c in &plain {
+            a.push(c).unwrap();
+        }
+        let err = a.finish().unwrap_err();
+        assert!(err.to_string().contains("control/"), "{err}");
+        let mut a = Assembler::new(&Layout::of(&m));
+        for c in &plain {
+            a.push(c).unwrap();
+        }
+        assert!(matches!(
+            a.push(&chunks[plain.len()]),
+            Err(WireError::ExtraTensor { .. })
+        ));
+        // A non-finite correction is refused like a non-finite weight.
+        let mut bad = chunks[plain.len()].clone();
+        let mut bytes = bad.data.to_vec();
+        bytes[..4].copy_from_slice(&f32::INFINITY.to_le_bytes());
+        bad.data = bytes.into();
+        let mut a = Assembler::new(&layout);
+        for c in &plain {
+            a.push(c).unwrap();
+        }
+        assert!(matches!(a.push(&bad), Err(WireError::NonFinite { .. })));
+    }
+
+    proptest::proptest! {
+        /// A task's chunks (weights and control) with bytes flipped: refused with an error, or
+        /// rebuilt into vectors of the layout's sizes holding only finite values; never a panic.
+        #[test]
+        fn mutated_control_tasks_are_refused_or_well_formed(
+            flips in proptest::collection::vec(
+                (proptest::prelude::any::<proptest::sample::Index>(),
+                 proptest::prelude::any::<proptest::sample::Index>(), 1u8..=255), 1..4),
+        ) {
+            use prost::Message as _;
+            let m = model();
+            let layout = Layout::of(&m).with_control();
+            let control = vec![0.25f32; m.params().len()];
+            let mut frames: Vec<Vec<u8>> = layout
+                .chunks_with_control(m.params(), m.buffers(), &control)
+                .iter()
+                .map(|c| c.encode_to_vec())
+                .collect();
+            for (frame, byte, xor) in flips {
+                let f = frame.index(frames.len());
+                if frames[f].is_empty() { continue; }
+                let b = byte.index(frames[f].len());
+                frames[f][b] ^= xor;
+            }
+            let mut a = Assembler::new(&layout);
+            let mut refused = false;
+            for frame in &frames {
+                match TensorChunk::decode(&frame[..]) {
+                    Ok(c) if a.push(&c).is_ok() => {}
+                    _ => { refused = true; break; }
+                }
+            }
+            if !refused && let Ok(r) = a.finish_with_control() {
+                proptest::prop_assert_eq!(r.params.len(), m.params().len());
+                proptest::prop_assert_eq!(r.buffers.len(), m.buffers().len());
+                proptest::prop_assert_eq!(r.control.len(), m.params().len());
+                proptest::prop_assert!(r.params.iter().chain(&r.control).all(|v| v.is_finite()));
+            }
+        }
     }
 }
