@@ -97,7 +97,8 @@ pub enum SplitRule {
     Auto,
     /// The official lists, or without them the dataset's hash rule, whatever they give.
     Official,
-    /// The speaker split, even when official lists exist.
+    /// The speaker split, even when official lists exist. It has no validation split, so
+    /// `validation_into_train` does not apply.
     Speakers,
 }
 

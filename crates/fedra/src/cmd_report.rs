@@ -793,7 +793,7 @@ fn write_side_by_side(md: &mut String, runs: &[RunInfo], out: &Path) -> anyhow::
          FedAvg's best*: the first round that reached the best \
          accuracy FedAvg reached in that partition (– never); *MB to / from a client*: what the \
          server sent to and received from each client over the run (the model as f32 each way, \
-         SCAFFOLD's control too, data sharing's examples; mean over clients).\n"
+         SCAFFOLD's correction down from round 2, data sharing's examples; mean over clients).\n"
     )?;
     let mut matrix: BTreeMap<String, BTreeMap<String, BTreeMap<String, f64>>> = BTreeMap::new();
     for ((dataset, scheme), group) in &groups {

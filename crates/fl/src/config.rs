@@ -378,15 +378,18 @@ pub struct EvalConfig {
     pub stop_when_converged: Option<Convergence>,
 }
 
-/// When a run counts as converged: at an evaluated round r, the test accuracies of every
-/// evaluation from round r - `window` to r (both evaluated) lie within `within` percentage points
-/// of each other. A run that never meets it stops at `train.rounds`.
+/// When a run counts as converged: at an evaluated round r > `window`, the test accuracies of
+/// every evaluation from round r - `window` to r (both evaluated) are less than `within`
+/// percentage points apart (max - min). The initial model (round 0) is never in the window: a
+/// model that has not moved, or an empty test set, does not count as converged. A run that never
+/// meets it stops at `train.rounds`.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Convergence {
     /// Rounds looked back; a multiple of `eval.every`, so that round r - window is evaluated.
     pub window: usize,
-    /// Largest spread of test accuracy over the window, in percentage points (0.2 = 0.2%).
+    /// The spread of test accuracy over the window must be less than this, in percentage
+    /// points (0.2 = 0.2%).
     pub within: f64,
 }
 
@@ -400,6 +403,9 @@ impl Convergence {
     /// The last round of `history` if the criterion holds there.
     pub fn met_at(&self, history: &[(usize, f64)]) -> Option<usize> {
         let &(round, _) = history.last()?;
+        if round <= self.window {
+            return None;
+        }
         ((self.spread_at(history)? * 100.0) < self.within).then_some(round)
     }
 

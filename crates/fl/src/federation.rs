@@ -127,7 +127,9 @@ pub struct RoundMetrics {
 
 /// What a run's aggregated rounds moved, in the tensors `fedra serve` sends: the whole model
 /// (parameters and buffers) as f32 to every client whose update the round aggregated and back,
-/// SCAFFOLD's control variate both ways (c down, the change of c_i up: the upload doubles), and
+/// SCAFFOLD's correction c - c_i down with each task that carries one (from round 2; the server
+/// keeps the controls, so nothing extra comes back, where the paper's clients upload the change
+/// of c_i), and
 /// with data sharing the examples of G each client received (f32 features and a 4-byte label),
 /// counted before round 1. It is what the algorithm costs, not a wire meter: protocol and TLS
 /// framing (0.3%, measured in the README), models sent to clients whose results were lost or
@@ -529,11 +531,20 @@ impl Federation {
             .iter()
             .fold(0usize, |n, r| n.saturating_add(r.examples_seen));
         if !self.is_central() {
-            let params = self.global.params().len();
-            let extra = self.strategy.extra_values(params);
-            let each = 4 * (params + self.global.buffers().len() + extra) as u64;
+            let each = 4 * (self.global.params().len() + self.global.buffers().len()) as u64;
             let both = each.saturating_mul(results.len() as u64);
-            self.traffic.sent = self.traffic.sent.saturating_add(both);
+            // The corrections the tasks carried (the strategy's state is still the one the
+            // round's tasks were made from: it changes in `aggregate` below).
+            let controls: u64 = results
+                .iter()
+                .filter_map(|r| self.strategy.control(r.client))
+                .map(|c| 4 * c.len() as u64)
+                .sum();
+            self.traffic.sent = self
+                .traffic
+                .sent
+                .saturating_add(both)
+                .saturating_add(controls);
             self.traffic.received = self.traffic.received.saturating_add(both);
         }
         let remote_layers = executor.clients_keep_local_layers()

@@ -122,13 +122,6 @@ pub trait Strategy: Send {
         None
     }
 
-    /// Values each client receives and returns beside a model of `params` parameters every
-    /// round (SCAFFOLD: c down, the change of c_i up); the byte counts of a run include them.
-    fn extra_values(&self, params: usize) -> usize {
-        let _ = params;
-        0
-    }
-
     /// The fewest results a round can be aggregated from (a round with fewer is sampled again).
     fn min_results(&self) -> usize {
         1
@@ -772,10 +765,6 @@ pub struct Scaffold {
 impl Strategy for Scaffold {
     fn name(&self) -> &'static str {
         "scaffold"
-    }
-
-    fn extra_values(&self, params: usize) -> usize {
-        params
     }
 
     fn control(&self, client: usize) -> Option<Arc<Vec<f32>>> {

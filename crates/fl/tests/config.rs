@@ -283,6 +283,14 @@ fn convergence_needs_the_whole_window_within_the_spread() {
     assert_eq!(c.met_at(&[(2, 0.5), (4, 0.5), (5, 0.5)]), None);
     // Evaluations that skip round r - window: the window starts at the first one after it.
     assert_eq!(c.met_at(&[(0, 0.1), (3, 0.5), (5, 0.5)]), Some(5));
+    // The initial model is never in the window: a model that does not move converges one
+    // evaluation later than round `window`.
+    let flat = [(0, 0.1), (2, 0.1), (4, 0.1), (6, 0.1)];
+    assert_eq!(c.met_at(&flat[..3]), None);
+    assert_eq!(c.first_met(&flat), Some(6));
+    // Less than `within` points apart, not equal.
+    assert_eq!(c.met_at(&[(2, 0.900), (4, 0.904), (6, 0.903)]), Some(6));
+    assert_eq!(c.met_at(&[(2, 0.900), (4, 0.905), (6, 0.904)]), None);
     let spread = c.spread_at(&[(0, 0.1), (3, 0.5), (5, 0.52)]).unwrap();
     assert!((spread - 0.02).abs() < 1e-12, "{spread}");
     // It parses from an experiment file and round-trips.

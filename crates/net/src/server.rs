@@ -1040,6 +1040,8 @@ impl Executor for NetExecutor {
         let mut pending: BTreeMap<usize, (usize, u64, usize)> = BTreeMap::new();
         let mut local = Vec::new();
         let (mut sent_bytes, mut sent_to) = (0usize, 0usize);
+        // The tasks' raw payloads (a SCAFFOLD task's correction included).
+        let mut sent_payload = 0usize;
         let (mut received_bytes, mut received_from) = (0usize, 0usize);
         let mut round_of_task = None;
         let wire_before = self.shared.traffic.totals();
@@ -1092,13 +1094,20 @@ impl Executor for NetExecutor {
                 control: c.control.is_some(),
             };
             let messages = match &c.control {
-                None => task_messages(server_message::Body::Fit(fit), layout, &job.start),
-                Some(control) => task_messages_with_control(
-                    server_message::Body::Fit(fit),
-                    &layout.with_control(),
-                    &job.start,
-                    control,
-                ),
+                None => {
+                    sent_payload += layout.payload_bytes();
+                    task_messages(server_message::Body::Fit(fit), layout, &job.start)
+                }
+                Some(control) => {
+                    let with_control = layout.with_control();
+                    sent_payload += with_control.payload_bytes();
+                    task_messages_with_control(
+                        server_message::Body::Fit(fit),
+                        &with_control,
+                        &job.start,
+                        control,
+                    )
+                }
             };
             tracing::info!(client = %id, index = job.client, round, "task sent");
             sent_bytes += messages.iter().map(Message::encoded_len).sum::<usize>();
@@ -1180,10 +1189,12 @@ impl Executor for NetExecutor {
             }
         }
         if let (Some(round), true) = (round_of_task, sent_to > 0) {
-            // What the protocol costs against the raw model (f32 bytes), per client and
-            // direction: the messages' protobuf bytes, then what crossed the wire (TLS
-            // records, HTTP/2 frames, keep-alives, compression) during the round.
+            // What the protocol costs against the raw payload (f32 bytes: the model, and down
+            // a SCAFFOLD task's correction too), per client and direction: the messages'
+            // protobuf bytes, then what crossed the wire (TLS records, HTTP/2 frames,
+            // keep-alives, compression) during the round.
             let model = layout.payload_bytes() as f64;
+            let payload = sent_payload as f64 / sent_to as f64;
             let down = sent_bytes as f64 / sent_to as f64;
             let up = received_bytes as f64 / received_from.max(1) as f64;
             let wire_after = self.shared.traffic.totals();
@@ -1191,12 +1202,13 @@ impl Executor for NetExecutor {
             let wire_down = (wire_after.1 - wire_before.1) as f64 / sent_to as f64;
             tracing::info!(
                 round,
-                "traffic per client: {down:.0} bytes down ({:.4}x the model's {model:.0}), \
-                 {up:.0} bytes up ({:.4}x) from {received_from} of {sent_to} clients; on the \
-                 wire {wire_down:.0} down ({:.4}x), {wire_up:.0} up ({:.4}x)",
-                down / model,
+                "traffic per client: {down:.0} bytes down ({:.4}x the task's {payload:.0} \
+                 payload bytes), {up:.0} bytes up ({:.4}x the model's {model:.0}) from \
+                 {received_from} of {sent_to} clients; on the wire {wire_down:.0} down \
+                 ({:.4}x), {wire_up:.0} up ({:.4}x)",
+                down / payload,
                 up / model,
-                wire_down / model,
+                wire_down / payload,
                 wire_up / model
             );
         }

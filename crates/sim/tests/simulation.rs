@@ -271,15 +271,17 @@ seed = 2
     eprintln!("fedavg {:?}\nscaffold {:?}", acc(&h_avg), acc(&h_scaffold));
     assert!(h_scaffold.iter().all(|r| r.test_loss.is_finite()));
 
-    // Bytes: the model both ways to each of the 10 clients every round; SCAFFOLD's control
-    // variate doubles both directions (c down, the change of c_i up).
+    // Bytes: the model both ways to each of the 10 clients every round; from round 2 on each
+    // SCAFFOLD task also carries the client's correction c - c_i (model-sized) down; nothing
+    // extra comes back (the server keeps the controls).
     let model = 4 * p_avg.len() as u64;
     for (avg, scaffold) in h_avg.iter().zip(&h_scaffold) {
         let expected = avg.round as u64 * 10 * model;
         assert_eq!((avg.bytes_sent, avg.bytes_received), (expected, expected));
+        let corrections = (avg.round as u64).saturating_sub(1) * 10 * model;
         assert_eq!(
             (scaffold.bytes_sent, scaffold.bytes_received),
-            (2 * expected, 2 * expected)
+            (expected + corrections, expected)
         );
     }
 }
