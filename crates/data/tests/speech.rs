@@ -122,6 +122,17 @@ fn coefficient_moments(features: &[f32]) -> Vec<(f64, f64)> {
         .collect()
 }
 
+/// Clips of each class, train and test together.
+fn clips_per_class(tt: &fedra_data::TrainTest) -> Vec<usize> {
+    let test = tt.test.class_counts();
+    tt.train
+        .class_counts()
+        .iter()
+        .zip(test)
+        .map(|(a, b)| a + b)
+        .collect()
+}
+
 /// The speaker of a clip path (the file-name part before `_nohash_`).
 fn speaker(path: &Path) -> String {
     let name = path.file_name().unwrap().to_string_lossy().into_owned();
@@ -133,13 +144,7 @@ fn subset_splits_by_speaker_since_the_official_split_has_no_training_clip() {
     let tt = load_speech_commands(&speech_dir(), &no_cache()).unwrap();
     assert_eq!(tt.train.shape, [1, 49, 10]);
     assert_eq!(tt.train.class_names, fedra_data::speech::STUDY_KEYWORDS);
-    let per_class: Vec<usize> = tt
-        .train
-        .class_counts()
-        .iter()
-        .zip(tt.test.class_counts())
-        .map(|(a, b)| a + b)
-        .collect();
+    let per_class = clips_per_class(&tt);
     assert_eq!(per_class, vec![160; 10]);
     let splits = clip_splits(&speech_dir(), &no_cache()).unwrap();
     assert_eq!(splits.len(), 1600);
@@ -262,13 +267,7 @@ fn keywords_unknown_silence_and_cache() {
         tt.train.class_names,
         ["yes", "no", "_unknown_", "_silence_"]
     );
-    let total: Vec<usize> = tt
-        .train
-        .class_counts()
-        .iter()
-        .zip(tt.test.class_counts())
-        .map(|(a, b)| a + b)
-        .collect();
+    let total = clips_per_class(&tt);
     // 8 other words x 160 clips; the 60-s noise file gives 60 one-second slices.
     assert_eq!(total, [160, 160, 1280, 60]);
     let cached: Vec<_> = std::fs::read_dir(cache.path()).unwrap().collect();

@@ -463,14 +463,7 @@ fn scaffold_over_the_network_equals_the_simulation_bit_for_bit() {
         "server",
         &server.log,
     );
-    for (k, c) in clients.iter_mut().enumerate() {
-        wait_ok(
-            c,
-            Duration::from_secs(30),
-            "client",
-            &t.join(format!("c{k}.log")),
-        );
-    }
+    wait_clients_ok(&mut clients, t);
     simulate(&exp, &t.join("sim"));
     let net = final_weights(&t.join("net"));
     assert!(
@@ -634,14 +627,7 @@ fn fedbn_layers_stay_on_the_clients_disk() {
         })
         .collect();
     wait_ok(&mut server.child, Duration::from_secs(180), "server", &log);
-    for (k, c) in clients.iter_mut().enumerate() {
-        wait_ok(
-            c,
-            Duration::from_secs(30),
-            "client",
-            &t.join(format!("c{k}.log")),
-        );
-    }
+    wait_clients_ok(&mut clients, t);
     simulate(&exp, &t.join("sim"));
     let (net, sim) = (t.join("net"), t.join("sim"));
     let spec = fedra_nn::ModelSpec::by_name("mnist-cnn-bn", [1, 28, 28], 10).unwrap();
@@ -741,6 +727,18 @@ fn serve_refuses_what_the_network_does_not_offer() {
         assert!(
             !tmp.path().join("never").exists(),
             "{extra}: a run folder was made"
+        );
+    }
+}
+
+/// Every client `c<k>` (logging to `c<k>.log` in `t`) exits successfully within 30 s.
+fn wait_clients_ok(clients: &mut [Child], t: &Path) {
+    for (k, c) in clients.iter_mut().enumerate() {
+        wait_ok(
+            c,
+            Duration::from_secs(30),
+            "client",
+            &t.join(format!("c{k}.log")),
         );
     }
 }
