@@ -535,11 +535,11 @@ impl Federation {
             let both = each.saturating_mul(results.len() as u64);
             // The corrections the tasks carried (the strategy's state is still the one the
             // round's tasks were made from: it changes in `aggregate` below).
-            let controls: u64 = results
+            let steered = results
                 .iter()
-                .filter_map(|r| self.strategy.control(r.client))
-                .map(|c| 4 * c.len() as u64)
-                .sum();
+                .filter(|r| self.strategy.has_control(r.client))
+                .count() as u64;
+            let controls = steered.saturating_mul(4 * self.global.params().len() as u64);
             self.traffic.sent = self
                 .traffic
                 .sent

@@ -122,6 +122,12 @@ pub trait Strategy: Send {
         None
     }
 
+    /// Whether [`Strategy::control`] gives `client` a correction, without building it.
+    fn has_control(&self, client: usize) -> bool {
+        let _ = client;
+        false
+    }
+
     /// The fewest results a round can be aggregated from (a round with fewer is sampled again).
     fn min_results(&self) -> usize {
         1
@@ -765,6 +771,10 @@ pub struct Scaffold {
 impl Strategy for Scaffold {
     fn name(&self) -> &'static str {
         "scaffold"
+    }
+
+    fn has_control(&self, _client: usize) -> bool {
+        !self.c.is_empty()
     }
 
     fn control(&self, client: usize) -> Option<Arc<Vec<f32>>> {
