@@ -10,6 +10,7 @@ use anyhow::{Context, bail};
 use fedra_fl::ExperimentConfig;
 use fedra_fl::config::Evaluation;
 use fedra_fl::federation::model_spec;
+use fedra_fl::privacy::NoiseSource;
 use fedra_fl::sweep::expand;
 use fedra_net::pki;
 use fedra_net::server::{ServerSettings, start};
@@ -90,12 +91,18 @@ fn experiment(args: &ServeArgs) -> anyhow::Result<ExperimentConfig> {
         config.data.data_dir = args.data_dir.clone();
     }
     config.validate("experiment")?;
-    if config.privacy.is_some() {
-        bail!(
-            "experiment: [privacy] is not offered over the network yet: its accountant assumes \
-             every client can be sampled every round, which clients that come and go break \
-             (use `fedra run`)"
-        );
+    if let Some(privacy) = config.privacy.as_mut() {
+        match privacy.noise {
+            // The clients receive the experiment, seed included: noise derived from it would be
+            // theirs to subtract.
+            None => privacy.noise = Some(NoiseSource::Secret),
+            Some(NoiseSource::Seeded) => eprintln!(
+                "warning: privacy.noise = \"seeded\": the sampling and the noise follow run.seed, \
+                 which every client receives, so they protect nothing; use it to check a \
+                 deployment against `fedra run`, never with data that needs the privacy"
+            ),
+            Some(NoiseSource::Secret) => {}
+        }
     }
     if config.attack.is_some() {
         bail!(

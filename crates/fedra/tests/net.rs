@@ -692,43 +692,116 @@ fn fedbn_layers_stay_on_the_clients_disk() {
     assert!(first != std::fs::read(state.join("c1/round-1.safetensors")).unwrap());
 }
 
-/// What the network cannot do yet is refused before anything starts, naming the setting:
-/// SCAFFOLD (its controls would live on the clients), `[privacy]` and `[attack]`.
+/// What a server does not do is refused before anything starts, naming the setting: `[attack]`
+/// (it makes simulated clients misbehave; a server does not tell real clients to attack).
 #[test]
 fn serve_refuses_what_the_network_does_not_offer() {
     let tmp = tempfile::tempdir().unwrap();
     let base = experiment("mlp", 300, 1, "min_clients = 3");
-    for (extra, says) in [
-        (
-            "[privacy]\nclip = 1.0\nnoise_multiplier = 1.0\n",
-            "[privacy]",
-        ),
-        (
-            "[attack]\nclients = [0]\nkind = \"sign-flip\"\n",
-            "[attack]",
-        ),
-    ] {
-        let exp = tmp.path().join("exp.toml");
-        std::fs::write(&exp, format!("{base}\n{extra}")).unwrap();
-        let out = fedra()
-            .arg("serve")
-            .arg(&exp)
-            .args(["--listen", "127.0.0.1:0", "--certs"])
-            .arg(tmp.path().join("no-certs"))
-            .arg("--out")
-            .arg(tmp.path().join("never"))
-            .output()
-            .unwrap();
-        let err = String::from_utf8_lossy(&out.stderr);
-        assert!(
-            !out.status.success() && err.contains(says),
-            "{extra}: {err}"
-        );
-        assert!(
-            !tmp.path().join("never").exists(),
-            "{extra}: a run folder was made"
-        );
-    }
+    let exp = tmp.path().join("exp.toml");
+    std::fs::write(
+        &exp,
+        format!("{base}\n[attack]\nclients = [0]\nkind = \"sign-flip\"\n"),
+    )
+    .unwrap();
+    let out = fedra()
+        .arg("serve")
+        .arg(&exp)
+        .args(["--listen", "127.0.0.1:0", "--certs"])
+        .arg(tmp.path().join("no-certs"))
+        .arg("--out")
+        .arg(tmp.path().join("never"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("[attack]"), "{err}");
+    assert!(!tmp.path().join("never").exists(), "a run folder was made");
+}
+
+/// DP-FedAvg over the network. With `privacy.noise = "seeded"` (a check, not a deployment: the
+/// clients receive the seed) the run is `fedra run`'s bit for bit, epsilon included, and Poisson
+/// sampling at q = 0.6 left some client out of some round. Left unset, `fedra serve` draws the
+/// sampling and the noise from a key of its own: the weights are then no run's that a seed can
+/// repeat, the epsilon the accountant reports is the same, the run folder records
+/// `noise = "secret"`, and the key is gone from it once the run is over.
+#[test]
+fn private_federation_over_the_network() {
+    let base = experiment("mlp", 600, 4, "min_clients = 3")
+        .replace("momentum = 0.5", "momentum = 0.5\nfraction = 0.6");
+    let privacy = "[privacy]\nclip = 0.5\nnoise_multiplier = 0.3\n";
+    let (_one, tmp) = setup(
+        &format!("{base}\n{privacy}noise = \"seeded\"\n"),
+        "c0,c1,c2",
+    );
+    let t = tmp.path();
+    let exp = t.join("exp.toml");
+    let mut server = serve_in(t, &exp);
+    let mut clients = shard_clients(t, server.port, 3);
+    wait_ok(
+        &mut server.child,
+        Duration::from_secs(300),
+        "server",
+        &server.log,
+    );
+    wait_clients_ok(&mut clients, t);
+    assert!(
+        read(&server.log).contains("privacy.noise = \"seeded\""),
+        "no warning about seeded noise: {}",
+        read(&server.log)
+    );
+    simulate(&exp, &t.join("sim"));
+    let net = final_weights(&t.join("net"));
+    assert!(
+        net == final_weights(&t.join("sim")),
+        "final weights differ between network and simulation"
+    );
+    assert_eq!(
+        metrics_without_time(&t.join("net")),
+        metrics_without_time(&t.join("sim"))
+    );
+    let epsilon = column(&t.join("sim"), "epsilon");
+    assert!(
+        epsilon
+            .last()
+            .is_some_and(|e| e.parse::<f64>().unwrap() > 0.0),
+        "{epsilon:?}"
+    );
+    // Some round left a client out: its model was sent to fewer than all three every round.
+    let sent = column(&t.join("sim"), "bytes_sent");
+    let per_round: Vec<u64> = sent.iter().map(|b| b.parse().unwrap()).collect();
+    let steps: Vec<u64> = per_round.windows(2).map(|w| w[1] - w[0]).collect();
+    assert!(
+        steps.iter().min() < steps.iter().max(),
+        "every round sampled the same number of clients: {steps:?}"
+    );
+
+    // The same experiment as a deployment: the server's own key.
+    let secret = t.join("secret.toml");
+    std::fs::write(&secret, format!("{base}\n{privacy}")).unwrap();
+    let log = t.join("secret.log");
+    let mut server = serve(
+        &secret,
+        &t.join("secret"),
+        Some(&t.join("certs")),
+        "127.0.0.1:0",
+        false,
+        true,
+        &log,
+    );
+    let mut clients = shard_clients(t, server.port, 3);
+    wait_ok(&mut server.child, Duration::from_secs(300), "server", &log);
+    wait_clients_ok(&mut clients, t);
+    let recorded = read(&t.join("secret/config.toml"));
+    assert!(recorded.contains("noise = \"secret\""), "{recorded}");
+    assert!(
+        !t.join("secret/privacy-noise.key").exists(),
+        "the noise key outlived the run"
+    );
+    assert!(
+        final_weights(&t.join("secret")) != net,
+        "the secret run drew the seed's noise"
+    );
+    assert_eq!(column(&t.join("secret"), "epsilon"), epsilon);
 }
 
 /// Every client `c<k>` (logging to `c<k>.log` in `t`) exits successfully within 30 s.

@@ -24,7 +24,7 @@ use crate::config::AttackKind;
 use crate::config::ExperimentConfig;
 use crate::divergence::{Divergence, statistics_spread, weight_divergence};
 use crate::error::FlError;
-use crate::privacy::{epsilon, poisson_sample, private_mean};
+use crate::privacy::{NoiseKey, NoiseSource, Randomness, epsilon, poisson_sample, private_mean};
 use crate::seed::{Purpose, derive};
 use crate::strategy::{AggregationScope, Strategy, clip_update, from_config, resample_clients};
 
@@ -170,6 +170,8 @@ pub struct Federation {
     pub pending_examples: usize,
     /// Bytes sent and received since the run began; a checkpoint carries them.
     pub traffic: Traffic,
+    /// With `privacy.noise = "secret"`: the key its rounds draw from ([`Federation::set_noise_key`]).
+    noise_key: Option<NoiseKey>,
 }
 
 /// The model spec a configuration names: a built-in name, or a TOML spec file.
@@ -408,7 +410,28 @@ impl Federation {
                 sent: shared_examples as u64 * example_bytes,
                 received: 0,
             },
+            noise_key: None,
         })
+    }
+
+    /// The key a `privacy.noise = "secret"` run draws its sampling and noise from (the run
+    /// folder keeps it while the run lasts; a checkpoint does not).
+    pub fn set_noise_key(&mut self, key: NoiseKey) {
+        self.noise_key = Some(key);
+    }
+
+    /// Where this private run's randomness comes from; a secret run without its key is an error.
+    fn privacy_randomness(&self) -> Result<Randomness, FlError> {
+        let noise = self.config.privacy.as_ref().and_then(|p| p.noise);
+        match (noise, &self.noise_key) {
+            (Some(NoiseSource::Secret), Some(key)) => Ok(Randomness::Secret(key.clone())),
+            (Some(NoiseSource::Secret), None) => Err(FlError::State(
+                "privacy.noise = \"secret\" but the run has no noise key (a run folder makes \
+                 one when the run starts)"
+                    .into(),
+            )),
+            _ => Ok(Randomness::Seeded(self.config.run.seed)),
+        }
     }
 
     /// Lengths of one client's packed local (FedBN) parameters and buffers.
@@ -575,7 +598,7 @@ impl Federation {
                     privacy,
                     expected,
                     round,
-                    self.config.run.seed,
+                    &self.privacy_randomness()?,
                 );
                 tracing::debug!(
                     round,
@@ -667,31 +690,43 @@ impl Federation {
                 break;
             }
             attempts += 1;
-            let picks = if self.config.privacy.is_some() {
-                poisson_sample(
+            let picks: Vec<usize> = if self.config.privacy.is_some() {
+                // Over every client of the partition, not only those here: a sampled client
+                // that is away is a dropout, and nobody's chance of being sampled exceeds q.
+                let sampled = poisson_sample(
                     round,
-                    available.len(),
+                    self.partition.clients.len(),
                     self.config.train.fraction,
-                    self.config.run.seed,
-                )
-            } else if attempt == 0 {
-                self.strategy.configure_round(
-                    round,
-                    available.len(),
-                    self.config.train.fraction,
-                    self.config.run.seed,
-                )
+                    &self.privacy_randomness()?,
+                );
+                let (here, away): (Vec<usize>, Vec<usize>) = sampled
+                    .into_iter()
+                    .partition(|c| available.binary_search(c).is_ok());
+                if !away.is_empty() {
+                    tracing::warn!(round, ?away, "sampled clients that are not connected");
+                }
+                here
             } else {
-                resample_clients(
-                    round,
-                    attempt,
-                    available.len(),
-                    self.config.train.fraction,
-                    self.config.run.seed,
-                )
+                let picks = if attempt == 0 {
+                    self.strategy.configure_round(
+                        round,
+                        available.len(),
+                        self.config.train.fraction,
+                        self.config.run.seed,
+                    )
+                } else {
+                    resample_clients(
+                        round,
+                        attempt,
+                        available.len(),
+                        self.config.train.fraction,
+                        self.config.run.seed,
+                    )
+                };
+                picks.into_iter().map(|i| available[i]).collect()
             };
             let mut jobs = Vec::new();
-            for client in picks.into_iter().map(|i| available[i]) {
+            for client in picks {
                 let mut config = self.fit_config(round, self.config.train.batch_size);
                 config.flip_labels = self.attacks(client, AttackKind::LabelFlip);
                 config.control = self.strategy.control(client);

@@ -11,8 +11,17 @@
 //! applies: post-processing keeps the guarantee. It protects every client's whole contribution
 //! (client-level, add/remove adjacency), not single examples. What it protects is the model;
 //! the metrics a simulation records beside it (training loss, examples per round) are not
-//! noised. The noise is seeded by the run seed so that runs repeat: this is DP in simulation,
-//! for measuring what it costs; a deployment would draw the noise from the operating system.
+//! noised.
+//!
+//! Where the randomness (who is sampled, the noise) comes from is `privacy.noise`. `"seeded"`
+//! (what `fedra run` uses unless told otherwise) derives it from the run seed, so that a run
+//! repeats bit for bit: DP for measuring what it costs, no protection from anyone who knows the
+//! seed. `"secret"` (what `fedra serve` uses unless told otherwise: its clients receive the
+//! experiment, seed included) keys a ChaCha20 stream per round with 32 bytes from the operating
+//! system that stay in the run folder only while the run lasts ([`NoiseKey`]). Either way the
+//! sample is drawn over every client of the partition, not over those connected, so a client
+//! that is away when sampled counts as a dropout and no other client's chance of being sampled
+//! rises above q: the accountant's assumption holds over a network too.
 //!
 //! The accountant is Rényi DP (Mironov 2017) of the Poisson-subsampled Gaussian mechanism,
 //! computed exactly at integer orders (Mironov, Talwar and Zhang 2019, Section 3.3), composed
@@ -20,8 +29,8 @@
 //! Steinke 2020, minimised over the orders 2..=256. `fixtures/rdp_accountant.json` holds the
 //! values of Google's `dp_accounting` for 128 settings, and a test holds fedra to them.
 
-use rand::{Rng, SeedableRng};
-use rand_chacha::ChaCha8Rng;
+use rand::{Rng, RngCore, SeedableRng, TryRngCore};
+use rand_chacha::{ChaCha8Rng, ChaCha20Rng};
 use rand_distr::{Distribution, Normal};
 use serde::{Deserialize, Serialize};
 
@@ -42,6 +51,89 @@ pub struct PrivacyConfig {
     /// The delta of the (epsilon, delta) reported.
     #[serde(default = "default_delta")]
     pub delta: f64,
+    /// Where the sampling and the noise come from; unset, the front end decides (`fedra run`:
+    /// seeded, `fedra serve`: secret).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub noise: Option<NoiseSource>,
+}
+
+/// The `privacy.noise` values.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NoiseSource {
+    /// From the run seed: runs repeat bit for bit; whoever knows the seed can remove the noise.
+    Seeded,
+    /// From a key drawn from the operating system when the run starts.
+    Secret,
+}
+
+/// The secret of a `noise = "secret"` run: 32 bytes from the operating system.
+#[derive(Clone, PartialEq, Eq)]
+pub struct NoiseKey(pub [u8; 32]);
+
+impl NoiseKey {
+    /// A fresh key from the operating system's generator.
+    pub fn generate() -> NoiseKey {
+        let mut key = [0u8; 32];
+        rand::rngs::OsRng
+            .try_fill_bytes(&mut key)
+            .expect("the operating system's random generator failed");
+        NoiseKey(key)
+    }
+
+    /// The key as 64 lowercase hex digits (how a run folder keeps it).
+    pub fn to_hex(&self) -> String {
+        self.0.iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    /// A key from 64 hex digits (surrounding whitespace ignored).
+    pub fn from_hex(text: &str) -> Option<NoiseKey> {
+        let text = text.trim();
+        if text.len() != 64 || !text.is_ascii() {
+            return None;
+        }
+        let mut key = [0u8; 32];
+        for (i, b) in key.iter_mut().enumerate() {
+            *b = u8::from_str_radix(&text[2 * i..2 * i + 2], 16).ok()?;
+        }
+        Some(NoiseKey(key))
+    }
+}
+
+impl std::fmt::Debug for NoiseKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never into a log.
+        f.write_str("NoiseKey(..)")
+    }
+}
+
+/// The randomness of a private run's rounds.
+#[derive(Clone, Debug)]
+pub enum Randomness {
+    /// Derived from the run seed.
+    Seeded(u64),
+    /// Keyed by a secret.
+    Secret(NoiseKey),
+}
+
+impl Randomness {
+    /// The generator for `purpose` (sampling or noise) in `round`. Seeded: ChaCha8 from the
+    /// derived seed (what runs have always drawn); secret: ChaCha20 under the key, on a stream
+    /// of its own per (purpose, round).
+    fn rng(&self, purpose: Purpose, round: usize, seeded_parts: &[u64]) -> Box<dyn RngCore> {
+        match self {
+            Randomness::Seeded(run_seed) => Box::new(ChaCha8Rng::seed_from_u64(derive(
+                *run_seed,
+                purpose,
+                seeded_parts,
+            ))),
+            Randomness::Secret(key) => {
+                let mut rng = ChaCha20Rng::from_seed(key.0);
+                rng.set_stream(((purpose as u64) << 56) ^ round as u64);
+                Box::new(rng)
+            }
+        }
+    }
 }
 
 fn default_delta() -> f64 {
@@ -89,10 +181,9 @@ impl PrivacyConfig {
 }
 
 /// The clients of `round` under Poisson sampling: each of `clients` independently with
-/// probability `q`, seeded by (run seed, round); possibly none.
-pub fn poisson_sample(round: usize, clients: usize, q: f64, run_seed: u64) -> Vec<usize> {
-    let seed = derive(run_seed, Purpose::Sampling, &[round as u64, u64::MAX]);
-    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+/// probability `q`, drawn from `randomness`; possibly none.
+pub fn poisson_sample(round: usize, clients: usize, q: f64, randomness: &Randomness) -> Vec<usize> {
+    let mut rng = randomness.rng(Purpose::Sampling, round, &[round as u64, u64::MAX]);
     (0..clients).filter(|_| rng.random::<f64>() < q).collect()
 }
 
@@ -163,9 +254,9 @@ pub fn epsilon(q: f64, z: f64, rounds: usize, delta: f64) -> (f64, u32) {
 
 /// DP-FedAvg's noised mean update as a result whose weights are the global ones plus it (over
 /// the scope's parameters; buffers as the global model has them): clip each result's update to
-/// `config.clip`, add noise of standard deviation `noise_multiplier x clip` to the sum (seeded
-/// by (run seed, round)), divide by `expected` = qK. Returns it and how many updates were
-/// clipped.
+/// `config.clip`, add noise of standard deviation `noise_multiplier x clip` to the sum (drawn
+/// from `randomness` for `round`), divide by `expected` = qK. Returns it and how many updates
+/// were clipped.
 pub fn private_mean(
     global: &Model,
     results: &[FitResult],
@@ -173,7 +264,7 @@ pub fn private_mean(
     config: &PrivacyConfig,
     expected: f64,
     round: usize,
-    run_seed: u64,
+    randomness: &Randomness,
 ) -> (FitResult, usize) {
     let g = global.params();
     let indices: Vec<usize> = scope.params.iter().flat_map(|r| r.clone()).collect();
@@ -196,13 +287,12 @@ pub fn private_mean(
             *s += (f64::from(r.params[i]) - f64::from(g[i])) * scale;
         }
     }
-    let seed = derive(run_seed, Purpose::Privacy, &[round as u64]);
-    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let mut rng = randomness.rng(Purpose::Privacy, round, &[round as u64]);
     let noise = Normal::new(0.0, f64::from(config.noise_multiplier) * clip)
         .expect("validated: finite and >= 0");
     let mut params = g.to_vec();
     for (s, &i) in sum.iter().zip(&indices) {
-        params[i] = (f64::from(g[i]) + (s + noise.sample(&mut rng)) / expected) as f32;
+        params[i] = (f64::from(g[i]) + (s + noise.sample(&mut *rng)) / expected) as f32;
     }
     let result = FitResult {
         // Not a client: the round's private mean, which the server step applies.
@@ -236,10 +326,39 @@ mod tests {
 
     #[test]
     fn poisson_sampling_is_seeded_and_near_its_rate() {
-        let a = poisson_sample(3, 1000, 0.1, 7);
-        assert_eq!(a, poisson_sample(3, 1000, 0.1, 7));
-        assert_ne!(a, poisson_sample(4, 1000, 0.1, 7));
+        let seven = Randomness::Seeded(7);
+        let a = poisson_sample(3, 1000, 0.1, &seven);
+        assert_eq!(a, poisson_sample(3, 1000, 0.1, &seven));
+        assert_ne!(a, poisson_sample(4, 1000, 0.1, &seven));
         assert!((70..130).contains(&a.len()), "{}", a.len());
-        assert_eq!(poisson_sample(0, 10, 1.0, 1), (0..10).collect::<Vec<_>>());
+        assert_eq!(
+            poisson_sample(0, 10, 1.0, &Randomness::Seeded(1)),
+            (0..10).collect::<Vec<_>>()
+        );
+    }
+
+    #[test]
+    fn a_secret_key_samples_at_the_same_rate_but_not_as_the_seed_does() {
+        let key = NoiseKey::generate();
+        assert_ne!(key, NoiseKey::generate(), "two keys from the OS were equal");
+        assert_eq!(
+            NoiseKey::from_hex(&format!(" {}\n", key.to_hex())),
+            Some(key.clone())
+        );
+        assert_eq!(NoiseKey::from_hex("00"), None);
+        assert_eq!(NoiseKey::from_hex(&"g".repeat(64)), None);
+        assert_eq!(format!("{key:?}"), "NoiseKey(..)");
+        let secret = Randomness::Secret(key);
+        let a = poisson_sample(3, 1000, 0.1, &secret);
+        assert_eq!(a, poisson_sample(3, 1000, 0.1, &secret));
+        assert_ne!(a, poisson_sample(4, 1000, 0.1, &secret));
+        assert!((70..130).contains(&a.len()), "{}", a.len());
+        for seed in 0..4 {
+            assert_ne!(a, poisson_sample(3, 1000, 0.1, &Randomness::Seeded(seed)));
+        }
+        // Sampling and noise draw from different streams of one round.
+        let mut s = secret.rng(Purpose::Sampling, 3, &[]);
+        let mut n = secret.rng(Purpose::Privacy, 3, &[]);
+        assert_ne!(s.next_u64(), n.next_u64());
     }
 }

@@ -361,7 +361,8 @@ fn the_accountant_agrees_with_dp_accounting() {
 /// number of clients; the noise has standard deviation noise_multiplier x clip / expected.
 #[test]
 fn the_private_mean_clips_sums_and_adds_the_stated_noise() {
-    use fedra_fl::privacy::{PrivacyConfig, private_mean};
+    use fedra_fl::privacy::{NoiseKey, PrivacyConfig, Randomness, private_mean};
+    let nine = Randomness::Seeded(9);
     let spec = ModelSpec::by_name("logreg", [1, 28, 28], 10).unwrap();
     let global = Model::new(&spec, 1).unwrap();
     let g = global.params().to_vec();
@@ -380,8 +381,9 @@ fn the_private_mean_clips_sums_and_adds_the_stated_noise() {
         clip: 1.0,
         noise_multiplier: 0.0,
         delta: 1e-5,
+        noise: None,
     };
-    let (mean, clipped) = private_mean(&global, &results, &scope, &quiet, 2.0, 0, 9);
+    let (mean, clipped) = private_mean(&global, &results, &scope, &quiet, 2.0, 0, &nine);
     assert_eq!(clipped, 1);
     assert!((mean.params[0] - (g[0] + 0.45)).abs() < 1e-6);
     assert!((mean.params[1] - (g[1] + 0.6)).abs() < 1e-6);
@@ -391,21 +393,26 @@ fn the_private_mean_clips_sums_and_adds_the_stated_noise() {
         noise_multiplier: 2.0,
         ..quiet
     };
-    let (mean, _) = private_mean(&global, &results, &scope, &noisy, 2.0, 0, 9);
-    let noise: Vec<f64> = (2..n)
-        .map(|i| f64::from(mean.params[i]) - f64::from(g[i]))
-        .collect();
-    let m = noise.iter().sum::<f64>() / noise.len() as f64;
-    let sd = (noise.iter().map(|v| (v - m) * (v - m)).sum::<f64>() / noise.len() as f64).sqrt();
-    assert!(
-        m.abs() < 0.05 && (sd - 1.0).abs() < 0.05,
-        "mean {m}, sd {sd}"
-    );
+    let (mean, _) = private_mean(&global, &results, &scope, &noisy, 2.0, 0, &nine);
+    let secret = Randomness::Secret(NoiseKey::generate());
+    let (keyed, _) = private_mean(&global, &results, &scope, &noisy, 2.0, 0, &secret);
+    assert!(keyed.params != mean.params, "the key changed nothing");
+    for (what, params) in [("seeded", &mean.params), ("secret", &keyed.params)] {
+        let noise: Vec<f64> = (2..n)
+            .map(|i| f64::from(params[i]) - f64::from(g[i]))
+            .collect();
+        let m = noise.iter().sum::<f64>() / noise.len() as f64;
+        let sd = (noise.iter().map(|v| (v - m) * (v - m)).sum::<f64>() / noise.len() as f64).sqrt();
+        assert!(
+            m.abs() < 0.05 && (sd - 1.0).abs() < 0.05,
+            "{what}: mean {m}, sd {sd}"
+        );
+    }
     // Seeded by (run seed, round): the same round gives the same noise, another round not.
-    let again = private_mean(&global, &results, &scope, &noisy, 2.0, 0, 9).0;
+    let again = private_mean(&global, &results, &scope, &noisy, 2.0, 0, &nine).0;
     assert!(again.params == mean.params);
     assert!(
-        private_mean(&global, &results, &scope, &noisy, 2.0, 1, 9)
+        private_mean(&global, &results, &scope, &noisy, 2.0, 1, &nine)
             .0
             .params
             != mean.params

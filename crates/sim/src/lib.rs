@@ -9,6 +9,6 @@ pub mod run;
 pub use error::SimError;
 pub use executor::ParallelExecutor;
 pub use run::{
-    RUN_FILES, Run, RunFolder, Summary, check_same_experiment, clear_run_files, finished_summary,
-    metrics_csv, peak_rss_mib, write_atomic,
+    NOISE_KEY_FILE, RUN_FILES, Run, RunFolder, Summary, check_same_experiment, clear_run_files,
+    finished_summary, metrics_csv, peak_rss_mib, write_atomic,
 };

@@ -18,6 +18,7 @@ use serde::{Deserialize, Serialize};
 use fedra_data::TrainTest;
 use fedra_data::stats::partition_stats;
 use fedra_fl::federation::Traffic;
+use fedra_fl::privacy::{NoiseKey, NoiseSource};
 use fedra_fl::{Executor, ExperimentConfig, Federation, RoundMetrics};
 
 use crate::checkpoint;
@@ -110,7 +111,51 @@ pub const RUN_FILES: &[&str] = &[
     "partition_before_share.json",
     "summary.json",
     "final.safetensors",
+    NOISE_KEY_FILE,
 ];
+
+/// Where a `privacy.noise = "secret"` run keeps its key while it lasts (owner-only; removed when
+/// the run finishes, after which nobody can recompute the noise). Not in the checkpoint, which
+/// may be copied or committed.
+pub const NOISE_KEY_FILE: &str = "privacy-noise.key";
+
+/// Whether `config` draws its privacy randomness from a secret key.
+fn secret_noise(config: &ExperimentConfig) -> bool {
+    config.privacy.as_ref().and_then(|p| p.noise) == Some(NoiseSource::Secret)
+}
+
+/// Make a fresh noise key and keep it in `dir`, readable by its owner only.
+fn write_noise_key(dir: &Path) -> Result<NoiseKey, SimError> {
+    let key = NoiseKey::generate();
+    let path = dir.join(NOISE_KEY_FILE);
+    let tmp = path.with_extension("tmp");
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    let mut file = options.open(&tmp).map_err(io(&tmp))?;
+    std::io::Write::write_all(&mut file, format!("{}\n", key.to_hex()).as_bytes())
+        .map_err(io(&tmp))?;
+    file.sync_all().map_err(io(&tmp))?;
+    std::fs::rename(&tmp, &path).map_err(io(&path))?;
+    Ok(key)
+}
+
+/// The noise key a resumed secret run left in `dir`.
+fn read_noise_key(dir: &Path) -> Result<NoiseKey, SimError> {
+    let path = dir.join(NOISE_KEY_FILE);
+    let text = std::fs::read_to_string(&path).map_err(|e| SimError::Checkpoint {
+        path: path.clone(),
+        message: format!(
+            "privacy.noise = \"secret\": cannot read the run's noise key ({e}); without it the \
+             run cannot continue with the same randomness"
+        ),
+    })?;
+    NoiseKey::from_hex(&text).ok_or_else(|| SimError::Checkpoint {
+        path,
+        message: "not a noise key (64 hex digits)".into(),
+    })
+}
 
 /// What a run folder holds, for a front end deciding what to do with an experiment there.
 #[derive(Clone, Debug)]
@@ -235,7 +280,10 @@ impl Run {
         }
         let data = config.data.select(data)?;
         std::fs::create_dir_all(dir).map_err(io(dir))?;
-        let federation = Federation::new(config, &data, threads)?;
+        let mut federation = Federation::new(config, &data, threads)?;
+        if secret_noise(&federation.config) {
+            federation.set_noise_key(write_noise_key(dir)?);
+        }
         let run = Run::assemble(federation, data, dir, threads, executor)?;
         write_atomic(
             &dir.join("config.toml"),
@@ -271,7 +319,10 @@ impl Run {
     ) -> Result<Run, SimError> {
         let config = ExperimentConfig::from_file(&dir.join("config.toml"))?;
         let data = config.data.select(data)?;
-        let federation = checkpoint::load(dir, config, &data, threads)?;
+        let mut federation = checkpoint::load(dir, config, &data, threads)?;
+        if secret_noise(&federation.config) {
+            federation.set_noise_key(read_noise_key(dir)?);
+        }
         let run = Run::assemble(federation, data, dir, threads, executor)?;
         run.write_metrics()?;
         Ok(run)
@@ -392,6 +443,10 @@ impl Run {
         let ckpt = checkpoint::checkpoint_dir(&self.dir);
         if ckpt.exists() {
             std::fs::remove_dir_all(&ckpt).map_err(io(&ckpt))?;
+        }
+        let key = self.dir.join(NOISE_KEY_FILE);
+        if key.exists() {
+            std::fs::remove_file(&key).map_err(io(&key))?;
         }
         Ok(summary)
     }

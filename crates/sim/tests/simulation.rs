@@ -953,3 +953,141 @@ fn byzantine_clients_break_fedavg_but_not_median_or_krum() {
     assert!(clipped > fedavg + 0.2, "clipped {clipped}, FedAvg {fedavg}");
     assert!(krum > clean - 0.08, "krum {krum}, clean {clean}");
 }
+
+/// Every file of `from` (one level of folders deep) copied into `to`.
+fn copy_run_folder(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        if entry.file_type().unwrap().is_dir() {
+            copy_run_folder(&entry.path(), &to.join(entry.file_name()));
+        } else {
+            std::fs::copy(entry.path(), to.join(entry.file_name())).unwrap();
+        }
+    }
+}
+
+/// `privacy.noise = "secret"`: the run folder keeps a fresh key from the operating system,
+/// readable by its owner only, while the run lasts; a copy of the folder resumes to exactly the
+/// original's end (the key is read back, not drawn again); without the key a resume is refused
+/// naming the file; the key is removed when the run finishes; and the run is not the seeded one.
+#[test]
+fn a_secret_noise_run_resumes_exactly_and_forgets_its_key() {
+    let private = |noise: &str| {
+        config(
+            &format!("[privacy]\nclip = 1.0\nnoise_multiplier = 0.5\nnoise = \"{noise}\""),
+            "logreg",
+            "classes:2",
+            0.5,
+            4,
+        )
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b, c) = (
+        dir.path().join("a"),
+        dir.path().join("b"),
+        dir.path().join("c"),
+    );
+    let mut run = Run::start(private("secret"), embedded_mnist().unwrap(), &a, 1).unwrap();
+    run.step().unwrap();
+    run.step().unwrap();
+    let key = a.join(fedra_sim::NOISE_KEY_FILE);
+    let text = std::fs::read_to_string(&key).unwrap();
+    assert!(
+        fedra_fl::privacy::NoiseKey::from_hex(&text).is_some(),
+        "{text}"
+    );
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&key).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600, "key file mode {mode:o}");
+    }
+    copy_run_folder(&a, &b);
+    copy_run_folder(&a, &c);
+    std::fs::remove_file(c.join(fedra_sim::NOISE_KEY_FILE)).unwrap();
+    while !run.federation.finished() {
+        run.step().unwrap();
+    }
+    let p_ref = run.federation.global.params().to_vec();
+    let h_ref = run.federation.history.clone();
+    run.finish().unwrap();
+    assert!(!key.exists(), "the key outlived the run");
+
+    let resumed = Run::resume(&b, embedded_mnist().unwrap(), 2).unwrap();
+    finish_like(resumed, &p_ref, None, &h_ref, "secret noise");
+
+    let err = Run::resume(&c, embedded_mnist().unwrap(), 1)
+        .err()
+        .expect("resumed without the key")
+        .to_string();
+    assert!(err.contains(fedra_sim::NOISE_KEY_FILE), "{err}");
+
+    let (p_seeded, _, h_seeded) = run_to_end(private("seeded"), 1);
+    assert!(p_seeded != p_ref, "the secret run drew the seeded noise");
+    let eps = |h: &[RoundMetrics]| h.iter().map(|r| r.epsilon).collect::<Vec<_>>();
+    assert_eq!(
+        eps(&h_seeded),
+        eps(&h_ref),
+        "the accountant depends on the key"
+    );
+}
+
+/// DP-FedAvg samples over every client of the partition, not over those connected: with client
+/// 3 away, every other client is sampled in exactly the rounds it is sampled when all are there
+/// (a sample among the present would raise their chance above q and void the accountant).
+#[test]
+fn private_sampling_treats_an_absent_client_as_a_dropout() {
+    use fedra_fl::federation::{Executor, FitJob, SequentialExecutor};
+    use fedra_fl::{FitResult, FlError};
+    use std::cell::RefCell;
+
+    struct Recording {
+        away: Option<usize>,
+        picked: RefCell<Vec<(usize, usize)>>,
+    }
+    impl Executor for Recording {
+        fn fit(
+            &self,
+            jobs: Vec<FitJob<'_>>,
+            data: &fedra_data::Dataset,
+        ) -> Vec<Result<FitResult, FlError>> {
+            for job in &jobs {
+                assert_ne!(Some(job.client), self.away, "an absent client got a task");
+                self.picked
+                    .borrow_mut()
+                    .push((job.config.round, job.client));
+            }
+            SequentialExecutor { threads: 1 }.fit(jobs, data)
+        }
+        fn available(&self, clients: usize) -> Result<Vec<usize>, FlError> {
+            Ok((0..clients).filter(|&k| Some(k) != self.away).collect())
+        }
+    }
+    let config = config(
+        "[privacy]\nclip = 1.0\nnoise_multiplier = 0.5",
+        "logreg",
+        "iid",
+        0.4,
+        6,
+    );
+    let data = config.data.select(embedded_mnist().unwrap()).unwrap();
+    let picks = |away: Option<usize>| {
+        let executor = Recording {
+            away,
+            picked: RefCell::new(Vec::new()),
+        };
+        let mut fed = fedra_fl::Federation::new(config.clone(), &data, 1).unwrap();
+        while !fed.finished() {
+            fed.run_round(&data, &executor).unwrap();
+        }
+        executor.picked.into_inner()
+    };
+    let all = picks(None);
+    let without: Vec<(usize, usize)> = all.iter().copied().filter(|&(_, k)| k != 3).collect();
+    assert!(
+        without.len() < all.len(),
+        "client 3 was never sampled: {all:?}"
+    );
+    assert_eq!(picks(Some(3)), without);
+}
