@@ -21,4 +21,6 @@ pub use error::NnError;
 pub use metrics::{ClinicalMetrics, EvalCounts, clinical_metrics, roc_auc};
 pub use model::{Model, TensorInfo, TensorKind};
 pub use spec::{Augment, BUILTIN_MODELS, BlockNorm, LayerSpec, ModelSpec, Padding};
-pub use train::{BnPolicy, EvalStats, GradCorrection, SgdConfig, StepStats, Trainer};
+pub use train::{
+    BnPolicy, ConvAlgorithm, EvalStats, GradCorrection, SgdConfig, StepStats, Trainer,
+};

@@ -172,8 +172,30 @@ fn in_len_of(plan: &Plan) -> usize {
     plan.net_input.iter().product()
 }
 
+/// How a trainer computes the convolutions Winograd's algorithm can take (3x3 and 5x5, stride 1).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ConvAlgorithm {
+    /// Winograd where it applies, im2col + GEMM elsewhere: the fast default.
+    #[default]
+    Fastest,
+    /// im2col + GEMM for every convolution: the direct sums, rounded as PyTorch's CPU path
+    /// rounds them more nearly; for comparisons and for measuring what Winograd gains.
+    Im2col,
+}
+
 impl Trainer {
     pub fn new(spec: &ModelSpec, max_batch: usize) -> Result<Trainer, NnError> {
+        Trainer::with_conv(spec, max_batch, ConvAlgorithm::Fastest)
+    }
+
+    /// [`Trainer::new`] computing convolutions by `conv`.
+    pub fn with_conv(
+        spec: &ModelSpec,
+        max_batch: usize,
+        conv: ConvAlgorithm,
+    ) -> Result<Trainer, NnError> {
+        let winograd_for =
+            |c: &crate::plan::ConvOp| conv == ConvAlgorithm::Fastest && winograd::eligible(c);
         if max_batch == 0 {
             return Err(NnError::Config {
                 field: "max_batch".into(),
@@ -192,7 +214,7 @@ impl Trainer {
             let prev = lens[plan.inputs[i]];
             let out = op.out_len();
             wino.push(match op {
-                Op::Conv(c) if winograd::eligible(c) => {
+                Op::Conv(c) if winograd_for(c) => {
                     let normalised_next = matches!(
                         plan.ops.get(i + 1),
                         Some(Op::BatchNorm(_) | Op::GroupNorm(_))
@@ -202,7 +224,7 @@ impl Trainer {
                 _ => None,
             });
             let (col_len, ch) = match op {
-                Op::Conv(c) if winograd::eligible(c) => (0, 0),
+                Op::Conv(c) if winograd_for(c) => (0, 0),
                 Op::Conv(c) => {
                     let per = c.k() * c.hout * c.wout;
                     let ch = (COL_BUDGET / per).clamp(1, max_batch);
