@@ -44,9 +44,10 @@ pub struct JoinArgs {
     /// --compress arrive compressed either way).
     #[arg(long)]
     compress: bool,
-    /// Where this client keeps what outlives it: with `model.bn = "local"` (FedBN) its own
-    /// normalisation layers (its last two trainings), in STATE_DIR/ID/, read back when it is
-    /// restarted for the same run of the same experiment. They never leave this machine.
+    /// Where this client keeps what outlives it, in STATE_DIR/ID/, read back when it is
+    /// restarted for the same run of the same experiment: with `model.bn = "local"` (FedBN) its
+    /// own normalisation layers (its last two trainings), with SCAFFOLD its control variate
+    /// (in scaffold/, by round). Neither leaves this machine.
     #[arg(long, default_value = "fedra-state")]
     state_dir: PathBuf,
     /// Threads for local training (default 1).

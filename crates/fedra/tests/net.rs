@@ -239,16 +239,19 @@ fn serve_in(t: &Path, exp: &Path) -> Server {
     )
 }
 
-/// Clients `c0` .. `c{n-1}` acting as shards 0 .. n-1, logging to `t/cK.log`.
+/// Clients `c0` .. `c{n-1}` acting as shards 0 .. n-1, logging to `t/cK.log`, keeping their
+/// state in `t/state/cK`.
 fn shard_clients(t: &Path, port: u16, n: usize) -> Vec<Child> {
+    let state = t.join("state");
     (0..n)
         .map(|k| {
-            join(
+            join_with(
                 port,
                 &format!("c{k}"),
                 Some(&t.join("certs")),
                 Some(k),
                 &t.join(format!("c{k}.log")),
+                &["--state-dir", state.to_str().unwrap()],
             )
         })
         .collect()
@@ -443,17 +446,10 @@ fn federation_over_tls_equals_the_simulation_bit_for_bit() {
     assert!(read(&t.join("sim/config.toml")).contains("[deploy]"));
 }
 
-/// SCAFFOLD over the network: from round 2 on each task carries the client's correction
-/// c - c_i after the weights (the server keeps every control variate, as the simulation does);
-/// the result is `fedra run`'s bit for bit, and not FedAvg's.
-#[test]
-fn scaffold_over_the_network_equals_the_simulation_bit_for_bit() {
-    let base = experiment("mlp", 600, 3, "min_clients = 3");
-    let (_one, tmp) = setup(
-        &format!("{base}\n[strategy]\nname = \"scaffold\"\n"),
-        "c0,c1,c2",
-    );
-    let t = tmp.path();
+/// `t/exp.toml` served into `t/net` to three `--shard` clients and run by `fedra run` into
+/// `t/sim`: the final weights and the metrics (without wall times) must be equal; returns the
+/// weights.
+fn served_equals_simulated(t: &Path) -> Bits {
     let exp = t.join("exp.toml");
     let mut server = serve_in(t, &exp);
     let mut clients = shard_clients(t, server.port, 3);
@@ -474,6 +470,23 @@ fn scaffold_over_the_network_equals_the_simulation_bit_for_bit() {
         metrics_without_time(&t.join("net")),
         metrics_without_time(&t.join("sim"))
     );
+    net
+}
+
+/// SCAFFOLD over the network: each client keeps its control c_i on its own disk and the server
+/// only its c (and the round of each client's last aggregated result); from round 2 on each
+/// task carries c after the weights. The result is `fedra run`'s bit for bit, and not FedAvg's,
+/// and the control each client kept after the last round is, bit for bit, the c_i an in-process
+/// server holds for it.
+#[test]
+fn scaffold_over_the_network_equals_the_simulation_bit_for_bit() {
+    let base = experiment("mlp", 600, 3, "min_clients = 3");
+    let (_one, tmp) = setup(
+        &format!("{base}\n[strategy]\nname = \"scaffold\"\n"),
+        "c0,c1,c2",
+    );
+    let t = tmp.path();
+    let net = served_equals_simulated(t);
     let fedavg = t.join("fedavg.toml");
     std::fs::write(&fedavg, &base).unwrap();
     simulate(&fedavg, &t.join("fedavg"));
@@ -481,6 +494,47 @@ fn scaffold_over_the_network_equals_the_simulation_bit_for_bit() {
         net != final_weights(&t.join("fedavg")),
         "SCAFFOLD's corrections changed nothing"
     );
+
+    let mut config = ExperimentConfig::from_file(&t.join("exp.toml")).unwrap();
+    config.data.data_dir = Some(mnist_dir());
+    let data = fedra_data::load(
+        config.data.dataset,
+        Some(&mnist_dir()),
+        &fedra_data::LoadOptions::default(),
+    )
+    .unwrap();
+    let data = config.data.select(data).unwrap();
+    let mut fed = Federation::new(config, &data, 1).unwrap();
+    while !fed.finished() {
+        fed.run_round(&data, &SequentialExecutor { threads: 1 })
+            .unwrap();
+    }
+    let state = fed.strategy.state();
+    let spec = fedra_nn::ModelSpec::by_name("mlp", [1, 28, 28], 10).unwrap();
+    for k in 0..3 {
+        let dir = t.join(format!("state/c{k}/scaffold"));
+        let mut kept: Vec<String> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|f| f.starts_with("control-"))
+            .collect();
+        kept.sort();
+        // Every client trains in every round (numbered from 0): the last one's control and
+        // the one it started from.
+        assert_eq!(
+            kept,
+            ["control-1.safetensors", "control-2.safetensors"],
+            "c{k}"
+        );
+        let on_disk =
+            fedra_nn::Model::load_safetensors(&spec, &dir.join("control-2.safetensors")).unwrap();
+        let name = format!("scaffold.c.{k}");
+        let (_, in_process) = state.iter().find(|(n, _)| *n == name).unwrap();
+        assert!(
+            on_disk.params() == in_process.as_slice(),
+            "client {k}'s control differs from the simulation's"
+        );
+    }
 }
 
 /// gzip on both directions (`--compress`, server and clients) changes the bytes on the wire,
@@ -734,30 +788,11 @@ fn private_federation_over_the_network() {
         "c0,c1,c2",
     );
     let t = tmp.path();
-    let exp = t.join("exp.toml");
-    let mut server = serve_in(t, &exp);
-    let mut clients = shard_clients(t, server.port, 3);
-    wait_ok(
-        &mut server.child,
-        Duration::from_secs(300),
-        "server",
-        &server.log,
-    );
-    wait_clients_ok(&mut clients, t);
+    let net = served_equals_simulated(t);
+    let log = read(&t.join("server.log"));
     assert!(
-        read(&server.log).contains("privacy.noise = \"seeded\""),
-        "no warning about seeded noise: {}",
-        read(&server.log)
-    );
-    simulate(&exp, &t.join("sim"));
-    let net = final_weights(&t.join("net"));
-    assert!(
-        net == final_weights(&t.join("sim")),
-        "final weights differ between network and simulation"
-    );
-    assert_eq!(
-        metrics_without_time(&t.join("net")),
-        metrics_without_time(&t.join("sim"))
+        log.contains("privacy.noise = \"seeded\""),
+        "no warning about seeded noise: {log}"
     );
     let epsilon = column(&t.join("sim"), "epsilon");
     assert!(

@@ -34,8 +34,8 @@ pub struct FitConfig {
     pub bn: BnPolicy,
     /// FedProx: add mu * (w - w_global) to every gradient.
     pub prox_mu: Option<f32>,
-    /// SCAFFOLD: add this (c - c_i, one value per parameter) to every gradient.
-    pub control: Option<std::sync::Arc<Vec<f32>>>,
+    /// SCAFFOLD's steering of the local steps.
+    pub control: Option<Steering>,
     /// Parameters (ranges of the parameter vector) that training leaves unchanged
     /// (`model.freeze`).
     pub frozen: Vec<std::ops::Range<usize>>,
@@ -45,6 +45,20 @@ pub struct FitConfig {
     /// Train on labels turned around (class c as classes - 1 - c): a label-flipping attacker
     /// (`[attack] kind = "label-flip"`, simulation only).
     pub flip_labels: bool,
+}
+
+/// SCAFFOLD's steering of one client's local steps.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Steering {
+    /// The correction c - c_i (one value per parameter), added to every gradient.
+    Correction(std::sync::Arc<Vec<f32>>),
+    /// The server's control c, for a client that keeps its own c_i on its machine (over a
+    /// network): the c_i it computed in round `since`, the last round whose aggregate took its
+    /// result (none: zero). The client forms the correction before training.
+    ServerControl {
+        c: std::sync::Arc<Vec<f32>>,
+        since: Option<usize>,
+    },
 }
 
 /// What a client sends back: its new weights and how much data produced them.
@@ -125,7 +139,19 @@ pub fn fit(
         (Some(mu), Some(global)) => Some(Proximal { mu, global }),
         _ => None,
     };
-    let control = config.control.as_deref().map(|shift| Control { shift });
+    let control = match &config.control {
+        None => None,
+        Some(Steering::Correction(shift)) => Some(Control {
+            shift: shift.as_slice(),
+        }),
+        Some(Steering::ServerControl { .. }) => {
+            return Err(fail(
+                "SCAFFOLD's server control reached local training: the client forms c - c_i \
+                 from its own control first"
+                    .into(),
+            ));
+        }
+    };
     if control.is_some() && proximal.is_some() {
         return Err(fail(
             "SCAFFOLD's control and FedProx's proximal term together".into(),

@@ -53,10 +53,12 @@ pub trait Executor {
     /// round goes on without it. Any other error ends the run.
     fn fit(&self, jobs: Vec<FitJob<'_>>, data: &Dataset) -> Vec<Result<FitResult, FlError>>;
 
-    /// Whether the clients keep FedBN's local layers themselves (`model.bn = "local"` over a
-    /// network: they train from their own copy and return the server's values in its place).
-    /// Then the round loop neither stores the results' local layers nor measures their spread.
-    fn clients_keep_local_layers(&self) -> bool {
+    /// Whether the clients keep their own state on their machines (over a network): FedBN's
+    /// local layers (`model.bn = "local"`: they train from their own copy and return the
+    /// server's values in its place; the round loop then neither stores the results' local
+    /// layers nor measures their spread) and SCAFFOLD's control variates
+    /// ([`Strategy::keep_controls_on_clients`]).
+    fn clients_keep_local_state(&self) -> bool {
         false
     }
 
@@ -127,9 +129,9 @@ pub struct RoundMetrics {
 
 /// What a run's aggregated rounds moved, in the tensors `fedra serve` sends: the whole model
 /// (parameters and buffers) as f32 to every client whose update the round aggregated and back,
-/// SCAFFOLD's correction c - c_i down with each task that carries one (from round 2; the server
-/// keeps the controls, so nothing extra comes back, where the paper's clients upload the change
-/// of c_i), and
+/// SCAFFOLD's control down with each task that carries one (from round 2: c - c_i in-process,
+/// c over a network; the server computes the change of c from the update, so nothing extra
+/// comes back, where the paper's clients upload the change of c_i), and
 /// with data sharing the examples of G each client received (f32 features and a 4-byte label),
 /// counted before round 1. It is what the algorithm costs, not a wire meter: protocol and TLS
 /// framing (0.3%, measured in the README), models sent to clients whose results were lost or
@@ -172,6 +174,21 @@ pub struct Federation {
     pub traffic: Traffic,
     /// With `privacy.noise = "secret"`: the key its rounds draw from ([`Federation::set_noise_key`]).
     noise_key: Option<NoiseKey>,
+}
+
+/// The parameters a run's strategy aggregates (ranges of the parameter vector): those its
+/// BatchNorm policy shares, less the `frozen` ones (which never change on any client: the
+/// server leaves them as they are, as an average of equal values need not be exactly that value
+/// in floating point).
+pub fn aggregated_params(
+    model: &Model,
+    config: &ExperimentConfig,
+    frozen: &[Range<usize>],
+) -> Vec<Range<usize>> {
+    let mut params =
+        AggregationScope::new(model, config.model.bn, config.model.average_buffers).params;
+    params.retain(|r| !frozen.contains(r));
+    params
 }
 
 /// The model spec a configuration names: a built-in name, or a TOML spec file.
@@ -350,9 +367,7 @@ impl Federation {
                     .into(),
             ));
         }
-        // Frozen tensors never change on any client: the server leaves them as they are (an
-        // average of equal values need not be exactly that value in floating point).
-        scope.params.retain(|r| !frozen.contains(r));
+        scope.params = aggregated_params(&global, &config, &frozen);
         let fixed_buffers: Vec<Range<usize>> = global
             .tensors()
             .iter()
@@ -528,6 +543,9 @@ impl Federation {
             let result = result.ok_or(FlError::NoResults { round })??;
             (vec![result], None)
         } else {
+            if executor.clients_keep_local_state() {
+                self.strategy.keep_controls_on_clients();
+            }
             self.fit_clients(round, data, executor)?
         };
         let mut results = results;
@@ -570,7 +588,7 @@ impl Federation {
                 .saturating_add(controls);
             self.traffic.received = self.traffic.received.saturating_add(both);
         }
-        let remote_layers = executor.clients_keep_local_layers()
+        let remote_layers = executor.clients_keep_local_state()
             && (!self.local_params.is_empty() || !self.local_buffers.is_empty());
         let buffers: Vec<&[f32]> = results.iter().map(|r| r.buffers.as_slice()).collect();
         let bn_spread = if remote_layers {

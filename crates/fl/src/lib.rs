@@ -16,7 +16,7 @@ pub mod share;
 pub mod strategy;
 pub mod sweep;
 
-pub use client::{CENTRAL_ID, FitConfig, FitResult, fit};
+pub use client::{CENTRAL_ID, FitConfig, FitResult, Steering, fit};
 pub use config::{ConfigError, ExperimentConfig};
 pub use divergence::{Divergence, statistics_spread, weight_divergence};
 pub use error::FlError;

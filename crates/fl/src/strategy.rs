@@ -6,7 +6,7 @@
 //! for a server optimiser (Hsu et al. 2019; Reddi et al. 2021). What is aggregated at all is an
 //! [`AggregationScope`]: with FedBN (`bn = "local"`) normalisation layers stay on the clients,
 //! and buffers are averaged only when the run asks for it. SCAFFOLD steers each client with
-//! control variates the server keeps.
+//! control variates, kept by the server in-process and by each client over a network.
 
 use std::collections::BTreeMap;
 use std::ops::Range;
@@ -18,7 +18,7 @@ use rand_chacha::ChaCha8Rng;
 
 use fedra_nn::{BnPolicy, Model, TensorKind};
 
-use crate::client::FitResult;
+use crate::client::{FitResult, Steering};
 use crate::config::{StrategyConfig, TrainConfig};
 use crate::error::FlError;
 use crate::seed::{Purpose, derive};
@@ -115,12 +115,17 @@ pub trait Strategy: Send {
         None
     }
 
-    /// What client `client` adds to every gradient, if the strategy steers clients (SCAFFOLD's
-    /// c - c_i, over the whole parameter vector).
-    fn control(&self, client: usize) -> Option<Arc<Vec<f32>>> {
+    /// How client `client`'s local steps are steered, if the strategy steers clients (SCAFFOLD:
+    /// the correction c - c_i over the whole parameter vector, or, once
+    /// [`Strategy::keep_controls_on_clients`], the server's c for the client to form it).
+    fn control(&self, client: usize) -> Option<Steering> {
         let _ = client;
         None
     }
+
+    /// The clients keep their own controls on their machines (over a network): the strategy
+    /// sends its own control instead of each client's correction, and keeps no client's.
+    fn keep_controls_on_clients(&mut self) {}
 
     /// Whether [`Strategy::control`] gives `client` a correction, without building it.
     fn has_control(&self, client: usize) -> bool {
@@ -205,18 +210,7 @@ pub fn from_config(
             batch_size: train.batch_size,
             momentum: train.momentum,
         }),
-        "scaffold" => Box::new(Scaffold {
-            server_lr: config.server_lr.unwrap_or(1.0),
-            steps: FedNova {
-                local_epochs: train.local_epochs,
-                batch_size: train.batch_size,
-                momentum: train.momentum,
-            },
-            train: train.clone(),
-            clients,
-            c: Vec::new(),
-            client_c: BTreeMap::new(),
-        }),
+        "scaffold" => Box::new(Scaffold::new(config, train, clients)),
         "krum" => Box::new(Krum {
             byzantine: config.byzantine.unwrap_or(0),
             keep: config.keep.unwrap_or(1),
@@ -750,8 +744,11 @@ impl Strategy for FedNova {
 /// `c_i+ = c_i - c + (x - y_i) / (K_i lr)`; the server moves x by `server_lr` times the
 /// sample-weighted mean of the y_i - x (with `server_lr` = 1: FedAvg's mean, bit for bit) and c
 /// by `|S| / N` times the mean of the c_i+ - c_i over the round's |S| of the N clients. Every
-/// control starts at zero, so the first round is FedAvg's. The server keeps the clients' controls
-/// (one model-sized vector per client that has trained) and counts K_i itself, as FedNova does;
+/// control starts at zero, so the first round is FedAvg's. In-process the server keeps the clients'
+/// controls (one model-sized vector per client that has trained); over a network
+/// ([`Strategy::keep_controls_on_clients`]) each client keeps its own and the server sends c,
+/// computing the change of c from each update ([`Scaffold::client_step`] is the client's
+/// side, with the same arithmetic). Either way the server counts K_i itself, as FedNova does;
 /// with momentum on the clients the formula is applied as it stands. Buffers are averaged as
 /// FedAvg averages them.
 pub struct Scaffold {
@@ -764,8 +761,114 @@ pub struct Scaffold {
     pub clients: usize,
     /// The server's control c (empty until the first aggregate).
     pub c: Vec<f32>,
-    /// Each client's control c_i (absent: zero).
+    /// Each client's control c_i (absent: zero), when the server keeps them (in-process).
     pub client_c: BTreeMap<usize, Vec<f32>>,
+    /// The clients keep their own c_i ([`Strategy::keep_controls_on_clients`]).
+    pub on_clients: bool,
+    /// Then: the last round whose aggregate took each client's result, the round of the c_i
+    /// the client must train with next.
+    pub aggregated_in: BTreeMap<usize, usize>,
+}
+
+impl Scaffold {
+    /// SCAFFOLD with `strategy.server_lr` for `clients` clients trained by `train`, every control
+    /// zero.
+    pub fn new(config: &StrategyConfig, train: &TrainConfig, clients: usize) -> Scaffold {
+        Scaffold {
+            server_lr: config.server_lr.unwrap_or(1.0),
+            steps: FedNova {
+                local_epochs: train.local_epochs,
+                batch_size: train.batch_size,
+                momentum: train.momentum,
+            },
+            train: train.clone(),
+            clients,
+            c: Vec::new(),
+            client_c: BTreeMap::new(),
+            on_clients: false,
+            aggregated_in: BTreeMap::new(),
+        }
+    }
+
+    /// The learning rate of `round`, which the control step divides by.
+    fn lr(&self, round: usize) -> Result<f64, FlError> {
+        let lr = f64::from(self.train.lr_at(round));
+        if !(lr.is_finite() && lr > 0.0) {
+            return Err(FlError::State(format!(
+                "strategy scaffold: the learning rate of round {round} is {lr}; the controls \
+                 divide by it (a train.lr_decay that reaches 0?)"
+            )));
+        }
+        Ok(lr)
+    }
+
+    /// A client's side of a round over a network: its control `own` (c_i, zero if empty) after
+    /// training from the global weights `x` of `round` to `result` with the server's control
+    /// `c`, over the aggregated parameters `params`; the same arithmetic as the server's
+    /// in-process [`Strategy::aggregate`], so the bits agree.
+    pub fn client_step(
+        &self,
+        round: usize,
+        c: &[f32],
+        x: &[f32],
+        result: &FitResult,
+        params: &[Range<usize>],
+        own: &mut Vec<f32>,
+    ) -> Result<(), FlError> {
+        let n = x.len();
+        if c.len() != n || result.params.len() != n {
+            return Err(FlError::State(format!(
+                "strategy scaffold: a control of {} values for a model of {n} parameters",
+                c.len()
+            )));
+        }
+        if own.is_empty() {
+            own.resize(n, 0.0);
+        }
+        if own.len() != n {
+            return Err(FlError::State(format!(
+                "strategy scaffold: this client's control has {} values, the model {n}",
+                own.len()
+            )));
+        }
+        let lr = self.lr(round)?;
+        let steps = self
+            .steps
+            .steps(result.num_examples, result.examples_seen)
+            .max(1) as f64;
+        control_step(c, x, &result.params, steps * lr, params, Some(own), None);
+        Ok(())
+    }
+}
+
+/// SCAFFOLD's correction c - c_i (c itself for a client without a control yet).
+pub fn correction(c: &[f32], own: Option<&[f32]>) -> Vec<f32> {
+    match own {
+        Some(own) => c.iter().zip(own).map(|(c, o)| c - o).collect(),
+        None => c.to_vec(),
+    }
+}
+
+/// Option II's control change of one client, over `params`: after K local steps at `lr` from x
+/// to y, delta = -c + (x - y) / (K lr) (`k_lr` = K lr), added to `own` (c_i) and to `sum`.
+fn control_step(
+    c: &[f32],
+    x: &[f32],
+    y: &[f32],
+    k_lr: f64,
+    params: &[Range<usize>],
+    mut own: Option<&mut [f32]>,
+    mut sum: Option<&mut [f64]>,
+) {
+    for i in params.iter().flat_map(|range| range.clone()) {
+        let delta = -f64::from(c[i]) + (f64::from(x[i]) - f64::from(y[i])) / k_lr;
+        if let Some(own) = own.as_deref_mut() {
+            own[i] = (f64::from(own[i]) + delta) as f32;
+        }
+        if let Some(sum) = sum.as_deref_mut() {
+            sum[i] += delta;
+        }
+    }
 }
 
 impl Strategy for Scaffold {
@@ -777,14 +880,24 @@ impl Strategy for Scaffold {
         !self.c.is_empty()
     }
 
-    fn control(&self, client: usize) -> Option<Arc<Vec<f32>>> {
+    fn control(&self, client: usize) -> Option<Steering> {
         if self.c.is_empty() {
             return None;
         }
-        Some(Arc::new(match self.client_c.get(&client) {
-            Some(own) => self.c.iter().zip(own).map(|(c, o)| c - o).collect(),
-            None => self.c.clone(),
-        }))
+        if self.on_clients {
+            return Some(Steering::ServerControl {
+                c: Arc::new(self.c.clone()),
+                since: self.aggregated_in.get(&client).copied(),
+            });
+        }
+        Some(Steering::Correction(Arc::new(correction(
+            &self.c,
+            self.client_c.get(&client).map(Vec::as_slice),
+        ))))
+    }
+
+    fn keep_controls_on_clients(&mut self) {
+        self.on_clients = true;
     }
 
     fn aggregate(
@@ -806,26 +919,30 @@ impl Strategy for Scaffold {
                 x.len()
             )));
         }
-        let lr = f64::from(self.train.lr_at(round));
-        if !(lr.is_finite() && lr > 0.0) {
-            return Err(FlError::State(format!(
-                "strategy scaffold: the learning rate of round {round} is {lr}; the controls \
-                 divide by it (a train.lr_decay that reaches 0?)"
-            )));
-        }
+        let lr = self.lr(round)?;
         let mut c_step = vec![0f64; x.len()];
         for r in results {
             let steps = self.steps.steps(r.num_examples, r.examples_seen).max(1) as f64;
-            let own = self
-                .client_c
-                .entry(r.client)
-                .or_insert_with(|| vec![0.0; x.len()]);
-            for i in scope.params.iter().flat_map(|range| range.clone()) {
-                let delta = -f64::from(self.c[i])
-                    + (f64::from(x[i]) - f64::from(r.params[i])) / (steps * lr);
-                own[i] = (f64::from(own[i]) + delta) as f32;
-                c_step[i] += delta;
-            }
+            let own = if self.on_clients {
+                self.aggregated_in.insert(r.client, round);
+                None
+            } else {
+                Some(
+                    self.client_c
+                        .entry(r.client)
+                        .or_insert_with(|| vec![0.0; x.len()])
+                        .as_mut_slice(),
+                )
+            };
+            control_step(
+                &self.c,
+                &x,
+                &r.params,
+                steps * lr,
+                &scope.params,
+                own,
+                Some(&mut c_step),
+            );
         }
         let share = results.len() as f64 / self.clients.max(1) as f64;
         let n = results.len().max(1) as f64;
@@ -864,6 +981,10 @@ impl Strategy for Scaffold {
         for (k, c) in &self.client_c {
             state.push((format!("scaffold.c.{k}"), c.clone()));
         }
+        // Round numbers as f32 are exact below 2^24 rounds.
+        for (k, &round) in &self.aggregated_in {
+            state.push((format!("scaffold.aggregated_in.{k}"), vec![round as f32]));
+        }
         state
     }
 
@@ -874,9 +995,24 @@ impl Strategy for Scaffold {
     ) -> Result<(), FlError> {
         self.c.clear();
         self.client_c.clear();
+        self.aggregated_in.clear();
         for (name, values) in state {
             if name == "scaffold.c" {
                 self.c = values;
+            } else if let Some(k) = name
+                .strip_prefix("scaffold.aggregated_in.")
+                .and_then(|k| k.parse::<usize>().ok())
+            {
+                match values[..] {
+                    [round] if round >= 0.0 && round.fract() == 0.0 && round < 16_777_216.0 => {
+                        self.aggregated_in.insert(k, round as usize);
+                    }
+                    _ => {
+                        return Err(FlError::State(format!(
+                            "strategy scaffold: checkpoint tensor {name:?} is not a round number"
+                        )));
+                    }
+                }
             } else if let Some(k) = name
                 .strip_prefix("scaffold.c.")
                 .and_then(|k| k.parse::<usize>().ok())
@@ -895,7 +1031,7 @@ impl Strategy for Scaffold {
                 "strategy scaffold: the checkpoint's control has {len} values, the model {needed}"
             )));
         }
-        if len == 0 && !self.client_c.is_empty() {
+        if len == 0 && !(self.client_c.is_empty() && self.aggregated_in.is_empty()) {
             return Err(FlError::State(
                 "strategy scaffold: the checkpoint has client controls but no server control"
                     .into(),

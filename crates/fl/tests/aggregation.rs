@@ -445,8 +445,11 @@ fn scaffold_controls_follow_the_paper_and_start_as_fedavg() {
     let mut fedavg = global.clone();
     FedAvg.aggregate(0, &mut fedavg, &results, &scope).unwrap();
     assert_eq!(scaffold.params(), fedavg.params());
-    let own = strategy.control(1).unwrap();
-    let other = strategy.control(2).unwrap();
+    let correction_of = |k: usize| match strategy.control(k) {
+        Some(fedra_fl::Steering::Correction(c)) => c,
+        other => panic!("client {k}: {other:?}"),
+    };
+    let (own, other) = (correction_of(1), correction_of(2));
     assert_eq!(own.len(), global.params().len());
     for (i, (&o, &n)) in own.iter().zip(other.iter()).enumerate() {
         // (x - y) / (K lr) in f64 from f32 weights: 2.5 to within the weights' rounding.
@@ -466,4 +469,59 @@ fn scaffold_controls_follow_the_paper_and_start_as_fedavg() {
         .unwrap_err()
         .to_string();
     assert!(err.contains("3 values"), "{err}");
+
+    // The clients keeping their own controls (over a network): the server sends c and the round
+    // of each client's last aggregated result, keeps no c_i, and a client's own step gives the
+    // c_i the in-process server keeps, bit for bit.
+    let mut remote = from_config(&config, &train, 4).unwrap();
+    remote.keep_controls_on_clients();
+    let mut twin = global.clone();
+    remote.aggregate(0, &mut twin, &results, &scope).unwrap();
+    assert_eq!(twin.params(), scaffold.params());
+    let c = match remote.control(1) {
+        Some(fedra_fl::Steering::ServerControl { c, since }) => {
+            assert_eq!(since, Some(0));
+            c
+        }
+        other => panic!("{other:?}"),
+    };
+    assert!(matches!(
+        remote.control(2),
+        Some(fedra_fl::Steering::ServerControl { since: None, .. })
+    ));
+    let state = remote.state();
+    let names: Vec<&str> = state.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(names, ["scaffold.c", "scaffold.aggregated_in.1"]);
+    let mut fresh = from_config(&config, &train, 4).unwrap();
+    fresh.keep_controls_on_clients();
+    fresh.restore(state, &scope).unwrap();
+    assert_eq!(fresh.control(1), remote.control(1));
+    let client = fedra_fl::strategy::Scaffold::new(&config, &train, 4);
+    let mut c_1 = Vec::new();
+    client
+        .client_step(
+            0,
+            &vec![0.0; c.len()],
+            global.params(),
+            &results[0],
+            &scope.params,
+            &mut c_1,
+        )
+        .unwrap();
+    let formed = fedra_fl::strategy::correction(&c, Some(&c_1));
+    assert!(
+        formed == *own,
+        "the client's c - c_i differs from the server's"
+    );
+    let err = fresh
+        .restore(
+            vec![
+                ("scaffold.c".into(), vec![0.0; global.params().len()]),
+                ("scaffold.aggregated_in.1".into(), vec![0.5]),
+            ],
+            &scope,
+        )
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("not a round number"), "{err}");
 }

@@ -16,10 +16,12 @@ use tonic::codec::CompressionEncoding;
 use tonic::transport::Endpoint;
 
 use fedra_data::TrainTest;
-use fedra_fl::federation::model_spec;
-use fedra_fl::{ExperimentConfig, Federation, FitConfig, FitJob, run_job};
+use fedra_fl::federation::{aggregated_params, model_spec};
+use fedra_fl::strategy::{Scaffold, correction};
+use fedra_fl::{ExperimentConfig, Federation, FitConfig, FitJob, Steering, run_job};
 use fedra_nn::{Model, ModelSpec, SgdConfig};
 
+use crate::controls::{self, ClientControls};
 use crate::error::NetError;
 use crate::local_state::{LocalLayers, stamp};
 use crate::proto::federation_client::FederationClient;
@@ -114,6 +116,16 @@ struct Prepared {
     frozen_statistics: Vec<String>,
     /// With `model.bn = "local"`: this client's own normalisation layers, on its disk.
     local: Option<std::sync::Mutex<LocalLayers>>,
+    /// With `strategy.name = "scaffold"`: this client's control variates, on its disk.
+    scaffold: Option<ScaffoldClient>,
+}
+
+/// A SCAFFOLD client's side: the strategy's control arithmetic, the parameters it covers and
+/// the client's own controls.
+struct ScaffoldClient {
+    strategy: Scaffold,
+    params: Vec<std::ops::Range<usize>>,
+    controls: std::sync::Mutex<ClientControls>,
 }
 
 /// Why a session ended badly.
@@ -543,7 +555,14 @@ async fn session(
                 let p2 = p.clone();
                 let fit2 = fit.clone();
                 let what = format!("training in round {round}");
-                let control = fit.control.then_some(control);
+                let control = fit.control.then(|| {
+                    // 1 + the round of the control to train with; 0: none.
+                    let since = fit
+                        .control_since
+                        .checked_sub(1)
+                        .map(|r| usize::try_from(r).unwrap_or(usize::MAX));
+                    (control, since)
+                });
                 let work = move || train(&p2, &fit2, params, buffers, control, threads);
                 let result = match off_the_runtime(&tx, what, work).await? {
                     Ok(result) => result,
@@ -641,6 +660,17 @@ fn prepare(
     } else {
         None
     };
+    let scaffold = if config.strategy.name == "scaffold" {
+        let dir = state.join("scaffold");
+        let controls = ClientControls::open(&dir, &controls::stamp(&toml, &run_id, index), &spec)?;
+        Some(ScaffoldClient {
+            strategy: Scaffold::new(&config.strategy, &config.train, config.partition.clients),
+            params: aggregated_params(&shape, &config, &frozen),
+            controls: std::sync::Mutex::new(controls),
+        })
+    } else {
+        None
+    };
     Ok(Prepared {
         toml,
         run_id,
@@ -653,7 +683,14 @@ fn prepare(
         frozen,
         frozen_statistics,
         local,
+        scaffold,
     })
+}
+
+impl ScaffoldClient {
+    fn controls_lock(&self) -> std::sync::MutexGuard<'_, ClientControls> {
+        self.controls.lock().unwrap_or_else(|e| e.into_inner())
+    }
 }
 
 impl Prepared {
@@ -763,7 +800,7 @@ fn train(
     fit: &FitTask,
     params: Vec<f32>,
     buffers: Vec<f32>,
-    control: Option<Vec<f32>>,
+    control: Option<(Vec<f32>, Option<usize>)>,
     threads: usize,
 ) -> Result<fedra_fl::FitResult, NetError> {
     let bn = bn_from_name(&fit.bn)
@@ -774,6 +811,23 @@ fn train(
     if let Some(local) = p.local_layers() {
         local.overlay(&mut own_params, &mut own_buffers, round);
     }
+    // SCAFFOLD: the server's control c, and this client's own c_i of the round the server names.
+    // A SCAFFOLD task without a control comes before the server's first aggregate: c = 0 and no
+    // c_i yet, so no correction, but the step still makes this client's first c_i.
+    let steered = control.is_some();
+    let scaffold = match (control, p.scaffold.as_ref()) {
+        (None, None) => None,
+        (Some(_), None) => {
+            return Err(NetError::Protocol(
+                "a SCAFFOLD control for a run that is not SCAFFOLD".into(),
+            ));
+        }
+        (None, Some(s)) => Some((s, vec![0.0; params.len()], None, Vec::new())),
+        (Some((c, since)), Some(s)) => {
+            let own = s.controls_lock().since(since);
+            Some((s, c, since, own))
+        }
+    };
     let mut start = Model::new(&p.spec, 0)?;
     start.params_mut().copy_from_slice(&own_params);
     start.buffers_mut().copy_from_slice(&own_buffers);
@@ -789,7 +843,10 @@ fn train(
         },
         bn,
         prox_mu: fit.prox_mu,
-        control: control.map(Arc::new),
+        control: scaffold.as_ref().filter(|_| steered).map(|(_, c, _, own)| {
+            let own = (!own.is_empty()).then_some(own.as_slice());
+            Steering::Correction(Arc::new(correction(c, own)))
+        }),
         frozen: p.frozen.clone(),
         frozen_statistics: p.frozen_statistics.clone(),
         flip_labels: false,
@@ -801,6 +858,11 @@ fn train(
         config,
     };
     let mut result = run_job(job, &p.data.train, threads)?;
+    if let Some((s, c, since, mut own)) = scaffold {
+        s.strategy
+            .client_step(round, &c, &params, &result, &s.params, &mut own)?;
+        s.controls_lock().keep(round, since, own)?;
+    }
     if let Some(mut local) = p.local_layers() {
         local.keep(
             round,

@@ -11,6 +11,7 @@
 //! [`server`] and [`client`].
 
 pub mod client;
+pub mod controls;
 pub mod error;
 pub mod local_state;
 pub mod metered;
@@ -22,7 +23,7 @@ pub mod wire;
 pub use error::NetError;
 
 /// The protocol version this build speaks (`Hello.protocol`, `Welcome.protocol`).
-pub const PROTOCOL: u32 = 2;
+pub const PROTOCOL: u32 = 3;
 
 /// Largest gRPC message either side accepts: a weights chunk ([`wire::CHUNK_VALUES`] f32 values)
 /// plus room for the experiment's TOML and headers. Set explicitly, not left to tonic's default.

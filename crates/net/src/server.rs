@@ -28,7 +28,7 @@ use tonic::{Request, Response, Status, Streaming};
 use fedra_data::Dataset;
 use fedra_fl::config::{DeployConfig, Evaluation as EvaluateOn};
 use fedra_fl::federation::MAX_ROUND_ATTEMPTS;
-use fedra_fl::{CENTRAL_ID, Executor, FitJob, FitResult, FlError, run_job};
+use fedra_fl::{CENTRAL_ID, Executor, FitJob, FitResult, FlError, Steering, run_job};
 use fedra_nn::{EvalCounts, Model};
 
 use crate::error::NetError;
@@ -995,7 +995,7 @@ impl NetExecutor {
 }
 
 impl Executor for NetExecutor {
-    fn clients_keep_local_layers(&self) -> bool {
+    fn clients_keep_local_state(&self) -> bool {
         true
     }
 
@@ -1057,6 +1057,19 @@ impl Executor for NetExecutor {
                 client: job.client,
                 reason,
             };
+            let control = match &job.config.control {
+                None => None,
+                Some(Steering::ServerControl { c, .. }) => Some(c.clone()),
+                Some(Steering::Correction(_)) => {
+                    // The strategy was told the clients keep their controls.
+                    results[i] = Some(Err(FlError::State(
+                        "a SCAFFOLD correction for a remote client, whose control the server \
+                         does not hold"
+                            .into(),
+                    )));
+                    continue;
+                }
+            };
             let epochs = job.config.local_epochs as u64;
             let target = {
                 let mut roster = self.shared.roster();
@@ -1092,8 +1105,14 @@ impl Executor for NetExecutor {
                 bn: bn_name(c.bn).to_string(),
                 prox_mu: c.prox_mu,
                 control: c.control.is_some(),
+                control_since: match &c.control {
+                    Some(Steering::ServerControl {
+                        since: Some(round), ..
+                    }) => *round as u64 + 1,
+                    _ => 0,
+                },
             };
-            let messages = match &c.control {
+            let messages = match &control {
                 None => {
                     sent_payload += layout.payload_bytes();
                     task_messages(server_message::Body::Fit(fit), layout, &job.start)
