@@ -1008,9 +1008,20 @@ fn a_client_killed_during_a_round_is_dropped_and_the_rest_aggregated() {
     assert!(net != final_weights(&t.join("sim")));
 }
 
+/// A server SIGKILLed after round 2's checkpoint resumes with `--resume`; its clients reconnect
+/// by themselves and the run ends as an uninterrupted `fedra run` does, bit for bit. With
+/// SCAFFOLD, so that state on both sides must line up: the server's c and rounds from its
+/// checkpoint, each client's control from its disk, by round (a client that trained the round
+/// the server lost starts it again from its last aggregated control).
 #[test]
 fn a_killed_server_resumes_and_its_clients_come_back_by_themselves() {
-    let (_one, tmp) = setup(&experiment("mlp", 900, 5, "min_clients = 3"), "c0,c1,c2");
+    let (_one, tmp) = setup(
+        &format!(
+            "{}\n[strategy]\nname = \"scaffold\"\n",
+            experiment("mlp", 900, 5, "min_clients = 3")
+        ),
+        "c0,c1,c2",
+    );
     let t = tmp.path();
     let exp = t.join("exp.toml");
     let out = t.join("net");
