@@ -908,6 +908,13 @@ impl Strategy for Scaffold {
         scope: &AggregationScope,
     ) -> Result<(), FlError> {
         check_results(round, global, results)?;
+        if !self.on_clients && !self.aggregated_in.is_empty() {
+            return Err(FlError::State(
+                "strategy scaffold: this checkpoint comes from a server whose clients keep their \
+                 own controls; it can only be continued by `fedra serve --resume`"
+                    .into(),
+            ));
+        }
         let x = global.params().to_vec();
         if self.c.is_empty() {
             self.c = vec![0.0; x.len()];

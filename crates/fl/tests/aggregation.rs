@@ -492,6 +492,13 @@ fn scaffold_controls_follow_the_paper_and_start_as_fedavg() {
     let state = remote.state();
     let names: Vec<&str> = state.iter().map(|(n, _)| n.as_str()).collect();
     assert_eq!(names, ["scaffold.c", "scaffold.aggregated_in.1"]);
+    let mut in_process = from_config(&config, &train, 4).unwrap();
+    in_process.restore(state.clone(), &scope).unwrap();
+    let err = in_process
+        .aggregate(1, &mut global.clone(), &results, &scope)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("fedra serve --resume"), "{err}");
     let mut fresh = from_config(&config, &train, 4).unwrap();
     fresh.keep_controls_on_clients();
     fresh.restore(state, &scope).unwrap();
