@@ -381,8 +381,8 @@ fn final_weights(run: &Path) -> Bits {
     bits(&fedra_nn::Model::load_safetensors(&spec, &run.join("final.safetensors")).unwrap())
 }
 
-/// Final weights of the experiment run in-process with `executor`.
-fn in_process(exp: &Path, executor: &dyn Executor) -> Bits {
+/// The experiment run in-process to its end with `executor`.
+fn in_process_federation(exp: &Path, executor: &dyn Executor) -> Federation {
     let mut config = ExperimentConfig::from_file(exp).unwrap();
     config.data.data_dir = Some(mnist_dir());
     let data = fedra_data::load(
@@ -396,7 +396,12 @@ fn in_process(exp: &Path, executor: &dyn Executor) -> Bits {
     while !fed.finished() {
         fed.run_round(&data, executor).unwrap();
     }
-    bits(&fed.global)
+    fed
+}
+
+/// Final weights of the experiment run in-process with `executor`.
+fn in_process(exp: &Path, executor: &dyn Executor) -> Bits {
+    bits(&in_process_federation(exp, executor).global)
 }
 
 #[test]
@@ -495,20 +500,7 @@ fn scaffold_over_the_network_equals_the_simulation_bit_for_bit() {
         "SCAFFOLD's corrections changed nothing"
     );
 
-    let mut config = ExperimentConfig::from_file(&t.join("exp.toml")).unwrap();
-    config.data.data_dir = Some(mnist_dir());
-    let data = fedra_data::load(
-        config.data.dataset,
-        Some(&mnist_dir()),
-        &fedra_data::LoadOptions::default(),
-    )
-    .unwrap();
-    let data = config.data.select(data).unwrap();
-    let mut fed = Federation::new(config, &data, 1).unwrap();
-    while !fed.finished() {
-        fed.run_round(&data, &SequentialExecutor { threads: 1 })
-            .unwrap();
-    }
+    let fed = in_process_federation(&t.join("exp.toml"), &SequentialExecutor { threads: 1 });
     let state = fed.strategy.state();
     let spec = fedra_nn::ModelSpec::by_name("mlp", [1, 28, 28], 10).unwrap();
     for k in 0..3 {
@@ -699,20 +691,7 @@ fn fedbn_layers_stay_on_the_clients_disk() {
     assert!(!read(&net.join("metrics.csv")).contains("bn_spread"));
 
     // The simulation's local state of each client, against what the client kept on its disk.
-    let mut config = ExperimentConfig::from_file(&exp).unwrap();
-    config.data.data_dir = Some(mnist_dir());
-    let data = fedra_data::load(
-        config.data.dataset,
-        Some(&mnist_dir()),
-        &fedra_data::LoadOptions::default(),
-    )
-    .unwrap();
-    let data = config.data.select(data).unwrap();
-    let mut fed = Federation::new(config, &data, 1).unwrap();
-    while !fed.finished() {
-        fed.run_round(&data, &SequentialExecutor { threads: 1 })
-            .unwrap();
-    }
+    let fed = in_process_federation(&exp, &SequentialExecutor { threads: 1 });
     for k in 0..3 {
         let kept = fedra_nn::Model::load_safetensors(
             &spec,

@@ -11,14 +11,12 @@
 //! has moved past without aggregating them, are removed as tasks arrive.
 
 use std::collections::BTreeMap;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use fedra_nn::{Model, ModelSpec};
 
-use crate::error::{NetError, io};
-
-const STAMP: &str = "run.toml";
+use crate::error::NetError;
+use crate::local_state::{kept_rounds, stamp_folder, stamped, write_synced};
 
 /// What identifies the run a client's controls belong to: its index, the server's run id and the
 /// experiment.
@@ -49,34 +47,21 @@ impl ClientControls {
             stamp: stamp.to_string(),
             rounds: BTreeMap::new(),
         };
-        let kept = dir.join(STAMP);
-        match std::fs::read_to_string(&kept) {
-            Ok(text) if text == stamp => controls.read_rounds(),
-            Ok(_) => tracing::warn!(
+        match stamped(dir, stamp)? {
+            Some(true) => controls.read_rounds(),
+            Some(false) => tracing::warn!(
                 dir = %dir.display(),
                 "SCAFFOLD: the controls kept here belong to another run or client index; \
                  starting from zero"
             ),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(io(&kept)(e)),
+            None => {}
         }
         Ok(controls)
     }
 
     fn read_rounds(&mut self) {
-        let Ok(entries) = std::fs::read_dir(&self.dir) else {
-            return;
-        };
-        for entry in entries.flatten() {
-            let name = entry.file_name().to_string_lossy().into_owned();
-            let Some(round) = name
-                .strip_prefix("control-")
-                .and_then(|r| r.strip_suffix(".safetensors"))
-                .and_then(|r| r.parse::<usize>().ok())
-            else {
-                continue;
-            };
-            match Model::load_safetensors(&self.spec, &entry.path()) {
+        for (round, path) in kept_rounds(&self.dir, "control-") {
+            match Model::load_safetensors(&self.spec, &path) {
                 Ok(model) => {
                     self.rounds.insert(round, model.params().to_vec());
                 }
@@ -117,11 +102,7 @@ impl ClientControls {
         since: Option<usize>,
         control: Vec<f32>,
     ) -> Result<(), NetError> {
-        std::fs::create_dir_all(&self.dir).map_err(io(&self.dir))?;
-        let kept = self.dir.join(STAMP);
-        if std::fs::read_to_string(&kept).ok().as_deref() != Some(self.stamp.as_str()) {
-            write_synced(&kept, self.stamp.as_bytes())?;
-        }
+        stamp_folder(&self.dir, &self.stamp)?;
         let mut model = Model::new(&self.spec, 0)?;
         if control.len() != model.params().len() {
             return Err(NetError::Other(format!(
@@ -148,15 +129,6 @@ impl ClientControls {
         }
         Ok(())
     }
-}
-
-/// Write `bytes` to `path` through a synced temporary file renamed over it.
-fn write_synced(path: &Path, bytes: &[u8]) -> Result<(), NetError> {
-    let tmp = path.with_extension("tmp");
-    let mut file = std::fs::File::create(&tmp).map_err(io(&tmp))?;
-    file.write_all(bytes).map_err(io(&tmp))?;
-    file.sync_all().map_err(io(&tmp))?;
-    std::fs::rename(&tmp, path).map_err(io(path))
 }
 
 #[cfg(test)]

@@ -7,6 +7,9 @@
 //! Copies are kept by round, the last two: a task of round r starts from the copy of the latest
 //! round before r, so a round the server runs again (after a drop, or after resuming from its
 //! checkpoint) starts from the same layers as the first time.
+//!
+//! The folder helpers here (a run stamp, files by round, synced writes) serve SCAFFOLD's client
+//! controls too (`crate::controls`).
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -62,32 +65,19 @@ impl LocalLayers {
             buffers,
             rounds: BTreeMap::new(),
         };
-        let kept = dir.join(STAMP);
-        match std::fs::read_to_string(&kept) {
-            Ok(text) if text == stamp => layers.read_rounds(),
-            Ok(_) => {
+        match stamped(dir, stamp)? {
+            Some(true) => layers.read_rounds(),
+            Some(false) => {
                 tracing::warn!(dir = %dir.display(), "FedBN: the layers kept here belong to another run or client index; starting from the server's");
             }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(io(&kept)(e)),
+            None => {}
         }
         Ok(layers)
     }
 
     fn read_rounds(&mut self) {
-        let Ok(entries) = std::fs::read_dir(&self.dir) else {
-            return;
-        };
-        for entry in entries.flatten() {
-            let name = entry.file_name().to_string_lossy().into_owned();
-            let Some(round) = name
-                .strip_prefix("round-")
-                .and_then(|r| r.strip_suffix(".safetensors"))
-                .and_then(|r| r.parse::<usize>().ok())
-            else {
-                continue;
-            };
-            match Model::load_safetensors(&self.spec, &entry.path()) {
+        for (round, path) in kept_rounds(&self.dir, "round-") {
+            match Model::load_safetensors(&self.spec, &path) {
                 Ok(model) => {
                     let values = (
                         gather(model.params(), &self.params),
@@ -128,11 +118,7 @@ impl LocalLayers {
         sent: (&[f32], &[f32]),
         stamp: &str,
     ) -> Result<(), NetError> {
-        std::fs::create_dir_all(&self.dir).map_err(io(&self.dir))?;
-        let kept = self.dir.join(STAMP);
-        if std::fs::read_to_string(&kept).ok().as_deref() != Some(stamp) {
-            write_synced(&kept, stamp.as_bytes())?;
-        }
+        stamp_folder(&self.dir, stamp)?;
         let mut trained = Model::new(&self.spec, 0)?;
         trained.params_mut().copy_from_slice(params);
         trained.buffers_mut().copy_from_slice(buffers);
@@ -162,8 +148,49 @@ impl LocalLayers {
     }
 }
 
+/// Whether `dir` holds what a client kept for the run `stamp` names: `Some(true)` yes,
+/// `Some(false)` another run's (or another client index's), `None` nothing.
+pub(crate) fn stamped(dir: &Path, stamp: &str) -> Result<Option<bool>, NetError> {
+    let kept = dir.join(STAMP);
+    match std::fs::read_to_string(&kept) {
+        Ok(text) => Ok(Some(text == stamp)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(io(&kept)(e)),
+    }
+}
+
+/// Make `dir` (if missing) and mark it as holding the run `stamp` names.
+pub(crate) fn stamp_folder(dir: &Path, stamp: &str) -> Result<(), NetError> {
+    std::fs::create_dir_all(dir).map_err(io(dir))?;
+    let kept = dir.join(STAMP);
+    if std::fs::read_to_string(&kept).ok().as_deref() != Some(stamp) {
+        write_synced(&kept, stamp.as_bytes())?;
+    }
+    Ok(())
+}
+
+/// The files `<prefix><round>.safetensors` in `dir`, with their rounds (none if `dir` cannot be
+/// read).
+pub(crate) fn kept_rounds(dir: &Path, prefix: &str) -> Vec<(usize, PathBuf)> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|entry| {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let round = name
+                .strip_prefix(prefix)?
+                .strip_suffix(".safetensors")?
+                .parse::<usize>()
+                .ok()?;
+            Some((round, entry.path()))
+        })
+        .collect()
+}
+
 /// Write `bytes` to `path` through a synced temporary file renamed over it.
-fn write_synced(path: &Path, bytes: &[u8]) -> Result<(), NetError> {
+pub(crate) fn write_synced(path: &Path, bytes: &[u8]) -> Result<(), NetError> {
     let tmp = path.with_extension("tmp");
     let mut file = std::fs::File::create(&tmp).map_err(io(&tmp))?;
     file.write_all(bytes).map_err(io(&tmp))?;
