@@ -46,8 +46,9 @@ pub struct JoinArgs {
     compress: bool,
     /// Where this client keeps what outlives it, in STATE_DIR/ID/, read back when it is
     /// restarted for the same run of the same experiment: with `model.bn = "local"` (FedBN) its
-    /// own normalisation layers (its last two trainings), with SCAFFOLD its control variate
-    /// (in scaffold/, by round). Neither leaves this machine.
+    /// own normalisation layers (its last two trainings; they never leave this machine), with
+    /// SCAFFOLD its control variate (in scaffold/, by round; kept here to spare the server one
+    /// model-sized vector per client, not as a secret: the server could recompute it).
     #[arg(long, default_value = "fedra-state")]
     state_dir: PathBuf,
     /// Threads for local training (default 1).

@@ -103,6 +103,15 @@ fn experiment(args: &ServeArgs) -> anyhow::Result<ExperimentConfig> {
             ),
             Some(NoiseSource::Secret) => {}
         }
+        if config.deploy.as_ref().map(|d| d.evaluate) == Some(Evaluation::Clients) {
+            bail!(
+                "experiment: [privacy] with deploy.evaluate = \"clients\": each round's noised model \
+                 would go to the clients before the round's checkpoint is written, and a server \
+                 restarted then would run that round again with the same noise over possibly \
+                 other clients, so that the difference of the two models carries no noise; \
+                 evaluate on the server"
+            );
+        }
     }
     if config.attack.is_some() {
         bail!(

@@ -529,6 +529,30 @@ fn scaffold_over_the_network_equals_the_simulation_bit_for_bit() {
     }
 }
 
+/// SCAFFOLD with `strategy.clip_update_norm`: the server's control step sees the clipped update,
+/// and so must each client's own, or the controls drift apart from the simulation's.
+#[test]
+fn scaffold_with_clipped_updates_over_the_network_equals_the_simulation() {
+    let base = experiment("mlp", 600, 3, "min_clients = 3");
+    let (_one, tmp) = setup(
+        &format!("{base}\n[strategy]\nname = \"scaffold\"\nclip_update_norm = 0.5\n"),
+        "c0,c1,c2",
+    );
+    let t = tmp.path();
+    let net = served_equals_simulated(t);
+    let unclipped = t.join("unclipped.toml");
+    std::fs::write(
+        &unclipped,
+        format!("{base}\n[strategy]\nname = \"scaffold\"\n"),
+    )
+    .unwrap();
+    simulate(&unclipped, &t.join("unclipped"));
+    assert!(
+        net != final_weights(&t.join("unclipped")),
+        "no update was clipped"
+    );
+}
+
 /// gzip on both directions (`--compress`, server and clients) changes the bytes on the wire,
 /// not the result: the weights are `fedra run`'s bit for bit, and the server's log reports fewer
 /// bytes crossing the wire than the raw model, where without compression it reports a little
@@ -726,29 +750,47 @@ fn fedbn_layers_stay_on_the_clients_disk() {
 }
 
 /// What a server does not do is refused before anything starts, naming the setting: `[attack]`
-/// (it makes simulated clients misbehave; a server does not tell real clients to attack).
+/// (it makes simulated clients misbehave; a server does not tell real clients to attack), and
+/// `[privacy]` with clients evaluating (each round's noised model would leave the server before
+/// the round's checkpoint, so a restarted server could release that round twice, with the same
+/// noise over other clients).
 #[test]
 fn serve_refuses_what_the_network_does_not_offer() {
     let tmp = tempfile::tempdir().unwrap();
-    let base = experiment("mlp", 300, 1, "min_clients = 3");
-    let exp = tmp.path().join("exp.toml");
-    std::fs::write(
-        &exp,
-        format!("{base}\n[attack]\nclients = [0]\nkind = \"sign-flip\"\n"),
-    )
-    .unwrap();
-    let out = fedra()
-        .arg("serve")
-        .arg(&exp)
-        .args(["--listen", "127.0.0.1:0", "--certs"])
-        .arg(tmp.path().join("no-certs"))
-        .arg("--out")
-        .arg(tmp.path().join("never"))
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success() && err.contains("[attack]"), "{err}");
-    assert!(!tmp.path().join("never").exists(), "a run folder was made");
+    for (deploy, extra, says) in [
+        (
+            "min_clients = 3",
+            "[attack]\nclients = [0]\nkind = \"sign-flip\"\n",
+            "[attack]",
+        ),
+        (
+            "min_clients = 3\nevaluate = \"clients\"",
+            "[privacy]\nclip = 1.0\nnoise_multiplier = 1.0\n",
+            "deploy.evaluate = \"clients\"",
+        ),
+    ] {
+        let base = experiment("mlp", 300, 1, deploy);
+        let exp = tmp.path().join("exp.toml");
+        std::fs::write(&exp, format!("{base}\n{extra}")).unwrap();
+        let out = fedra()
+            .arg("serve")
+            .arg(&exp)
+            .args(["--listen", "127.0.0.1:0", "--certs"])
+            .arg(tmp.path().join("no-certs"))
+            .arg("--out")
+            .arg(tmp.path().join("never"))
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && err.contains(says),
+            "{extra}: {err}"
+        );
+        assert!(
+            !tmp.path().join("never").exists(),
+            "{extra}: a run folder was made"
+        );
+    }
 }
 
 /// DP-FedAvg over the network. With `privacy.noise = "seeded"` (a check, not a deployment: the

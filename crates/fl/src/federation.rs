@@ -543,9 +543,8 @@ impl Federation {
             let result = result.ok_or(FlError::NoResults { round })??;
             (vec![result], None)
         } else {
-            if executor.clients_keep_local_state() {
-                self.strategy.keep_controls_on_clients();
-            }
+            self.strategy
+                .keep_controls_on_clients(executor.clients_keep_local_state())?;
             self.fit_clients(round, data, executor)?
         };
         let mut results = results;
@@ -721,7 +720,8 @@ impl Federation {
                     .into_iter()
                     .partition(|c| available.binary_search(c).is_ok());
                 if !away.is_empty() {
-                    tracing::warn!(round, ?away, "sampled clients that are not connected");
+                    // A count, not who: the sample is part of what the noise protects.
+                    tracing::warn!(round, "{} sampled clients are not connected", away.len());
                 }
                 here
             } else {

@@ -123,9 +123,14 @@ pub trait Strategy: Send {
         None
     }
 
-    /// The clients keep their own controls on their machines (over a network): the strategy
-    /// sends its own control instead of each client's correction, and keeps no client's.
-    fn keep_controls_on_clients(&mut self) {}
+    /// Whether the clients keep their own controls on their machines (over a network): the
+    /// strategy then sends its own control instead of each client's correction, and keeps no
+    /// client's. Set before every round; an error when the strategy's state (from a checkpoint)
+    /// was made the other way.
+    fn keep_controls_on_clients(&mut self, on_clients: bool) -> Result<(), FlError> {
+        let _ = on_clients;
+        Ok(())
+    }
 
     /// Whether [`Strategy::control`] gives `client` a correction, without building it.
     fn has_control(&self, client: usize) -> bool {
@@ -896,8 +901,24 @@ impl Strategy for Scaffold {
         ))))
     }
 
-    fn keep_controls_on_clients(&mut self) {
-        self.on_clients = true;
+    fn keep_controls_on_clients(&mut self, on_clients: bool) -> Result<(), FlError> {
+        if on_clients && !self.client_c.is_empty() {
+            return Err(FlError::State(
+                "strategy scaffold: this checkpoint holds the clients' controls, made in-process; \
+                 over a network the clients keep their own, so it can only be continued by \
+                 `fedra run --resume`"
+                    .into(),
+            ));
+        }
+        if !on_clients && !self.aggregated_in.is_empty() {
+            return Err(FlError::State(
+                "strategy scaffold: this checkpoint comes from a server whose clients keep their \
+                 own controls; it can only be continued by `fedra serve --resume`"
+                    .into(),
+            ));
+        }
+        self.on_clients = on_clients;
+        Ok(())
     }
 
     fn aggregate(
@@ -908,13 +929,6 @@ impl Strategy for Scaffold {
         scope: &AggregationScope,
     ) -> Result<(), FlError> {
         check_results(round, global, results)?;
-        if !self.on_clients && !self.aggregated_in.is_empty() {
-            return Err(FlError::State(
-                "strategy scaffold: this checkpoint comes from a server whose clients keep their \
-                 own controls; it can only be continued by `fedra serve --resume`"
-                    .into(),
-            ));
-        }
         let x = global.params().to_vec();
         if self.c.is_empty() {
             self.c = vec![0.0; x.len()];

@@ -474,7 +474,7 @@ fn scaffold_controls_follow_the_paper_and_start_as_fedavg() {
     // of each client's last aggregated result, keeps no c_i, and a client's own step gives the
     // c_i the in-process server keeps, bit for bit.
     let mut remote = from_config(&config, &train, 4).unwrap();
-    remote.keep_controls_on_clients();
+    remote.keep_controls_on_clients(true).unwrap();
     let mut twin = global.clone();
     remote.aggregate(0, &mut twin, &results, &scope).unwrap();
     assert_eq!(twin.params(), scaffold.params());
@@ -492,15 +492,23 @@ fn scaffold_controls_follow_the_paper_and_start_as_fedavg() {
     let state = remote.state();
     let names: Vec<&str> = state.iter().map(|(n, _)| n.as_str()).collect();
     assert_eq!(names, ["scaffold.c", "scaffold.aggregated_in.1"]);
+    // Each kind of checkpoint continues only the way it was made, refused before any training.
     let mut in_process = from_config(&config, &train, 4).unwrap();
     in_process.restore(state.clone(), &scope).unwrap();
     let err = in_process
-        .aggregate(1, &mut global.clone(), &results, &scope)
+        .keep_controls_on_clients(false)
         .unwrap_err()
         .to_string();
     assert!(err.contains("fedra serve --resume"), "{err}");
+    let mut over_network = from_config(&config, &train, 4).unwrap();
+    over_network.restore(strategy.state(), &scope).unwrap();
+    let err = over_network
+        .keep_controls_on_clients(true)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("fedra run --resume"), "{err}");
     let mut fresh = from_config(&config, &train, 4).unwrap();
-    fresh.keep_controls_on_clients();
+    fresh.keep_controls_on_clients(true).unwrap();
     fresh.restore(state, &scope).unwrap();
     assert_eq!(fresh.control(1), remote.control(1));
     let client = fedra_fl::strategy::Scaffold::new(&config, &train, 4);

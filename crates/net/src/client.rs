@@ -17,7 +17,7 @@ use tonic::transport::Endpoint;
 
 use fedra_data::TrainTest;
 use fedra_fl::federation::{aggregated_params, model_spec};
-use fedra_fl::strategy::{Scaffold, correction};
+use fedra_fl::strategy::{Scaffold, clip_update, correction};
 use fedra_fl::{ExperimentConfig, Federation, FitConfig, FitJob, Steering, run_job};
 use fedra_nn::{Model, ModelSpec, SgdConfig};
 
@@ -859,8 +859,13 @@ fn train(
     };
     let mut result = run_job(job, &p.data.train, threads)?;
     if let Some((s, c, since, mut own)) = scaffold {
+        // The server's control step sees the update after `strategy.clip_update_norm`.
+        let mut seen = result.clone();
+        if let Some(max_norm) = p.config.strategy.clip_update_norm {
+            clip_update(&params, &mut seen.params, &s.params, max_norm);
+        }
         s.strategy
-            .client_step(round, &c, &params, &result, &s.params, &mut own)?;
+            .client_step(round, &c, &params, &seen, &s.params, &mut own)?;
         s.controls_lock().keep(round, since, own)?;
     }
     if let Some(mut local) = p.local_layers() {

@@ -7,8 +7,12 @@
 //! Kept by round so that whatever the server does not aggregate changes nothing: a result lost
 //! on the way, a round run again after a drop, or rounds a resumed server runs again from its
 //! checkpoint all leave the client starting from the c_i of its last aggregated result, as the
-//! simulation does. Copies older than that round, and those of rounds after it that the server
-//! has moved past without aggregating them, are removed as tasks arrive.
+//! simulation does. When a new control is kept, every copy but it and the one it started from is
+//! removed (older ones, and those of rounds the server moved past without aggregating them); a
+//! folder stamped for another run is emptied when opened.
+//!
+//! Keeping c_i on the client saves the server one model-sized vector per client; it is not a
+//! secret from the server, which could recompute it from the updates it receives.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -49,11 +53,16 @@ impl ClientControls {
         };
         match stamped(dir, stamp)? {
             Some(true) => controls.read_rounds(),
-            Some(false) => tracing::warn!(
-                dir = %dir.display(),
-                "SCAFFOLD: the controls kept here belong to another run or client index; \
-                 starting from zero"
-            ),
+            Some(false) => {
+                tracing::warn!(
+                    dir = %dir.display(),
+                    "SCAFFOLD: the controls kept here belong to another run or client index; \
+                     removing them and starting from zero"
+                );
+                for (_, path) in kept_rounds(dir, "control-") {
+                    std::fs::remove_file(&path).map_err(crate::error::io(&path))?;
+                }
+            }
             None => {}
         }
         Ok(controls)
@@ -164,11 +173,12 @@ mod tests {
         assert_eq!(again.since(Some(4)), made_in(4));
         assert_eq!(again.since(Some(1)), made_in(1));
         assert!(again.since(Some(3)).is_empty());
-        // Another run, or another index: nothing.
+        // Another run, or another index: nothing, and the other run's copies are removed.
         for other in [stamp("exp A", "run-2", 2), stamp("exp A", "run-1", 3)] {
             let controls = ClientControls::open(dir.path(), &other, &spec).unwrap();
             assert!(controls.since(Some(4)).is_empty());
         }
+        assert!(kept_rounds(dir.path(), "control-").is_empty());
         // A control of the wrong size is refused, naming what it is.
         let err = controls
             .keep(5, Some(4), vec![0.0; 3])

@@ -68,7 +68,10 @@ impl LocalLayers {
         match stamped(dir, stamp)? {
             Some(true) => layers.read_rounds(),
             Some(false) => {
-                tracing::warn!(dir = %dir.display(), "FedBN: the layers kept here belong to another run or client index; starting from the server's");
+                tracing::warn!(dir = %dir.display(), "FedBN: the layers kept here belong to another run or client index; removing them and starting from the server's");
+                for (_, path) in kept_rounds(dir, "round-") {
+                    std::fs::remove_file(&path).map_err(io(&path))?;
+                }
             }
             None => {}
         }
@@ -277,16 +280,6 @@ mod tests {
                 "round {round}"
             );
         }
-        // Another run of the same experiment, or another index: the server's values stay.
-        for other in [stamp("exp A", "run-2", 2), stamp("exp A", "run-1", 3)] {
-            let layers = LocalLayers::open(dir.path(), &other, &spec).unwrap();
-            let (mut p, mut b) = (server.params().to_vec(), server.buffers().to_vec());
-            layers.overlay(&mut p, &mut b, 5);
-            assert_eq!(
-                (p.as_slice(), b.as_slice()),
-                (server.params(), server.buffers())
-            );
-        }
         // An unreadable copy is left out with a warning, not a client that cannot start.
         std::fs::write(dir.path().join("round-2.safetensors"), b"not safetensors").unwrap();
         let damaged = LocalLayers::open(dir.path(), &run, &spec).unwrap();
@@ -297,5 +290,17 @@ mod tests {
             norm_values(&p, &b, &server),
             norm_values(want.params(), want.buffers(), &server)
         );
+        // Another run of the same experiment, or another index: the server's values stay, and
+        // the other run's copies are removed.
+        for other in [stamp("exp A", "run-2", 2), stamp("exp A", "run-1", 3)] {
+            let layers = LocalLayers::open(dir.path(), &other, &spec).unwrap();
+            let (mut p, mut b) = (server.params().to_vec(), server.buffers().to_vec());
+            layers.overlay(&mut p, &mut b, 5);
+            assert_eq!(
+                (p.as_slice(), b.as_slice()),
+                (server.params(), server.buffers())
+            );
+        }
+        assert!(kept_rounds(dir.path(), "round-").is_empty());
     }
 }
