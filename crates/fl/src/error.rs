@@ -39,6 +39,7 @@ pub enum FlError {
         client: usize,
         reason: String,
     },
+    /// Round `round` (counted from 1) got too few results after every attempt to sample again.
     #[error(
         "round {round}: only {got} of the at least {needed} client results a round needs (deploy.min_fit_clients) after {attempts} attempts"
     )]
@@ -48,6 +49,14 @@ pub enum FlError {
         needed: usize,
         attempts: usize,
     },
+    /// Not one client could be given a task for round `round` (counted from 1, as in
+    /// `metrics.csv`): a server waited `deploy.join_timeout_s` for `deploy.min_fit_clients` and
+    /// nobody was there. The run stops rather than release a round without training, which
+    /// under `[privacy]` would spend budget on noise alone.
+    #[error(
+        "round {round}: no client is connected to train (waited deploy.join_timeout_s for deploy.min_fit_clients); the last checkpoint stays for --resume"
+    )]
+    NoClientsAvailable { round: usize },
     #[error("round {round}: no client results to aggregate")]
     NoResults { round: usize },
     #[error("round {round}: client {client} sent {got} values, the model has {expected}")]

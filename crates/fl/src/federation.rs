@@ -704,6 +704,9 @@ impl Federation {
         for attempt in 0..MAX_ROUND_ATTEMPTS {
             let available = executor.available(self.partition.clients.len())?;
             if available.is_empty() {
+                if attempts == 0 {
+                    return Err(FlError::NoClientsAvailable { round: round + 1 });
+                }
                 break;
             }
             attempts += 1;
@@ -791,7 +794,7 @@ impl Federation {
             );
         }
         Err(FlError::TooFewResults {
-            round,
+            round: round + 1,
             got,
             needed,
             attempts,

@@ -1090,4 +1090,28 @@ fn private_sampling_treats_an_absent_client_as_a_dropout() {
         "client 3 was never sampled: {all:?}"
     );
     assert_eq!(picks(Some(3)), without);
+
+    // Nobody there at all: the run stops with an error that says so, rather than releasing a
+    // round of noise alone.
+    struct Nobody;
+    impl Executor for Nobody {
+        fn fit(
+            &self,
+            _: Vec<FitJob<'_>>,
+            _: &fedra_data::Dataset,
+        ) -> Vec<Result<FitResult, FlError>> {
+            panic!("a task was given with no client connected")
+        }
+        fn available(&self, _: usize) -> Result<Vec<usize>, FlError> {
+            Ok(Vec::new())
+        }
+    }
+    let mut fed = fedra_fl::Federation::new(config.clone(), &data, 1).unwrap();
+    let err = fed.run_round(&data, &Nobody).unwrap_err();
+    assert!(
+        matches!(err, FlError::NoClientsAvailable { round: 1 }),
+        "{err}"
+    );
+    assert!(err.to_string().contains("no client is connected"), "{err}");
+    assert_eq!(fed.rounds_done, 0);
 }
