@@ -205,9 +205,12 @@ pub(crate) fn im2col(g: &Geom, x: &[f32], col: &mut [f32], ld: usize) {
                     if g.sw == 1 {
                         let start = lo + kj - g.pl;
                         copy_short(&src[start..start + (hi - lo)], &mut out[lo..hi]);
-                    } else {
-                        for (ow, o) in out.iter_mut().enumerate().take(hi).skip(lo) {
-                            *o = src[ow * g.sw + kj - g.pl];
+                    } else if hi > lo {
+                        // Strided reads without a bounds check per element.
+                        let start = lo * g.sw + kj - g.pl;
+                        let taken = src[start..].iter().step_by(g.sw);
+                        for (o, v) in out[lo..hi].iter_mut().zip(taken) {
+                            *o = *v;
                         }
                     }
                 }
@@ -241,9 +244,11 @@ pub(crate) fn col2im(g: &Geom, col: &[f32], ld: usize, dx: &mut [f32]) {
                         for (d, v) in dst[start..start + (hi - lo)].iter_mut().zip(&s[lo..hi]) {
                             *d += v;
                         }
-                    } else {
-                        for (ow, v) in s.iter().enumerate().take(hi).skip(lo) {
-                            dst[ow * g.sw + kj - g.pl] += v;
+                    } else if hi > lo {
+                        let start = lo * g.sw + kj - g.pl;
+                        let hit = dst[start..].iter_mut().step_by(g.sw);
+                        for (d, v) in hit.zip(&s[lo..hi]) {
+                            *d += v;
                         }
                     }
                 }

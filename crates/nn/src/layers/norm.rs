@@ -1,11 +1,54 @@
 //! BatchNorm (2d over [C,H,W] maps, 1d over vectors) and GroupNorm: forward, backward, and
 //! BatchNorm's running statistics. Statistics are reduced in f64, so they do not depend on the
-//! batch's order of magnitude.
+//! batch's order of magnitude, over interleaved partial sums, so the reductions are vector code.
 
 // Kernels index several parallel arrays (input, output, saved state) with one index.
 #![allow(clippy::needless_range_loop)]
 
 use crate::plan::{BnOp, GnOp};
+
+/// Partial sums per lane: element `j` of a reduction goes to lane `j % LANES`, and the lanes are
+/// added in order at the end. A fixed order (so the same bits whatever the CPU) that, unlike one
+/// running sum, is a loop LLVM turns into vector adds: one f64 chain per element would cost
+/// an add's latency per element, more than the rest of a normalisation layer together.
+const LANES: usize = 16;
+
+/// `acc[j % LANES] += f(xs[j])` (lanes counted from the start of `xs`).
+#[inline(always)]
+fn accumulate(acc: &mut [f64; LANES], xs: &[f32], f: impl Fn(f32) -> f64) {
+    let chunks = xs.chunks_exact(LANES);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for l in 0..LANES {
+            acc[l] += f(c[l]);
+        }
+    }
+    for (a, &v) in acc.iter_mut().zip(rest) {
+        *a += f(v);
+    }
+}
+
+/// `acc[j % LANES] += f(xs[j], ys[j])`, two slices of one length.
+#[inline(always)]
+fn accumulate2(acc: &mut [f64; LANES], xs: &[f32], ys: &[f32], f: impl Fn(f32, f32) -> f64) {
+    assert_eq!(xs.len(), ys.len());
+    let (cx, cy) = (xs.chunks_exact(LANES), ys.chunks_exact(LANES));
+    let (rx, ry) = (cx.remainder(), cy.remainder());
+    for (a, b) in cx.zip(cy) {
+        for l in 0..LANES {
+            acc[l] += f(a[l], b[l]);
+        }
+    }
+    for ((acc, &a), &b) in acc.iter_mut().zip(rx).zip(ry) {
+        *acc += f(a, b);
+    }
+}
+
+/// The lanes' total, added in lane order.
+#[inline(always)]
+fn total(acc: [f64; LANES]) -> f64 {
+    acc.iter().sum()
+}
 
 pub(crate) const BN_EPS: f32 = 1e-5;
 pub(crate) const BN_MOMENTUM: f32 = 0.1;
@@ -45,24 +88,21 @@ pub(crate) fn bn_forward(
     let m = (n * b.hw) as f64;
     for ch in 0..b.c {
         let (mu, v) = if batch_stats {
-            let mut s = 0f64;
+            let mut s = [0f64; LANES];
             for smp in 0..n {
                 let off = (smp * b.c + ch) * b.hw;
-                s += x[off..off + b.hw]
-                    .iter()
-                    .map(|&v| f64::from(v))
-                    .sum::<f64>();
+                accumulate(&mut s, &x[off..off + b.hw], f64::from);
             }
-            let mu = s / m;
-            let mut q = 0f64;
+            let mu = total(s) / m;
+            let mut q = [0f64; LANES];
             for smp in 0..n {
                 let off = (smp * b.c + ch) * b.hw;
-                q += x[off..off + b.hw]
-                    .iter()
-                    .map(|&v| (f64::from(v) - mu).powi(2))
-                    .sum::<f64>();
+                accumulate(&mut q, &x[off..off + b.hw], |v| {
+                    let d = f64::from(v) - mu;
+                    d * d
+                });
             }
-            (mu as f32, (q / m) as f32)
+            (mu as f32, (total(q) / m) as f32)
         } else {
             (buf[b.rm + ch], buf[b.rv + ch])
         };
@@ -72,11 +112,11 @@ pub(crate) fn bn_forward(
         invstd[ch] = is;
         let (g, be) = (p[b.w + ch], p[b.b + ch]);
         for smp in 0..n {
-            let off = (smp * b.c + ch) * b.hw;
-            for j in off..off + b.hw {
-                let xh = (x[j] - mu) * is;
-                xhat[j] = xh;
-                y[j] = g * xh + be;
+            let r = (smp * b.c + ch) * b.hw..(smp * b.c + ch + 1) * b.hw;
+            // Zipped slices: no per-element bounds check, so the loop is vector code.
+            for ((xh, o), &v) in xhat[r.clone()].iter_mut().zip(&mut y[r.clone()]).zip(&x[r]) {
+                *xh = (v - mu) * is;
+                *o = g * *xh + be;
             }
         }
     }
@@ -100,14 +140,14 @@ pub(crate) fn bn_backward(
 ) {
     let m = (n * b.hw) as f32;
     for ch in 0..b.c {
-        let (mut sdy, mut sdyx) = (0f64, 0f64);
+        let (mut ady, mut adyx) = ([0f64; LANES], [0f64; LANES]);
         for smp in 0..n {
             let off = (smp * b.c + ch) * b.hw;
-            for j in off..off + b.hw {
-                sdy += f64::from(dy[j]);
-                sdyx += f64::from(dy[j] * xhat[j]);
-            }
+            let (dy, xhat) = (&dy[off..off + b.hw], &xhat[off..off + b.hw]);
+            accumulate(&mut ady, dy, f64::from);
+            accumulate2(&mut adyx, dy, xhat, |d, x| f64::from(d * x));
         }
+        let (sdy, sdyx) = (total(ady), total(adyx));
         grads[b.w + ch] = sdyx as f32;
         grads[b.b + ch] = sdy as f32;
         if !need_dx {
@@ -117,13 +157,16 @@ pub(crate) fn bn_backward(
         let k = g * invstd[ch];
         let (mdy, mdyx) = ((sdy / f64::from(m)) as f32, (sdyx / f64::from(m)) as f32);
         for smp in 0..n {
-            let off = (smp * b.c + ch) * b.hw;
-            for j in off..off + b.hw {
-                dx[j] = if batch_stats {
-                    k * (dy[j] - mdy - xhat[j] * mdyx)
-                } else {
-                    k * dy[j]
-                };
+            let r = (smp * b.c + ch) * b.hw..(smp * b.c + ch + 1) * b.hw;
+            let (dx, dy, xhat) = (&mut dx[r.clone()], &dy[r.clone()], &xhat[r]);
+            if batch_stats {
+                for ((d, &g), &xh) in dx.iter_mut().zip(dy).zip(xhat) {
+                    *d = k * (g - mdy - xh * mdyx);
+                }
+            } else {
+                for (d, &g) in dx.iter_mut().zip(dy) {
+                    *d = k * g;
+                }
             }
         }
     }
@@ -165,8 +208,15 @@ pub(crate) fn gn_forward(
     let block = cpg * g.hw;
     for sg in 0..n * g.groups {
         let xs = &x[sg * block..(sg + 1) * block];
-        let mu = xs.iter().map(|&v| f64::from(v)).sum::<f64>() / block as f64;
-        let var = xs.iter().map(|&v| (f64::from(v) - mu).powi(2)).sum::<f64>() / block as f64;
+        let mut s = [0f64; LANES];
+        accumulate(&mut s, xs, f64::from);
+        let mu = total(s) / block as f64;
+        let mut q = [0f64; LANES];
+        accumulate(&mut q, xs, |v| {
+            let d = f64::from(v) - mu;
+            d * d
+        });
+        let var = total(q) / block as f64;
         let is = 1.0 / (var as f32 + GN_EPS).sqrt();
         invstd[sg] = is;
         let mu = mu as f32;
@@ -204,11 +254,13 @@ pub(crate) fn gn_backward(
         let (mut a, mut bsum) = (0f64, 0f64);
         for k in 0..cpg {
             let gm = p[g.w + first_c + k];
-            let (mut sdy, mut sdyx) = (0f32, 0f32);
-            for j in sg * block + k * g.hw..sg * block + (k + 1) * g.hw {
-                sdy += dy[j];
-                sdyx += dy[j] * xhat[j];
-            }
+            let range = sg * block + k * g.hw..sg * block + (k + 1) * g.hw;
+            let (mut ady, mut adyx) = ([0f64; LANES], [0f64; LANES]);
+            accumulate(&mut ady, &dy[range.clone()], f64::from);
+            accumulate2(&mut adyx, &dy[range.clone()], &xhat[range], |d, x| {
+                f64::from(d * x)
+            });
+            let (sdy, sdyx) = (total(ady) as f32, total(adyx) as f32);
             grads[g.w + first_c + k] += sdyx;
             grads[g.b + first_c + k] += sdy;
             a += f64::from(gm * sdy);
