@@ -15,7 +15,7 @@ const LANES: usize = 16;
 
 /// `acc[j % LANES] += f(xs[j])` (lanes counted from the start of `xs`).
 #[inline(always)]
-fn accumulate(acc: &mut [f64; LANES], xs: &[f32], f: impl Fn(f32) -> f64) {
+fn add_lanes(acc: &mut [f64; LANES], xs: &[f32], f: impl Fn(f32) -> f64) {
     let chunks = xs.chunks_exact(LANES);
     let rest = chunks.remainder();
     for c in chunks {
@@ -28,19 +28,22 @@ fn accumulate(acc: &mut [f64; LANES], xs: &[f32], f: impl Fn(f32) -> f64) {
     }
 }
 
-/// `acc[j % LANES] += f(xs[j], ys[j])`, two slices of one length.
+/// Backward's two sums in one pass: `sdy[j % LANES] += dy[j]` and `sdyx[j % LANES] += dy[j] *
+/// xhat[j]` (the product in f32, as before the lanes).
 #[inline(always)]
-fn accumulate2(acc: &mut [f64; LANES], xs: &[f32], ys: &[f32], f: impl Fn(f32, f32) -> f64) {
-    assert_eq!(xs.len(), ys.len());
-    let (cx, cy) = (xs.chunks_exact(LANES), ys.chunks_exact(LANES));
-    let (rx, ry) = (cx.remainder(), cy.remainder());
-    for (a, b) in cx.zip(cy) {
+fn add_dy_dyx(sdy: &mut [f64; LANES], sdyx: &mut [f64; LANES], dy: &[f32], xhat: &[f32]) {
+    assert_eq!(dy.len(), xhat.len());
+    let (cd, cx) = (dy.chunks_exact(LANES), xhat.chunks_exact(LANES));
+    let (rd, rx) = (cd.remainder(), cx.remainder());
+    for (d, x) in cd.zip(cx) {
         for l in 0..LANES {
-            acc[l] += f(a[l], b[l]);
+            sdy[l] += f64::from(d[l]);
+            sdyx[l] += f64::from(d[l] * x[l]);
         }
     }
-    for ((acc, &a), &b) in acc.iter_mut().zip(rx).zip(ry) {
-        *acc += f(a, b);
+    for (l, (&d, &x)) in rd.iter().zip(rx).enumerate() {
+        sdy[l] += f64::from(d);
+        sdyx[l] += f64::from(d * x);
     }
 }
 
@@ -91,13 +94,13 @@ pub(crate) fn bn_forward(
             let mut s = [0f64; LANES];
             for smp in 0..n {
                 let off = (smp * b.c + ch) * b.hw;
-                accumulate(&mut s, &x[off..off + b.hw], f64::from);
+                add_lanes(&mut s, &x[off..off + b.hw], f64::from);
             }
             let mu = total(s) / m;
             let mut q = [0f64; LANES];
             for smp in 0..n {
                 let off = (smp * b.c + ch) * b.hw;
-                accumulate(&mut q, &x[off..off + b.hw], |v| {
+                add_lanes(&mut q, &x[off..off + b.hw], |v| {
                     let d = f64::from(v) - mu;
                     d * d
                 });
@@ -144,8 +147,7 @@ pub(crate) fn bn_backward(
         for smp in 0..n {
             let off = (smp * b.c + ch) * b.hw;
             let (dy, xhat) = (&dy[off..off + b.hw], &xhat[off..off + b.hw]);
-            accumulate(&mut ady, dy, f64::from);
-            accumulate2(&mut adyx, dy, xhat, |d, x| f64::from(d * x));
+            add_dy_dyx(&mut ady, &mut adyx, dy, xhat);
         }
         let (sdy, sdyx) = (total(ady), total(adyx));
         grads[b.w + ch] = sdyx as f32;
@@ -209,10 +211,10 @@ pub(crate) fn gn_forward(
     for sg in 0..n * g.groups {
         let xs = &x[sg * block..(sg + 1) * block];
         let mut s = [0f64; LANES];
-        accumulate(&mut s, xs, f64::from);
+        add_lanes(&mut s, xs, f64::from);
         let mu = total(s) / block as f64;
         let mut q = [0f64; LANES];
-        accumulate(&mut q, xs, |v| {
+        add_lanes(&mut q, xs, |v| {
             let d = f64::from(v) - mu;
             d * d
         });
@@ -256,10 +258,7 @@ pub(crate) fn gn_backward(
             let gm = p[g.w + first_c + k];
             let range = sg * block + k * g.hw..sg * block + (k + 1) * g.hw;
             let (mut ady, mut adyx) = ([0f64; LANES], [0f64; LANES]);
-            accumulate(&mut ady, &dy[range.clone()], f64::from);
-            accumulate2(&mut adyx, &dy[range.clone()], &xhat[range], |d, x| {
-                f64::from(d * x)
-            });
+            add_dy_dyx(&mut ady, &mut adyx, &dy[range.clone()], &xhat[range]);
             let (sdy, sdyx) = (total(ady) as f32, total(adyx) as f32);
             grads[g.w + first_c + k] += sdyx;
             grads[g.b + first_c + k] += sdy;
