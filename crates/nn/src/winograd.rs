@@ -625,7 +625,8 @@ impl Workspace {
         let xi = tile.n(c.kh) * tile.n(c.kh);
         let per = fwd.tiles().max(bwd.tiles());
         let chunk = (POINT_BUDGET / xi / per).clamp(1, max_batch);
-        let tile_len = xi * c.cin.max(c.cout) * (chunk * per + L) + L;
+        // Each matrix, padded by `set_spread` (up to 32 values).
+        let tile_len = xi * (c.cin.max(c.cout) * (chunk * per + L) + 32) + L;
         Workspace {
             tile,
             chunk,
@@ -737,7 +738,7 @@ fn split_columns<const R: usize>(
 }
 
 /// Input transform `B^T d B` of every tile of `m` examples `x` of `inp`, into
-/// `v[(xi * inp.c + ch) * lds + col]` with `col = example * tiles + ty * tw + tx`.
+/// `v[xi * set_spread(inp.c * lds) + ch * lds + col]` with `col = example * tiles + ty * tw + tx`.
 ///
 /// Per plane, the column phases are split apart (with the zero padding) once. Column j of tile
 /// `tx`'s window is phase `j % R` at phase column `tx + j / R`, so for each j a tile row's N input
@@ -816,7 +817,8 @@ fn input_transform_segs<
                         *dj = load(t_cols, (j * N + i) * width + blk * L);
                     }
                     for (j, r) in lanes(d, S::bt).into_iter().enumerate() {
-                        let row = ((i * N + j) * inp.c + ch) * lds + s * tiles + blk * w;
+                        let row =
+                            (i * N + j) * set_spread(inp.c * lds) + ch * lds + s * tiles + blk * w;
                         store_segs::<SEG>(v, row + ty0 * t.tw, t.tw, r);
                     }
                 }
@@ -878,7 +880,8 @@ fn output_transform_segs<
                     for j in 0..N {
                         let mut mi = [[0f32; L]; N];
                         for (i, mv) in mi.iter_mut().enumerate() {
-                            let row = ((i * N + j) * out.c + k) * ld + s * tiles + x0;
+                            let row =
+                                (i * N + j) * product_stride(out.c, ld) + k * ld + s * tiles + x0;
                             *mv = load_segs::<SEG>(mprod, row + ty0 * t.tw, t.tw);
                         }
                         for (ra, v) in r.iter_mut().zip(lanes(mi, S::at)) {
@@ -913,7 +916,7 @@ fn output_transform_segs<
 }
 
 /// `A e A^T` of every R x R output-gradient tile (zero beyond the plane), into
-/// `e_hat[(xi * out.c + k) * lds + col]`, tiles of a row as lanes (whole lane blocks stored, as in
+/// `e_hat[xi * set_spread(out.c * lds) + k * lds + col]`, tiles of a row as lanes (whole lane blocks stored, as in
 /// [`input_transform`]).
 #[inline(always)]
 fn grad_transform<const R: usize, const N: usize, const K: usize, S: Scheme<R, N, K>>(
@@ -977,7 +980,7 @@ fn grad_transform_segs<
                         *cv = cb[i];
                     }
                     for (j, r) in lanes(ci, S::a).into_iter().enumerate() {
-                        let row = ((i * N + j) * out.c + k) * lds + s * tiles + x0;
+                        let row = (i * N + j) * set_spread(out.c * lds) + k * lds + s * tiles + x0;
                         store_segs::<SEG>(e_hat, row + ty0 * t.tw, t.tw, r);
                     }
                 }
@@ -1007,16 +1010,33 @@ fn products(
             rows,
             ld,
             inner,
-            &mut prod[xi * rows * ld..(xi + 1) * rows * ld],
+            &mut prod[xi * product_stride(rows, ld)..][..rows * ld],
             false,
             &kern[xi * rows * inner..(xi + 1) * rows * inner],
             inner,
             1,
-            &tiles[xi * inner * lds..(xi + 1) * inner * lds],
+            &tiles[xi * set_spread(inner * lds)..][..inner * lds],
             lds,
             1,
         );
     }
+}
+
+/// Distance between the N² product matrices (`rows x ld` each) in their buffer, spread over the
+/// L1 cache sets by [`set_spread`].
+fn product_stride(rows: usize, ld: usize) -> usize {
+    set_spread(rows * ld)
+}
+
+/// The distance (in values) at which to lay out consecutive Winograd positions' matrices of `len`
+/// values each: `len` rounded up to an odd multiple of 16 values (64 bytes, one cache line). The
+/// transforms read or write the N² matrices as N² streams in step; at a distance that is a
+/// multiple of 4 KiB (every ResNet layer's `channels x tiles` is a multiple of 1,024) the streams
+/// all fall in one L1 cache set and evict each other; at an odd number of lines apart each falls in
+/// its own set.
+fn set_spread(len: usize) -> usize {
+    let lines = len.div_ceil(16);
+    (lines | 1) * 16
 }
 
 /// Forward tiling (over the output) and input-gradient tiling (over the input).
@@ -1195,10 +1215,10 @@ fn backward_with<const R: usize, const N: usize, const K: usize, S: Scheme<R, N,
                 ld,
                 &mut ws.du[xi * c.cout * c.cin..(xi + 1) * c.cout * c.cin],
                 start != last,
-                &ws.b[xi * c.cout * lds..(xi + 1) * c.cout * lds],
+                &ws.b[xi * set_spread(c.cout * lds)..][..c.cout * lds],
                 lds,
                 1,
-                &ws.a[xi * c.cin * lds..(xi + 1) * c.cin * lds],
+                &ws.a[xi * set_spread(c.cin * lds)..][..c.cin * lds],
                 1,
                 lds,
             );
