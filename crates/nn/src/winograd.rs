@@ -881,7 +881,7 @@ fn output_transform_segs<
                         let mut mi = [[0f32; L]; N];
                         for (i, mv) in mi.iter_mut().enumerate() {
                             let row =
-                                (i * N + j) * product_stride(out.c, ld) + k * ld + s * tiles + x0;
+                                (i * N + j) * set_spread(out.c * ld) + k * ld + s * tiles + x0;
                             *mv = load_segs::<SEG>(mprod, row + ty0 * t.tw, t.tw);
                         }
                         for (ra, v) in r.iter_mut().zip(lanes(mi, S::at)) {
@@ -916,8 +916,8 @@ fn output_transform_segs<
 }
 
 /// `A e A^T` of every R x R output-gradient tile (zero beyond the plane), into
-/// `e_hat[xi * set_spread(out.c * lds) + k * lds + col]`, tiles of a row as lanes (whole lane blocks stored, as in
-/// [`input_transform`]).
+/// `e_hat[xi * set_spread(out.c * lds) + k * lds + col]`, tiles of a row as lanes (whole lane
+/// blocks stored, as in [`input_transform`]).
 #[inline(always)]
 fn grad_transform<const R: usize, const N: usize, const K: usize, S: Scheme<R, N, K>>(
     dy: &[f32],
@@ -1010,7 +1010,7 @@ fn products(
             rows,
             ld,
             inner,
-            &mut prod[xi * product_stride(rows, ld)..][..rows * ld],
+            &mut prod[xi * set_spread(rows * ld)..][..rows * ld],
             false,
             &kern[xi * rows * inner..(xi + 1) * rows * inner],
             inner,
@@ -1020,12 +1020,6 @@ fn products(
             1,
         );
     }
-}
-
-/// Distance between the N² product matrices (`rows x ld` each) in their buffer, spread over the
-/// L1 cache sets by [`set_spread`].
-fn product_stride(rows: usize, ld: usize) -> usize {
-    set_spread(rows * ld)
 }
 
 /// The distance (in values) at which to lay out consecutive Winograd positions' matrices of `len`
