@@ -6,8 +6,9 @@
 //!
 //! What is scaled down, and why:
 //! - `train.rounds` = 1, `eval.every` = 1;
-//! - `data.train_examples` / `data.test_examples`: 600 (2,000 with sharing, 3 per client with
-//!   1,000 clients) / 300 examples;
+//! - `data.train_examples` / `data.test_examples`: 300 (1,000 with sharing, 3 per client with
+//!   1,000 clients) / 100 examples: enough for every partition scheme and sharing setting of the
+//!   files to be feasible, few enough that the 211 cells take ~4 minutes, not 8;
 //! - `share.holdout` (and so |G|) in proportion, `share.warmup_epochs` at most 1;
 //! - `model.init` (the pre-trained runs read the SGD run's final weights) points at a freshly
 //!   initialised model saved in a temporary folder; a model file (`models/*.toml`) is read from
@@ -58,7 +59,7 @@ fn experiment_files(dir: &Path, found: &mut Vec<PathBuf>) {
 
 /// Training / test examples the runs use at most.
 const MAX_TRAIN: usize = 3000;
-const MAX_TEST: usize = 300;
+const MAX_TEST: usize = 100;
 
 /// The first `MAX_TRAIN` / `MAX_TEST` examples of a dataset, or for Speech Commands the loader's
 /// speaker split of the shared subset with train interleaved by class.
@@ -150,7 +151,7 @@ fn every_experiment_runs_one_round_of_its_short_profile_on_real_data() {
             // Enough examples that 1,000 clients (the memory benchmark) each hold a few.
             let clients = config.partition.clients;
             // Sharing needs more: G at beta 2.5% must still hold examples of every class.
-            let least = if config.share.is_some() { 2000 } else { 600 };
+            let least = if config.share.is_some() { 1000 } else { 300 };
             let train_n = (3 * clients).max(least).min(data.train.len());
             assert!(3 * clients <= MAX_TRAIN, "{what}: raise MAX_TRAIN");
             let train_n = config
