@@ -5,8 +5,8 @@
 //! Activations are numbered: act 0 is the network input (after any crop), act i+1 the output of op
 //! i. A sequential model reads act i in op i; a residual block's first conv and its projection read
 //! the block's input, and its `Add` reads the main branch's output and the shortcut's. ReLUs that
-//! directly follow a conv, linear layer or join (and are the only reader of its output) are fused
-//! into it.
+//! directly follow a conv, linear layer, BatchNorm or join (and are the only reader of its output)
+//! are fused into it.
 
 use std::collections::BTreeSet;
 
@@ -76,6 +76,8 @@ pub(crate) struct BnOp {
     pub rm: usize,
     pub rv: usize,
     pub nbt: usize,
+    /// A following ReLU fused into this layer (applied after the affine map).
+    pub relu: bool,
 }
 
 #[derive(Clone, Debug)]
@@ -375,6 +377,7 @@ impl Builder {
             rm,
             rv,
             nbt,
+            relu: false,
         });
         self.push(op, input, [c, h, w], flat)
     }
@@ -738,8 +741,8 @@ pub(crate) fn readers(ops: &[Op], inputs: &[usize]) -> Vec<usize> {
     readers
 }
 
-/// Fuses each ReLU into the conv, linear layer or join right before it when it is that op's only
-/// reader (one pass less each way); renumbers the acts.
+/// Fuses each ReLU into the conv, linear layer, BatchNorm or join right before it when it is that
+/// op's only reader (one pass less each way); renumbers the acts.
 fn fuse_relus(ops: Vec<Op>, inputs: Vec<usize>) -> (Vec<Op>, Vec<usize>) {
     let readers = readers(&ops, &inputs);
     // new_act[a]: the act of the fused plan holding old act a.
@@ -753,6 +756,7 @@ fn fuse_relus(ops: Vec<Op>, inputs: Vec<usize>) -> (Vec<Op>, Vec<usize>) {
                 Op::Conv(c) => Some(&mut c.relu),
                 Op::Linear(l) => Some(&mut l.relu),
                 Op::Add { relu, .. } => Some(relu),
+                Op::BatchNorm(b) => Some(&mut b.relu),
                 _ => None,
             };
             if let Some(flag) = flag.filter(|f| !**f) {
@@ -769,4 +773,37 @@ fn fuse_relus(ops: Vec<Op>, inputs: Vec<usize>) -> (Vec<Op>, Vec<usize>) {
         new_act[i + 1] = fused.len();
     }
     (fused, fused_inputs)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::spec::ModelSpec;
+
+    /// In a ResNet every ReLU follows a BatchNorm (conv -> BN -> ReLU) or a join (BN -> add ->
+    /// ReLU), and each is fused into it: no ReLU op is left, and an `Add` still reads the
+    /// pre-activation output of its branch's last BatchNorm.
+    #[test]
+    fn resnet_relus_fuse_into_batchnorm_and_joins() {
+        let spec = ModelSpec::by_name("resnet20", [3, 32, 32], 10).unwrap();
+        let plan = Plan::build(&spec).unwrap();
+        let ops = &plan.ops;
+        assert!(!ops.iter().any(|o| matches!(o, Op::Relu { .. })));
+        let bn_relu = |o: &Op| matches!(o, Op::BatchNorm(b) if b.relu);
+        // The stem's BatchNorm and the first of each of the 9 blocks.
+        assert_eq!(ops.iter().filter(|o| bn_relu(o)).count(), 1 + 9);
+        let joins: Vec<usize> = (0..ops.len())
+            .filter(|&i| matches!(ops[i], Op::Add { relu: true, .. }))
+            .collect();
+        assert_eq!(joins.len(), 9);
+        for i in joins {
+            let main = plan.inputs[i];
+            assert!(
+                matches!(&ops[main - 1], Op::BatchNorm(b) if !b.relu),
+                "join {i} reads op {}: {:?}",
+                main - 1,
+                ops[main - 1]
+            );
+        }
+    }
 }

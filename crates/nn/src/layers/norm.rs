@@ -47,6 +47,66 @@ fn add_dy_dyx(sdy: &mut [f64; LANES], sdyx: &mut [f64; LANES], dy: &[f32], xhat:
     }
 }
 
+/// One channel's normalisation, as forward computes it and backward recomputes it (the same
+/// expressions, so the same bits): `xhat = (x - mean) * invstd`, the output `gamma * xhat + beta`,
+/// and whether a fused ReLU passes it (the output is positive).
+#[derive(Clone, Copy)]
+struct Affine {
+    mean: f32,
+    invstd: f32,
+    gamma: f32,
+    beta: f32,
+}
+
+impl Affine {
+    #[inline(always)]
+    fn xhat(self, x: f32) -> f32 {
+        (x - self.mean) * self.invstd
+    }
+
+    #[inline(always)]
+    fn out(self, xhat: f32) -> f32 {
+        self.gamma * xhat + self.beta
+    }
+
+    /// The output gradient and xhat at input `x`: with a fused ReLU, the gradient is zero where
+    /// the output was not positive (ReLU's mask, recomputed instead of stored).
+    #[inline(always)]
+    fn dy_xhat<const RELU: bool>(self, dy: f32, x: f32) -> (f32, f32) {
+        let xh = self.xhat(x);
+        // As ReLU's own backward: the gradient passes where the output `max(o, 0)` is positive,
+        // i.e. where `o > 0` (a NaN `o` gives 0, so it is masked too).
+        let passes = !RELU || self.out(xh) > 0.0;
+        (if passes { dy } else { 0.0 }, xh)
+    }
+}
+
+/// [`add_dy_dyx`] with xhat recomputed from the input and the fused ReLU's mask applied.
+#[inline(always)]
+fn add_dy_dyx_from_x<const RELU: bool>(
+    sdy: &mut [f64; LANES],
+    sdyx: &mut [f64; LANES],
+    dy: &[f32],
+    x: &[f32],
+    a: Affine,
+) {
+    assert_eq!(dy.len(), x.len());
+    let (cd, cx) = (dy.chunks_exact(LANES), x.chunks_exact(LANES));
+    let (rd, rx) = (cd.remainder(), cx.remainder());
+    for (d, x) in cd.zip(cx) {
+        for l in 0..LANES {
+            let (d, xh) = a.dy_xhat::<RELU>(d[l], x[l]);
+            sdy[l] += f64::from(d);
+            sdyx[l] += f64::from(d * xh);
+        }
+    }
+    for (l, (&d, &x)) in rd.iter().zip(rx).enumerate() {
+        let (d, xh) = a.dy_xhat::<RELU>(d, x);
+        sdy[l] += f64::from(d);
+        sdyx[l] += f64::from(d * xh);
+    }
+}
+
 /// The lanes' total, added in lane order.
 #[inline(always)]
 fn total(acc: [f64; LANES]) -> f64 {
@@ -57,10 +117,9 @@ pub(crate) const BN_EPS: f32 = 1e-5;
 pub(crate) const BN_MOMENTUM: f32 = 0.1;
 pub(crate) const GN_EPS: f32 = 1e-5;
 
-/// What BatchNorm's forward keeps for backward and for the running statistics.
+/// What BatchNorm's forward keeps for backward and for the running statistics. The normalised
+/// input is not kept: backward recomputes it from the input, which the graph keeps anyway.
 pub(crate) struct BnSaved<'a> {
-    /// Normalised input.
-    pub xhat: &'a mut [f32],
     /// Per-channel inverse standard deviation.
     pub invstd: &'a mut [f32],
     /// Per-channel mean and biased variance used (the batch's, or the running ones).
@@ -69,7 +128,8 @@ pub(crate) struct BnSaved<'a> {
 }
 
 /// `batch_stats`: normalise with the batch's statistics (training with `train`/`local`);
-/// otherwise with the running ones in `buf` (evaluation, or training with `frozen`).
+/// otherwise with the running ones in `buf` (evaluation, or training with `frozen`). The fused
+/// ReLU, if any, is applied to the output.
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
 pub(crate) fn bn_forward(
@@ -82,12 +142,7 @@ pub(crate) fn bn_forward(
     n: usize,
     batch_stats: bool,
 ) {
-    let BnSaved {
-        xhat,
-        invstd,
-        mean,
-        var,
-    } = saved;
+    let BnSaved { invstd, mean, var } = saved;
     let m = (n * b.hw) as f64;
     for ch in 0..b.c {
         let (mu, v) = if batch_stats {
@@ -113,20 +168,33 @@ pub(crate) fn bn_forward(
         var[ch] = v;
         let is = 1.0 / (v + BN_EPS).sqrt();
         invstd[ch] = is;
-        let (g, be) = (p[b.w + ch], p[b.b + ch]);
+        let a = Affine {
+            mean: mu,
+            invstd: is,
+            gamma: p[b.w + ch],
+            beta: p[b.b + ch],
+        };
         for smp in 0..n {
             let r = (smp * b.c + ch) * b.hw..(smp * b.c + ch + 1) * b.hw;
             // Zipped slices: no per-element bounds check, so the loop is vector code.
-            for ((xh, o), &v) in xhat[r.clone()].iter_mut().zip(&mut y[r.clone()]).zip(&x[r]) {
-                *xh = (v - mu) * is;
-                *o = g * *xh + be;
+            let (y, x) = (&mut y[r.clone()], &x[r]);
+            if b.relu {
+                for (o, &v) in y.iter_mut().zip(x) {
+                    *o = a.out(a.xhat(v)).max(0.0);
+                }
+            } else {
+                for (o, &v) in y.iter_mut().zip(x) {
+                    *o = a.out(a.xhat(v));
+                }
             }
         }
     }
 }
 
 /// Weight and bias gradients into `grads`; with `need_dx`, the input gradient into `dx` (through
-/// the batch statistics when `batch_stats`, else a per-channel scale).
+/// the batch statistics when `batch_stats`, else a per-channel scale). `x` is the forward's
+/// input and `mean`, `invstd` what forward saved; `dy` is the gradient of the output after the
+/// fused ReLU, if any.
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
 pub(crate) fn bn_backward(
@@ -135,7 +203,52 @@ pub(crate) fn bn_backward(
     grads: &mut [f32],
     dy: &[f32],
     dx: &mut [f32],
-    xhat: &[f32],
+    (x, mean, invstd): (&[f32], &[f32], &[f32]),
+    n: usize,
+    batch_stats: bool,
+    need_dx: bool,
+) {
+    if b.relu {
+        bn_backward_with::<true>(
+            b,
+            p,
+            grads,
+            dy,
+            dx,
+            x,
+            mean,
+            invstd,
+            n,
+            batch_stats,
+            need_dx,
+        );
+    } else {
+        bn_backward_with::<false>(
+            b,
+            p,
+            grads,
+            dy,
+            dx,
+            x,
+            mean,
+            invstd,
+            n,
+            batch_stats,
+            need_dx,
+        );
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn bn_backward_with<const RELU: bool>(
+    b: &BnOp,
+    p: &[f32],
+    grads: &mut [f32],
+    dy: &[f32],
+    dx: &mut [f32],
+    x: &[f32],
+    mean: &[f32],
     invstd: &[f32],
     n: usize,
     batch_stats: bool,
@@ -143,11 +256,17 @@ pub(crate) fn bn_backward(
 ) {
     let m = (n * b.hw) as f32;
     for ch in 0..b.c {
+        let a = Affine {
+            mean: mean[ch],
+            invstd: invstd[ch],
+            gamma: p[b.w + ch],
+            beta: p[b.b + ch],
+        };
         let (mut ady, mut adyx) = ([0f64; LANES], [0f64; LANES]);
         for smp in 0..n {
             let off = (smp * b.c + ch) * b.hw;
-            let (dy, xhat) = (&dy[off..off + b.hw], &xhat[off..off + b.hw]);
-            add_dy_dyx(&mut ady, &mut adyx, dy, xhat);
+            let (dy, x) = (&dy[off..off + b.hw], &x[off..off + b.hw]);
+            add_dy_dyx_from_x::<RELU>(&mut ady, &mut adyx, dy, x, a);
         }
         let (sdy, sdyx) = (total(ady), total(adyx));
         grads[b.w + ch] = sdyx as f32;
@@ -155,19 +274,19 @@ pub(crate) fn bn_backward(
         if !need_dx {
             continue;
         }
-        let g = p[b.w + ch];
-        let k = g * invstd[ch];
+        let k = a.gamma * a.invstd;
         let (mdy, mdyx) = ((sdy / f64::from(m)) as f32, (sdyx / f64::from(m)) as f32);
         for smp in 0..n {
             let r = (smp * b.c + ch) * b.hw..(smp * b.c + ch + 1) * b.hw;
-            let (dx, dy, xhat) = (&mut dx[r.clone()], &dy[r.clone()], &xhat[r]);
+            let (dx, dy, x) = (&mut dx[r.clone()], &dy[r.clone()], &x[r]);
             if batch_stats {
-                for ((d, &g), &xh) in dx.iter_mut().zip(dy).zip(xhat) {
+                for ((d, &g), &v) in dx.iter_mut().zip(dy).zip(x) {
+                    let (g, xh) = a.dy_xhat::<RELU>(g, v);
                     *d = k * (g - mdy - xh * mdyx);
                 }
             } else {
-                for (d, &g) in dx.iter_mut().zip(dy) {
-                    *d = k * g;
+                for ((d, &g), &v) in dx.iter_mut().zip(dy).zip(x) {
+                    *d = k * a.dy_xhat::<RELU>(g, v).0;
                 }
             }
         }

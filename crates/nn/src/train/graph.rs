@@ -110,24 +110,13 @@ impl Trainer {
                     );
                 }
                 Op::BatchNorm(b) => {
-                    let Scratch::Bn {
-                        xhat,
-                        invstd,
-                        mean,
-                        var,
-                    } = &mut self.scratch[i]
-                    else {
+                    let Scratch::Bn { invstd, mean, var } = &mut self.scratch[i] else {
                         unreachable!()
                     };
                     let batch_stats =
                         matches!(mode, Mode::Train(BnPolicy::Train | BnPolicy::Local))
                             && !self.frozen_stats[i];
-                    let saved = BnSaved {
-                        xhat,
-                        invstd,
-                        mean,
-                        var,
-                    };
+                    let saved = BnSaved { invstd, mean, var };
                     bn_forward(b, p, buf, x, y, saved, n, batch_stats);
                 }
                 Op::GroupNorm(g) => {
@@ -294,12 +283,22 @@ impl Trainer {
                     }
                 }
                 Op::BatchNorm(b) => {
-                    let Scratch::Bn { xhat, invstd, .. } = &self.scratch[i] else {
+                    let Scratch::Bn { invstd, mean, .. } = &self.scratch[i] else {
                         unreachable!()
                     };
                     let batch_stats =
                         matches!(bn, BnPolicy::Train | BnPolicy::Local) && !self.frozen_stats[i];
-                    bn_backward(b, pm, grads, dy, dx, xhat, invstd, n, batch_stats, need_dx);
+                    bn_backward(
+                        b,
+                        pm,
+                        grads,
+                        dy,
+                        dx,
+                        (x, mean, invstd),
+                        n,
+                        batch_stats,
+                        need_dx,
+                    );
                 }
                 Op::GroupNorm(g) => {
                     let Scratch::Gn { xhat, invstd } = &self.scratch[i] else {

@@ -102,9 +102,9 @@ enum Scratch {
         pw: Vec<f32>,
         t: Vec<f32>,
     },
-    /// BatchNorm: normalised input, per-channel inverse std, batch mean and biased variance.
+    /// BatchNorm: per-channel inverse std, mean and biased variance used (backward recomputes
+    /// the normalised input from them and the input).
     Bn {
-        xhat: Vec<f32>,
         invstd: Vec<f32>,
         mean: Vec<f32>,
         var: Vec<f32>,
@@ -247,7 +247,6 @@ impl Trainer {
                     t: vec![0.0; out],
                 },
                 Op::BatchNorm(b) => Scratch::Bn {
-                    xhat: vec![0.0; max_batch * out],
                     invstd: vec![0.0; b.c],
                     mean: vec![0.0; b.c],
                     var: vec![0.0; b.c],
@@ -408,12 +407,7 @@ impl Trainer {
                 Scratch::None => 0,
                 Scratch::Pool(v) => v.len(),
                 Scratch::Lrn { s, pw, t } => s.len() + pw.len() + t.len(),
-                Scratch::Bn {
-                    xhat,
-                    invstd,
-                    mean,
-                    var,
-                } => xhat.len() + invstd.len() + mean.len() + var.len(),
+                Scratch::Bn { invstd, mean, var } => invstd.len() + mean.len() + var.len(),
                 Scratch::Gn { xhat, invstd } => xhat.len() + invstd.len(),
                 Scratch::Drop(v) => v.len(),
             })
