@@ -205,6 +205,22 @@ pub(crate) fn im2col(g: &Geom, x: &[f32], col: &mut [f32], ld: usize) {
                     if g.sw == 1 {
                         let start = lo + kj - g.pl;
                         copy_short(&src[start..start + (hi - lo)], &mut out[lo..hi]);
+                    } else if g.sw == 2 && hi > lo {
+                        // Every other input, eight at a time from fixed-size arrays, so the
+                        // copy is vector shuffles without bounds checks.
+                        let (start, n) = (lo * 2 + kj - g.pl, hi - lo);
+                        let taken = &src[start..start + 2 * n - 1];
+                        let out = &mut out[lo..hi];
+                        for b in 0..n / 8 {
+                            let i: &[f32; 15] = taken[16 * b..16 * b + 15].try_into().unwrap();
+                            let o: &mut [f32; 8] = (&mut out[8 * b..8 * b + 8]).try_into().unwrap();
+                            for k in 0..8 {
+                                o[k] = i[2 * k];
+                            }
+                        }
+                        for j in n / 8 * 8..n {
+                            out[j] = taken[2 * j];
+                        }
                     } else if hi > lo {
                         // Strided reads without a bounds check per element.
                         let start = lo * g.sw + kj - g.pl;
@@ -243,6 +259,22 @@ pub(crate) fn col2im(g: &Geom, col: &[f32], ld: usize, dx: &mut [f32]) {
                         let start = lo + kj - g.pl;
                         for (d, v) in dst[start..start + (hi - lo)].iter_mut().zip(&s[lo..hi]) {
                             *d += v;
+                        }
+                    } else if g.sw == 2 && hi > lo {
+                        // As im2col's stride-2 copy: eight at a time from fixed-size arrays.
+                        let (start, n) = (lo * 2 + kj - g.pl, hi - lo);
+                        let hit = &mut dst[start..start + 2 * n - 1];
+                        let s = &s[lo..hi];
+                        for b in 0..n / 8 {
+                            let d: &mut [f32; 15] =
+                                (&mut hit[16 * b..16 * b + 15]).try_into().unwrap();
+                            let v: &[f32; 8] = s[8 * b..8 * b + 8].try_into().unwrap();
+                            for k in 0..8 {
+                                d[2 * k] += v[k];
+                            }
+                        }
+                        for j in n / 8 * 8..n {
+                            hit[2 * j] += s[j];
                         }
                     } else if hi > lo {
                         let start = lo * g.sw + kj - g.pl;

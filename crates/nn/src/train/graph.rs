@@ -212,6 +212,10 @@ impl Trainer {
             }
             let dy = &ghi[0];
             let added = need_dx && has_grad[input];
+            // A join passes its output gradient unchanged to both inputs: the main input takes
+            // the buffer itself (swapped in below, after the shortcut's copy), not a copy.
+            let join_hands_over =
+                need_dx && !added && matches!(op, Op::Add { skip, .. } if *skip != input);
             let dx: &mut [f32] = if !need_dx {
                 &mut no_dx
             } else if added {
@@ -312,7 +316,7 @@ impl Trainer {
                     }
                 }
                 Op::Add { len, .. } => {
-                    if need_dx {
+                    if need_dx && !join_hands_over {
                         let len = n * len;
                         dx[..len].copy_from_slice(&dy[..len]);
                     }
@@ -335,6 +339,11 @@ impl Trainer {
                     glo[skip][..len].copy_from_slice(&dy[..len]);
                     has_grad[skip] = true;
                 }
+            }
+            if join_hands_over {
+                // Both buffers hold this many values (a join's input and output have one shape),
+                // and nothing reads the join's output gradient after its own backward.
+                std::mem::swap(&mut glo[input], &mut ghi[0]);
             }
         }
         if let (Some(sgd), Some(op)) = (sgd, self.plan.ops.first()) {
