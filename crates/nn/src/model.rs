@@ -2,7 +2,7 @@
 //! running statistics and batch counters) and the table of named tensors (PyTorch names and
 //! layouts) that views them. Also PyTorch-default initialisation and safetensors I/O.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
 use rand::{Rng, SeedableRng};
@@ -185,11 +185,24 @@ impl Model {
             (META_BUFFERS.to_string(), buffers.join(",")),
             (META_MODEL.to_string(), self.spec.name.clone()),
         ]);
-        safetensors::serialize(views, Some(meta)).map_err(|e| NnError::Safetensors {
+        // The metadata as the crate writes it (in the map's iteration order, which differs from
+        // one process to the next) and with its keys sorted.
+        let json_err = |e: serde_json::Error| NnError::Safetensors {
             origin: "(in memory)".into(),
             tensor: None,
             msg: e.to_string(),
-        })
+        };
+        let emitted = serde_json::to_string(&meta).map_err(json_err)?;
+        let sorted =
+            serde_json::to_string(&meta.iter().collect::<BTreeMap<_, _>>()).map_err(json_err)?;
+        let mut bytes =
+            safetensors::serialize(views, Some(meta)).map_err(|e| NnError::Safetensors {
+                origin: "(in memory)".into(),
+                tensor: None,
+                msg: e.to_string(),
+            })?;
+        sort_metadata(&mut bytes, &emitted, &sorted);
+        Ok(bytes)
     }
 
     /// Reads a model of `spec` from safetensors bytes, strictly (as PyTorch's
@@ -321,6 +334,23 @@ impl Model {
             source,
         })?;
         Model::from_safetensors_bytes(spec, &bytes, &path.display().to_string())
+    }
+}
+
+/// Rewrites the `__metadata__` object at the start of a safetensors header from the order the
+/// crate wrote it in (`emitted`: a `HashMap`'s, random per process) to `sorted`, the same entries
+/// with sorted keys and so the same length: the same model then gives the same file bytes in
+/// every run, as its weights are the same bits. Leaves `bytes` alone if the header does not start
+/// as expected.
+fn sort_metadata(bytes: &mut [u8], emitted: &str, sorted: &str) {
+    const PREFIX: &[u8] = b"{\"__metadata__\":";
+    let start = 8 + PREFIX.len();
+    let end = start + emitted.len();
+    if emitted.len() == sorted.len()
+        && bytes.get(8..start) == Some(PREFIX)
+        && bytes.get(start..end) == Some(emitted.as_bytes())
+    {
+        bytes[start..end].copy_from_slice(sorted.as_bytes());
     }
 }
 

@@ -491,6 +491,31 @@ fn bad_input_is_an_error_not_a_panic() {
     ));
 }
 
+/// The same model gives the same file bytes however often it is saved: the header's metadata
+/// comes from a `HashMap`, whose order differs between instances and processes, so fedra sorts
+/// it (weights equal in two runs then mean files equal, and a checksum can say so).
+#[test]
+fn safetensors_bytes_are_deterministic_with_sorted_metadata() {
+    let spec = ModelSpec::by_name("mnist-cnn-bn", [1, 28, 28], 10).unwrap();
+    let model = Model::new(&spec, 3).unwrap();
+    let first = model.to_safetensors_bytes().unwrap();
+    for _ in 0..12 {
+        assert!(model.to_safetensors_bytes().unwrap() == first);
+    }
+    let header_len = u64::from_le_bytes(first[..8].try_into().unwrap()) as usize;
+    let header = std::str::from_utf8(&first[8..8 + header_len]).unwrap();
+    assert!(
+        header.starts_with(r#"{"__metadata__":{"fedra.buffers":"#),
+        "{}",
+        &header[..80]
+    );
+    let (fmt, model_key) = (
+        header.find(r#""format":"pt""#).unwrap(),
+        header.find(r#""fedra.model":"mnist-cnn-bn""#).unwrap(),
+    );
+    assert!(model_key < fmt, "{}", &header[..200]);
+}
+
 #[test]
 fn safetensors_round_trip_and_errors() {
     let spec = ModelSpec::by_name("kws-cnn-bn", [1, 49, 10], 12).unwrap();
