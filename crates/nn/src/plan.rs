@@ -5,8 +5,8 @@
 //! Activations are numbered: act 0 is the network input (after any crop), act i+1 the output of op
 //! i. A sequential model reads act i in op i; a residual block's first conv and its projection read
 //! the block's input, and its `Add` reads the main branch's output and the shortcut's. ReLUs that
-//! directly follow a conv, linear layer, BatchNorm or join (and are the only reader of its output)
-//! are fused into it.
+//! directly follow a conv, linear layer, normalisation or join (and are the only reader of its
+//! output) are fused into it.
 
 use std::collections::BTreeSet;
 
@@ -87,6 +87,8 @@ pub(crate) struct GnOp {
     pub groups: usize,
     pub w: usize,
     pub b: usize,
+    /// A following ReLU fused into this layer (applied after the affine map).
+    pub relu: bool,
 }
 
 /// One compiled layer (Flatten compiles to nothing: NCHW data is already flat in C,H,W order).
@@ -404,6 +406,7 @@ impl Builder {
             groups,
             w: wo,
             b: bo,
+            relu: false,
         });
         Ok(self.push(op, input, [c, h, w], false))
     }
@@ -741,8 +744,8 @@ pub(crate) fn readers(ops: &[Op], inputs: &[usize]) -> Vec<usize> {
     readers
 }
 
-/// Fuses each ReLU into the conv, linear layer, BatchNorm or join right before it when it is that
-/// op's only reader (one pass less each way); renumbers the acts.
+/// Fuses each ReLU into the conv, linear layer, normalisation or join right before it when it is
+/// that op's only reader (one pass less each way); renumbers the acts.
 fn fuse_relus(ops: Vec<Op>, inputs: Vec<usize>) -> (Vec<Op>, Vec<usize>) {
     let readers = readers(&ops, &inputs);
     // new_act[a]: the act of the fused plan holding old act a.
@@ -757,6 +760,7 @@ fn fuse_relus(ops: Vec<Op>, inputs: Vec<usize>) -> (Vec<Op>, Vec<usize>) {
                 Op::Linear(l) => Some(&mut l.relu),
                 Op::Add { relu, .. } => Some(relu),
                 Op::BatchNorm(b) => Some(&mut b.relu),
+                Op::GroupNorm(g) => Some(&mut g.relu),
                 _ => None,
             };
             if let Some(flag) = flag.filter(|f| !**f) {
@@ -780,11 +784,11 @@ mod tests {
     use super::*;
     use crate::spec::ModelSpec;
 
-    /// In a ResNet every ReLU follows a BatchNorm (conv -> BN -> ReLU) or a join (BN -> add ->
-    /// ReLU), and each is fused into it: no ReLU op is left, and an `Add` still reads the
+    /// In a ResNet every ReLU follows a normalisation (conv -> BN -> ReLU) or a join (BN -> add
+    /// -> ReLU), and each is fused into it: no ReLU op is left, and an `Add` still reads the
     /// pre-activation output of its branch's last BatchNorm.
     #[test]
-    fn resnet_relus_fuse_into_batchnorm_and_joins() {
+    fn resnet_relus_fuse_into_normalisations_and_joins() {
         let spec = ModelSpec::by_name("resnet20", [3, 32, 32], 10).unwrap();
         let plan = Plan::build(&spec).unwrap();
         let ops = &plan.ops;
@@ -805,5 +809,14 @@ mod tests {
                 ops[main - 1]
             );
         }
+        // The same with GroupNorm.
+        let spec = ModelSpec::by_name("resnet20-gn", [3, 32, 32], 10).unwrap();
+        let ops = Plan::build(&spec).unwrap().ops;
+        assert!(!ops.iter().any(|o| matches!(o, Op::Relu { .. })));
+        let gn_relu = ops
+            .iter()
+            .filter(|o| matches!(o, Op::GroupNorm(g) if g.relu))
+            .count();
+        assert_eq!(gn_relu, 1 + 9);
     }
 }

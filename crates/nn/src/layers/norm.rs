@@ -29,19 +29,35 @@ fn add_lanes(acc: &mut [f64; LANES], xs: &[f32], f: impl Fn(f32) -> f64) {
 }
 
 /// Backward's two sums in one pass: `sdy[j % LANES] += dy[j]` and `sdyx[j % LANES] += dy[j] *
-/// xhat[j]` (the product in f32, as before the lanes).
+/// xhat[j]` (the product in f32, as before the lanes); with a fused ReLU, `dy[j]` counts only
+/// where the output `gamma * xhat[j] + beta` was positive.
 #[inline(always)]
-fn add_dy_dyx(sdy: &mut [f64; LANES], sdyx: &mut [f64; LANES], dy: &[f32], xhat: &[f32]) {
+fn add_dy_dyx<const RELU: bool>(
+    sdy: &mut [f64; LANES],
+    sdyx: &mut [f64; LANES],
+    dy: &[f32],
+    xhat: &[f32],
+    (gamma, beta): (f32, f32),
+) {
     assert_eq!(dy.len(), xhat.len());
+    let masked = |d: f32, xh: f32| {
+        if !RELU || gamma * xh + beta > 0.0 {
+            d
+        } else {
+            0.0
+        }
+    };
     let (cd, cx) = (dy.chunks_exact(LANES), xhat.chunks_exact(LANES));
     let (rd, rx) = (cd.remainder(), cx.remainder());
     for (d, x) in cd.zip(cx) {
         for l in 0..LANES {
-            sdy[l] += f64::from(d[l]);
-            sdyx[l] += f64::from(d[l] * x[l]);
+            let d = masked(d[l], x[l]);
+            sdy[l] += f64::from(d);
+            sdyx[l] += f64::from(d * x[l]);
         }
     }
     for (l, (&d, &x)) in rd.iter().zip(rx).enumerate() {
+        let d = masked(d, x);
         sdy[l] += f64::from(d);
         sdyx[l] += f64::from(d * x);
     }
@@ -313,7 +329,8 @@ pub(crate) fn bn_update_running_stats(
     buf[b.nbt] += 1.0;
 }
 
-/// GroupNorm forward; keeps the normalised input and per-(example, group) inverse std.
+/// GroupNorm forward; keeps the normalised input and per-(example, group) inverse std. The fused
+/// ReLU, if any, is applied to the output.
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
 pub(crate) fn gn_forward(
@@ -347,15 +364,38 @@ pub(crate) fn gn_forward(
             for j in sg * block + k * g.hw..sg * block + (k + 1) * g.hw {
                 let xh = (x[j] - mu) * is;
                 xhat[j] = xh;
-                y[j] = gm * xh + be;
+                let o = gm * xh + be;
+                y[j] = if g.relu { o.max(0.0) } else { o };
             }
         }
     }
 }
 
+/// GroupNorm backward; `dy` is the gradient of the output after the fused ReLU, if any, whose
+/// mask is recomputed from the normalised input (the forward's expression, so the same bits).
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
 pub(crate) fn gn_backward(
+    g: &GnOp,
+    p: &[f32],
+    grads: &mut [f32],
+    dy: &[f32],
+    dx: &mut [f32],
+    xhat: &[f32],
+    invstd: &[f32],
+    n: usize,
+    need_dx: bool,
+) {
+    if g.relu {
+        gn_backward_with::<true>(g, p, grads, dy, dx, xhat, invstd, n, need_dx);
+    } else {
+        gn_backward_with::<false>(g, p, grads, dy, dx, xhat, invstd, n, need_dx);
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn gn_backward_with<const RELU: bool>(
     g: &GnOp,
     p: &[f32],
     grads: &mut [f32],
@@ -374,10 +414,11 @@ pub(crate) fn gn_backward(
         let first_c = (sg % g.groups) * cpg;
         let (mut a, mut bsum) = (0f64, 0f64);
         for k in 0..cpg {
-            let gm = p[g.w + first_c + k];
+            let (gm, be) = (p[g.w + first_c + k], p[g.b + first_c + k]);
             let range = sg * block + k * g.hw..sg * block + (k + 1) * g.hw;
             let (mut ady, mut adyx) = ([0f64; LANES], [0f64; LANES]);
-            add_dy_dyx(&mut ady, &mut adyx, &dy[range.clone()], &xhat[range]);
+            let (dy, xhat) = (&dy[range.clone()], &xhat[range]);
+            add_dy_dyx::<RELU>(&mut ady, &mut adyx, dy, xhat, (gm, be));
             let (sdy, sdyx) = (total(ady) as f32, total(adyx) as f32);
             grads[g.w + first_c + k] += sdyx;
             grads[g.b + first_c + k] += sdy;
@@ -390,9 +431,12 @@ pub(crate) fn gn_backward(
         let is = invstd[sg];
         let (ma, mb) = ((a / block as f64) as f32, (bsum / block as f64) as f32);
         for k in 0..cpg {
-            let gm = p[g.w + first_c + k];
-            for j in sg * block + k * g.hw..sg * block + (k + 1) * g.hw {
-                dx[j] = is * (gm * dy[j] - ma - xhat[j] * mb);
+            let (gm, be) = (p[g.w + first_c + k], p[g.b + first_c + k]);
+            let range = sg * block + k * g.hw..sg * block + (k + 1) * g.hw;
+            let (dx, dy, xhat) = (&mut dx[range.clone()], &dy[range.clone()], &xhat[range]);
+            for ((d, &gy), &xh) in dx.iter_mut().zip(dy).zip(xhat) {
+                let gy = if !RELU || gm * xh + be > 0.0 { gy } else { 0.0 };
+                *d = is * (gm * gy - ma - xh * mb);
             }
         }
     }
