@@ -7,8 +7,9 @@
 //! What is scaled down, and why:
 //! - `train.rounds` = 1, `eval.every` = 1;
 //! - `data.train_examples` / `data.test_examples`: 300 (1,000 with sharing, 3 per client with
-//!   1,000 clients) / 100 examples: enough for every partition scheme and sharing setting of the
-//!   files to be feasible, few enough that the 211 cells take ~4 minutes, not 8;
+//!   1,000 clients) / 100 examples, the test ones taking the classes in turn (a class-ordered
+//!   test file would otherwise give one class): enough for every partition scheme and sharing
+//!   setting of the files to be feasible, few enough that the 211 cells take ~4 minutes, not 8;
 //! - `share.holdout` (and so |G|) in proportion, `share.warmup_epochs` at most 1;
 //! - `model.init` (the pre-trained runs read the SGD run's final weights) points at a freshly
 //!   initialised model saved in a temporary folder; a model file (`models/*.toml`) is read from
@@ -22,7 +23,7 @@
 use std::path::{Path, PathBuf};
 
 use fedra_data::speech::FeatureCache;
-use fedra_data::{DatasetName, LoadOptions, SpeechOptions, TrainTest, load};
+use fedra_data::{Dataset, DatasetName, LoadOptions, SpeechOptions, TrainTest, load};
 use fedra_fl::federation::model_spec;
 use fedra_fl::sweep::expand;
 use fedra_nn::Model;
@@ -81,14 +82,21 @@ fn load_dataset(name: DatasetName) -> TrainTest {
     };
     let data = load(name, Some(&dir), &opts).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
     if name != DatasetName::SpeechCommands {
-        // Cut here, once: each run clones what it is given.
+        // Cut here, once: each run clones what it is given. The test files can be in class order
+        // (the shared CIFAR-10 test file is), so the test cut takes the classes in turn and every
+        // run is evaluated on every class.
+        let test = interleave_classes(&data.test);
+        let test = test.subset(&(0..MAX_TEST.min(test.len())).collect::<Vec<_>>());
+        assert!(
+            test.class_counts().iter().all(|&n| n > 0),
+            "{name:?}: the test cut misses a class: {:?}",
+            test.class_counts()
+        );
         return TrainTest {
             train: data
                 .train
                 .subset(&(0..MAX_TRAIN.min(data.train.len())).collect::<Vec<_>>()),
-            test: data
-                .test
-                .subset(&(0..MAX_TEST.min(data.test.len())).collect::<Vec<_>>()),
+            test,
         };
     }
     // Every clip of the shared subset is in the official testing split, so the loader splits it
@@ -100,21 +108,25 @@ fn load_dataset(name: DatasetName) -> TrainTest {
         data.test.len()
     );
     // The clips come in class order and the runs keep only a file-order prefix of train, so
-    // interleave the classes (first clip of each class, then the second, ...) to keep every
-    // class in it.
-    let train = data.train;
-    let mut seen = vec![0usize; train.class_names.len()];
-    let mut rank = Vec::with_capacity(train.len());
-    for &label in &train.labels {
+    // interleave the classes to keep every class in it.
+    TrainTest {
+        train: interleave_classes(&data.train),
+        test: data.test,
+    }
+}
+
+/// The dataset reordered so the classes take turns: the first example of each class, then the
+/// second, ...; any prefix of it holds every class it can.
+fn interleave_classes(data: &Dataset) -> Dataset {
+    let mut seen = vec![0usize; data.class_names.len()];
+    let mut rank = Vec::with_capacity(data.len());
+    for &label in &data.labels {
         rank.push(seen[label as usize]);
         seen[label as usize] += 1;
     }
-    let mut order: Vec<usize> = (0..train.len()).collect();
-    order.sort_by_key(|&i| (rank[i], train.labels[i]));
-    TrainTest {
-        train: train.subset(&order),
-        test: data.test,
-    }
+    let mut order: Vec<usize> = (0..data.len()).collect();
+    order.sort_by_key(|&i| (rank[i], data.labels[i]));
+    data.subset(&order)
 }
 
 #[test]
