@@ -28,39 +28,41 @@ fn add_lanes(acc: &mut [f64; LANES], xs: &[f32], f: impl Fn(f32) -> f64) {
     }
 }
 
-/// Backward's two sums in one pass: `sdy[j % LANES] += dy[j]` and `sdyx[j % LANES] += dy[j] *
-/// xhat[j]` (the product in f32, as before the lanes); with a fused ReLU, `dy[j]` counts only
-/// where the output `gamma * xhat[j] + beta` was positive.
+/// Backward's two sums in one pass: `sdy[j % LANES] += d` and `sdyx[j % LANES] += d * xhat` (the
+/// product in f32, as before the lanes), where `(d, xhat) = at(dy[j], v[j])` gives the output
+/// gradient that passed the fused ReLU, if any, and the normalised input, from `v` (the stored
+/// normalised input, or the input it is recomputed from).
 #[inline(always)]
-fn add_dy_dyx<const RELU: bool>(
+fn add_dy_dyx(
     sdy: &mut [f64; LANES],
     sdyx: &mut [f64; LANES],
     dy: &[f32],
-    xhat: &[f32],
-    (gamma, beta): (f32, f32),
+    v: &[f32],
+    at: impl Fn(f32, f32) -> (f32, f32),
 ) {
-    assert_eq!(dy.len(), xhat.len());
-    let masked = |d: f32, xh: f32| {
-        if !RELU || gamma * xh + beta > 0.0 {
-            d
-        } else {
-            0.0
-        }
-    };
-    let (cd, cx) = (dy.chunks_exact(LANES), xhat.chunks_exact(LANES));
-    let (rd, rx) = (cd.remainder(), cx.remainder());
-    for (d, x) in cd.zip(cx) {
+    assert_eq!(dy.len(), v.len());
+    let (cd, cv) = (dy.chunks_exact(LANES), v.chunks_exact(LANES));
+    let (rd, rv) = (cd.remainder(), cv.remainder());
+    for (d, v) in cd.zip(cv) {
         for l in 0..LANES {
-            let d = masked(d[l], x[l]);
+            let (d, xh) = at(d[l], v[l]);
             sdy[l] += f64::from(d);
-            sdyx[l] += f64::from(d * x[l]);
+            sdyx[l] += f64::from(d * xh);
         }
     }
-    for (l, (&d, &x)) in rd.iter().zip(rx).enumerate() {
-        let d = masked(d, x);
+    for (l, (&d, &v)) in rd.iter().zip(rv).enumerate() {
+        let (d, xh) = at(d, v);
         sdy[l] += f64::from(d);
-        sdyx[l] += f64::from(d * x);
+        sdyx[l] += f64::from(d * xh);
     }
+}
+
+/// ReLU's backward on a normalisation's output `out` (before the ReLU): the gradient passes
+/// where `max(out, 0)` is positive, i.e. where `out > 0` (a NaN `out` gives 0, so it is masked
+/// too); without a fused ReLU, always.
+#[inline(always)]
+fn relu_passes<const RELU: bool>(out: f32) -> bool {
+    !RELU || out > 0.0
 }
 
 /// One channel's normalisation, as forward computes it and backward recomputes it (the same
@@ -85,41 +87,19 @@ impl Affine {
         self.gamma * xhat + self.beta
     }
 
-    /// The output gradient and xhat at input `x`: with a fused ReLU, the gradient is zero where
-    /// the output was not positive (ReLU's mask, recomputed instead of stored).
+    /// The output gradient that passed the fused ReLU, if any (its mask recomputed instead of
+    /// stored), and xhat, at input `x`.
     #[inline(always)]
     fn dy_xhat<const RELU: bool>(self, dy: f32, x: f32) -> (f32, f32) {
         let xh = self.xhat(x);
-        // As ReLU's own backward: the gradient passes where the output `max(o, 0)` is positive,
-        // i.e. where `o > 0` (a NaN `o` gives 0, so it is masked too).
-        let passes = !RELU || self.out(xh) > 0.0;
-        (if passes { dy } else { 0.0 }, xh)
-    }
-}
-
-/// [`add_dy_dyx`] with xhat recomputed from the input and the fused ReLU's mask applied.
-#[inline(always)]
-fn add_dy_dyx_from_x<const RELU: bool>(
-    sdy: &mut [f64; LANES],
-    sdyx: &mut [f64; LANES],
-    dy: &[f32],
-    x: &[f32],
-    a: Affine,
-) {
-    assert_eq!(dy.len(), x.len());
-    let (cd, cx) = (dy.chunks_exact(LANES), x.chunks_exact(LANES));
-    let (rd, rx) = (cd.remainder(), cx.remainder());
-    for (d, x) in cd.zip(cx) {
-        for l in 0..LANES {
-            let (d, xh) = a.dy_xhat::<RELU>(d[l], x[l]);
-            sdy[l] += f64::from(d);
-            sdyx[l] += f64::from(d * xh);
-        }
-    }
-    for (l, (&d, &x)) in rd.iter().zip(rx).enumerate() {
-        let (d, xh) = a.dy_xhat::<RELU>(d, x);
-        sdy[l] += f64::from(d);
-        sdyx[l] += f64::from(d * xh);
+        (
+            if relu_passes::<RELU>(self.out(xh)) {
+                dy
+            } else {
+                0.0
+            },
+            xh,
+        )
     }
 }
 
@@ -219,39 +199,15 @@ pub(crate) fn bn_backward(
     grads: &mut [f32],
     dy: &[f32],
     dx: &mut [f32],
-    (x, mean, invstd): (&[f32], &[f32], &[f32]),
+    saved: (&[f32], &[f32], &[f32]),
     n: usize,
     batch_stats: bool,
     need_dx: bool,
 ) {
     if b.relu {
-        bn_backward_with::<true>(
-            b,
-            p,
-            grads,
-            dy,
-            dx,
-            x,
-            mean,
-            invstd,
-            n,
-            batch_stats,
-            need_dx,
-        );
+        bn_backward_with::<true>(b, p, grads, dy, dx, saved, n, batch_stats, need_dx);
     } else {
-        bn_backward_with::<false>(
-            b,
-            p,
-            grads,
-            dy,
-            dx,
-            x,
-            mean,
-            invstd,
-            n,
-            batch_stats,
-            need_dx,
-        );
+        bn_backward_with::<false>(b, p, grads, dy, dx, saved, n, batch_stats, need_dx);
     }
 }
 
@@ -263,9 +219,7 @@ fn bn_backward_with<const RELU: bool>(
     grads: &mut [f32],
     dy: &[f32],
     dx: &mut [f32],
-    x: &[f32],
-    mean: &[f32],
-    invstd: &[f32],
+    (x, mean, invstd): (&[f32], &[f32], &[f32]),
     n: usize,
     batch_stats: bool,
     need_dx: bool,
@@ -282,7 +236,7 @@ fn bn_backward_with<const RELU: bool>(
         for smp in 0..n {
             let off = (smp * b.c + ch) * b.hw;
             let (dy, x) = (&dy[off..off + b.hw], &x[off..off + b.hw]);
-            add_dy_dyx_from_x::<RELU>(&mut ady, &mut adyx, dy, x, a);
+            add_dy_dyx(&mut ady, &mut adyx, dy, x, |d, v| a.dy_xhat::<RELU>(d, v));
         }
         let (sdy, sdyx) = (total(ady), total(adyx));
         grads[b.w + ch] = sdyx as f32;
@@ -418,7 +372,16 @@ fn gn_backward_with<const RELU: bool>(
             let range = sg * block + k * g.hw..sg * block + (k + 1) * g.hw;
             let (mut ady, mut adyx) = ([0f64; LANES], [0f64; LANES]);
             let (dy, xhat) = (&dy[range.clone()], &xhat[range]);
-            add_dy_dyx::<RELU>(&mut ady, &mut adyx, dy, xhat, (gm, be));
+            add_dy_dyx(&mut ady, &mut adyx, dy, xhat, |d, xh| {
+                (
+                    if relu_passes::<RELU>(gm * xh + be) {
+                        d
+                    } else {
+                        0.0
+                    },
+                    xh,
+                )
+            });
             let (sdy, sdyx) = (total(ady) as f32, total(adyx) as f32);
             grads[g.w + first_c + k] += sdyx;
             grads[g.b + first_c + k] += sdy;
@@ -435,7 +398,11 @@ fn gn_backward_with<const RELU: bool>(
             let range = sg * block + k * g.hw..sg * block + (k + 1) * g.hw;
             let (dx, dy, xhat) = (&mut dx[range.clone()], &dy[range.clone()], &xhat[range]);
             for ((d, &gy), &xh) in dx.iter_mut().zip(dy).zip(xhat) {
-                let gy = if !RELU || gm * xh + be > 0.0 { gy } else { 0.0 };
+                let gy = if relu_passes::<RELU>(gm * xh + be) {
+                    gy
+                } else {
+                    0.0
+                };
                 *d = is * (gm * gy - ma - xh * mb);
             }
         }
