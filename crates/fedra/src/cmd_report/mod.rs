@@ -1,5 +1,8 @@
 //! `fedra report`: read run folders and write `report.md` with pictures, every measured number
 //! printed beside the study's.
+//!
+//! Here: the command, the study-comparison sections and the charts' tables; reading the run folders
+//! in `runs`, the clinical section in `clinical`.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -7,14 +10,18 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
 
-use fedra_data::stats::PartitionStats;
 use fedra_fl::ExperimentConfig;
 use fedra_fl::config::Convergence;
-use fedra_sim::Summary;
 
 use crate::charts;
 use crate::paper;
 use crate::plot;
+
+mod clinical;
+mod runs;
+
+use clinical::write_clinical;
+use runs::{Row, RunInfo, find_runs, read_run};
 
 #[derive(clap::Args)]
 pub struct ReportArgs {
@@ -25,214 +32,6 @@ pub struct ReportArgs {
     /// Where to write report.md and the pictures.
     #[arg(long, default_value = "report")]
     out: PathBuf,
-}
-
-/// One row of `metrics.csv`.
-#[derive(Clone, Debug)]
-struct Row {
-    round: usize,
-    accuracy: f64,
-    sgd_accuracy: Option<f64>,
-    divergence: Vec<(String, f64)>,
-    /// ROC AUC on the test set (absent in runs made before fedra measured it).
-    auc: Option<f64>,
-}
-
-/// Everything a report needs from one run folder.
-struct RunInfo {
-    name: String,
-    dir: PathBuf,
-    /// The run folder relative to the report's folder (what the report prints: a report moved
-    /// with its runs, or committed, names them the same on every machine).
-    rel: PathBuf,
-    config: ExperimentConfig,
-    summary: Summary,
-    rows: Vec<Row>,
-    /// Absent for a federation whose server had no training set (the clients held the data).
-    partition: Option<PartitionStats>,
-}
-
-/// Compare names with their numbers as numbers, so `emd-0.36` sorts after `emd-0` and
-/// `emd-1.764` before `emd-1.8`.
-fn natural_cmp(a: &str, b: &str) -> std::cmp::Ordering {
-    fn chunks(s: &str) -> Vec<(String, f64)> {
-        let mut out = Vec::new();
-        let mut rest = s;
-        while !rest.is_empty() {
-            let digits = rest
-                .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-                .unwrap_or(rest.len());
-            if digits > 0 {
-                let (number, tail) = rest.split_at(digits);
-                let value = number.trim_end_matches('.').parse().unwrap_or(f64::MAX);
-                out.push((String::new(), value));
-                rest = tail;
-            } else {
-                let text = rest
-                    .find(|c: char| c.is_ascii_digit())
-                    .unwrap_or(rest.len());
-                let (word, tail) = rest.split_at(text);
-                out.push((word.to_string(), f64::MIN));
-                rest = tail;
-            }
-        }
-        out
-    }
-    let (ca, cb) = (chunks(a), chunks(b));
-    for (x, y) in ca.iter().zip(&cb) {
-        let order = x.0.cmp(&y.0).then(x.1.total_cmp(&y.1));
-        if order.is_ne() {
-            return order;
-        }
-    }
-    ca.len().cmp(&cb.len()).then_with(|| a.cmp(b))
-}
-
-fn find_runs(path: &Path, found: &mut Vec<PathBuf>) -> anyhow::Result<()> {
-    if path.join("summary.json").exists() {
-        found.push(path.to_path_buf());
-        return Ok(());
-    }
-    if !path.is_dir() {
-        bail!(
-            "{} is neither a run folder nor a folder of runs",
-            path.display()
-        );
-    }
-    let mut entries: Vec<PathBuf> = std::fs::read_dir(path)
-        .with_context(|| format!("cannot list {}", path.display()))?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.is_dir())
-        .collect();
-    entries.sort_by(|a, b| natural_cmp(&a.to_string_lossy(), &b.to_string_lossy()));
-    for entry in entries {
-        find_runs(&entry, found)?;
-    }
-    Ok(())
-}
-
-fn read_metrics(path: &Path) -> anyhow::Result<Vec<Row>> {
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
-    let mut lines = text.lines();
-    let header: Vec<&str> = lines
-        .next()
-        .with_context(|| format!("{} is empty", path.display()))?
-        .split(',')
-        .collect();
-    let column = |name: &str| header.iter().position(|h| *h == name);
-    let (Some(round_col), Some(acc_col)) = (column("round"), column("test_accuracy")) else {
-        bail!("{}: no round/test_accuracy columns", path.display());
-    };
-    let sgd_col = column("sgd_test_accuracy");
-    let auc_col = column("test_auc");
-    let mut rows = Vec::new();
-    for (number, line) in lines.enumerate() {
-        let cells: Vec<&str> = line.split(',').collect();
-        if cells.len() != header.len() {
-            bail!(
-                "{} line {}: {} cells, the header has {}",
-                path.display(),
-                number + 2,
-                cells.len(),
-                header.len()
-            );
-        }
-        let num = |i: usize| -> anyhow::Result<f64> {
-            cells[i].parse::<f64>().with_context(|| {
-                format!(
-                    "{} line {}, column {}: {:?} is not a number",
-                    path.display(),
-                    number + 2,
-                    header[i],
-                    cells[i]
-                )
-            })
-        };
-        let divergence = header
-            .iter()
-            .enumerate()
-            .filter_map(|(i, h)| h.strip_prefix("wd_").map(|n| (i, n)))
-            .map(|(i, n)| Ok((n.to_string(), num(i)?)))
-            .collect::<anyhow::Result<Vec<_>>>()?;
-        rows.push(Row {
-            round: num(round_col)? as usize,
-            accuracy: num(acc_col)?,
-            sgd_accuracy: sgd_col.map(num).transpose()?,
-            divergence,
-            // An empty cell: AUC undefined on this test set (one class only).
-            auc: auc_col
-                .filter(|&i| !cells[i].is_empty())
-                .map(num)
-                .transpose()?,
-        });
-    }
-    Ok(rows)
-}
-
-/// `target` as a path relative to `base` (both resolved first when they exist, so `..` and
-/// symbolic links do not confuse the common part).
-fn relative_path(target: &Path, base: &Path) -> PathBuf {
-    let resolve = |p: &Path| p.canonicalize().unwrap_or_else(|_| p.to_path_buf());
-    let (target, base) = (resolve(target), resolve(base));
-    let common = target
-        .components()
-        .zip(base.components())
-        .take_while(|(a, b)| a == b)
-        .count();
-    let mut out = PathBuf::new();
-    for _ in base.components().skip(common) {
-        out.push("..");
-    }
-    for c in target.components().skip(common) {
-        out.push(c);
-    }
-    if out.as_os_str().is_empty() {
-        out.push(".");
-    }
-    out
-}
-
-fn read_run(dir: &Path, root: &Path, out: &Path) -> anyhow::Result<RunInfo> {
-    let config = ExperimentConfig::from_file(&dir.join("config.toml"))?;
-    let summary_path = dir.join("summary.json");
-    let summary: Summary = serde_json::from_str(
-        &std::fs::read_to_string(&summary_path)
-            .with_context(|| format!("cannot read {}", summary_path.display()))?,
-    )
-    .with_context(|| format!("{} is not a fedra summary", summary_path.display()))?;
-    let partition_path = dir.join("partition.json");
-    let partition: Option<PartitionStats> = if partition_path.exists() || summary.mean_emd.is_some()
-    {
-        Some(
-            serde_json::from_str(
-                &std::fs::read_to_string(&partition_path)
-                    .with_context(|| format!("cannot read {}", partition_path.display()))?,
-            )
-            .with_context(|| format!("{} is not a fedra partition", partition_path.display()))?,
-        )
-    } else {
-        None
-    };
-    let rows = read_metrics(&dir.join("metrics.csv"))?;
-    let rel = relative_path(dir, out);
-    // Inside the one folder given: the path below it; else the path from the report.
-    let name = dir
-        .strip_prefix(root)
-        .ok()
-        .filter(|p| !root.as_os_str().is_empty() && !p.as_os_str().is_empty())
-        .unwrap_or(&rel)
-        .display()
-        .to_string();
-    Ok(RunInfo {
-        name,
-        dir: dir.to_path_buf(),
-        rel,
-        config,
-        summary,
-        rows,
-        partition,
-    })
 }
 
 /// What the study calls this run in Table 1, if anything: only a run with the study's model and
@@ -912,122 +711,10 @@ fn write_side_by_side(md: &mut String, runs: &[RunInfo], out: &Path) -> anyhow::
     Ok(())
 }
 
-/// The clinical table (runs whose metrics hold an AUC): per dataset, each run's accuracy, AUC,
-/// balanced accuracy, per-class sensitivity / specificity, and the first round its AUC reached
-/// 95% of the final AUC of the dataset's FedAvg IID run; and AUC-per-round charts.
-fn write_clinical(md: &mut String, runs: &[RunInfo], out: &Path) -> anyhow::Result<()> {
-    let mut by_dataset: BTreeMap<String, Vec<&RunInfo>> = BTreeMap::new();
-    for r in runs.iter().filter(|r| r.summary.final_auc.is_some()) {
-        by_dataset
-            .entry(r.config.data.dataset.to_string())
-            .or_default()
-            .push(r);
-    }
-    if by_dataset.is_empty() {
-        return Ok(());
-    }
-    writeln!(
-        md,
-        "## Clinical metrics
-"
-    )?;
-    writeln!(
-        md,
-        "On the test split, after the last round: accuracy, ROC AUC (binary: of class 1; more \
-         classes: macro one-vs-rest), balanced accuracy (mean sensitivity), and sensitivity / \
-         specificity per class in %. *Rounds to 95%*: the first round whose AUC reached 95% of the \
-         final AUC of the dataset's FedAvg IID run (– if none did).\n"
-    )?;
-    for (dataset, group) in &by_dataset {
-        let iid_auc = group
-            .iter()
-            .find(|r| {
-                let c = &r.config;
-                c.strategy.name == "fedavg" && c.partition.scheme == "iid" && c.share.is_none()
-            })
-            .and_then(|r| r.summary.final_auc);
-        writeln!(md, "### {dataset}\n")?;
-        let classes: Vec<String> = group[0]
-            .summary
-            .final_per_class
-            .iter()
-            .map(|c| c.class.clone())
-            .collect();
-        writeln!(
-            md,
-            "| run | training | mean EMD | rounds | acc | AUC | best AUC (round) | balanced acc | sens / spec: {} | rounds to 95% of IID AUC |",
-            classes.join(" · ")
-        )?;
-        writeln!(md, "|---|---|---|---|---|---|---|---|---|---|")?;
-        for r in group {
-            let s = &r.summary;
-            let per_class: Vec<String> = s
-                .final_per_class
-                .iter()
-                .map(|c| {
-                    let v =
-                        |x: Option<f64>| x.map_or("–".into(), |x| format!("{:.0}", x * 100.0));
-                    format!("{}/{}", v(c.sensitivity), v(c.specificity))
-                })
-                .collect();
-            let reached = iid_auc.and_then(|target| {
-                r.rows
-                    .iter()
-                    .find(|row| row.auc.is_some_and(|a| a >= 0.95 * target))
-                    .map(|row| row.round)
-            });
-            writeln!(
-                md,
-                "| {} | {} | {:.3} | {} | {} | {} | {} ({}) | {} | {} | {} |",
-                r.name,
-                training_label(&r.config),
-                s.mean_emd.unwrap_or(f64::NAN),
-                s.rounds,
-                pct(s.final_accuracy),
-                s.final_auc.map_or("–".into(), |a| format!("{a:.3}")),
-                s.best_auc.map_or("–".into(), |a| format!("{a:.3}")),
-                s.best_auc_round.map_or("–".into(), |r| r.to_string()),
-                s.final_balanced_accuracy.map_or("–".into(), pct),
-                per_class.join(" · "),
-                match (iid_auc, reached) {
-                    (None, _) => "no IID run".to_string(),
-                    (Some(_), None) => "–".to_string(),
-                    (Some(_), Some(round)) => round.to_string(),
-                },
-            )?;
-        }
-        let series: Vec<(String, Vec<(f64, f64)>)> = group
-            .iter()
-            .map(|r| {
-                (
-                    r.name.clone(),
-                    r.rows
-                        .iter()
-                        .filter_map(|row| row.auc.map(|a| (row.round as f64, a)))
-                        .collect(),
-                )
-            })
-            .collect();
-        let stem = format!("auc-{dataset}");
-        charts::lines(
-            out,
-            &stem,
-            &format!("{dataset}: test ROC AUC per round"),
-            "round",
-            "ROC AUC",
-            &series,
-        )?;
-        writeln!(md, "\n![{stem}]({stem}.png)\n")?;
-    }
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
-    use super::{
-        Row, convergence_cells, first_best, natural_cmp, relative_path, side_label, table1_kind,
-        tail_mean,
-    };
+    use super::runs::{natural_cmp, relative_path};
+    use super::{Row, convergence_cells, first_best, side_label, table1_kind, tail_mean};
     use fedra_fl::ExperimentConfig;
     use fedra_fl::sweep::expand;
     use std::path::Path;
