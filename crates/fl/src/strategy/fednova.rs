@@ -91,3 +91,68 @@ impl Strategy for FedNova {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! FedNova's step count, normaliser and aggregate worked by hand.
+
+    use super::*;
+    use crate::strategy::test_result as result;
+
+    #[test]
+    fn fednova_normalises_by_local_steps() {
+        let nova = FedNova {
+            local_epochs: 2,
+            batch_size: 10,
+            momentum: 0.0,
+        };
+        // 25 examples, 2 epochs: 3 batches an epoch. 21 examples of which the last batch of one
+        // was skipped each epoch: 2 batches an epoch.
+        assert_eq!(nova.steps(25, 50), 6);
+        assert_eq!(nova.steps(21, 40), 4);
+        assert_eq!(nova.steps(21, 42), 6);
+        assert_eq!(nova.steps(20, 40), 4);
+        // Momentum 0.5 over 3 steps: (3 - 0.5 (1 - 0.125) / 0.5) / 0.5 = 4.25.
+        let heavy = FedNova {
+            momentum: 0.5,
+            ..nova
+        };
+        assert!((heavy.normaliser(3) - 4.25).abs() < 1e-12);
+
+        let spec = fedra_nn::ModelSpec::by_name("logreg", [1, 1, 1], 2).unwrap();
+        let mut global = Model::new(&spec, 0).unwrap();
+        let len = global.params().len();
+        global.params_mut().fill(1.0);
+        let scope = AggregationScope::everything(&global);
+        // Client 0: 10 examples, 2 steps (epochs 2, batch 10), moved +4. Client 1: 30 examples,
+        // 6 steps, moved -12. p = (1/4, 3/4); tau_eff = 2/4 + 18/4 = 5;
+        // step = 1/4 * 4/2 + 3/4 * (-12)/6 = 0.5 - 1.5 = -1; w = 1 + 5 * (-1) = -4.
+        // (FedAvg: 1 + 1/4 * 4 + 3/4 * (-12) = -7.)
+        let mut a = result(0, vec![5.0; len]);
+        a.num_examples = 10;
+        a.examples_seen = 20;
+        let mut b = result(1, vec![-11.0; len]);
+        b.num_examples = 30;
+        b.examples_seen = 60;
+        FedNova { ..nova }
+            .aggregate(0, &mut global, &[a.clone(), b.clone()], &scope)
+            .unwrap();
+        assert!(
+            global.params().iter().all(|&v| (v + 4.0).abs() < 1e-6),
+            "{:?}",
+            global.params()
+        );
+        // Equal steps: FedAvg's weighted mean.
+        global.params_mut().fill(1.0);
+        b.examples_seen = 20;
+        b.num_examples = 10;
+        FedNova { ..nova }
+            .aggregate(0, &mut global, &[a, b], &scope)
+            .unwrap();
+        assert!(
+            global.params().iter().all(|&v| (v + 3.0).abs() < 1e-6),
+            "{:?}",
+            global.params()
+        );
+    }
+}

@@ -441,3 +441,17 @@ fn ensure_len(name: &str, key: &str, state: &mut Vec<f32>, len: usize) -> Result
     }
     Ok(())
 }
+
+/// A client's result for the strategies' tests: `params` from `client`, which trained on
+/// 100 (client + 1) examples.
+#[cfg(test)]
+fn test_result(client: usize, params: Vec<f32>) -> FitResult {
+    FitResult {
+        client,
+        num_examples: 100 * (client + 1),
+        params,
+        buffers: Vec::new(),
+        train_loss: 0.0,
+        examples_seen: 0,
+    }
+}
