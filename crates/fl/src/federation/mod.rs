@@ -3,6 +3,21 @@
 //! one [`FitJob`] per sampled client (plus one for the SGD twin), hands them to an [`Executor`]
 //! (in-process threads in `fedra-sim`, remote clients over a network elsewhere), aggregates the
 //! results in client-id order and evaluates.
+//!
+//! Here: the run's state and one round (sample, train, aggregate); setting a run up (partition,
+//! initial model, warm-up) in `setup`; evaluating in `evaluate`; the [`Executor`] interface and
+//! the reference executor in `executor`; selecting tensors by name (`model.freeze`,
+//! `model.freeze_statistics`) and packing FedBN's local layers in `select`.
+
+mod evaluate;
+mod executor;
+mod select;
+mod setup;
+
+pub use executor::{
+    Executor, FitJob, MAX_ROUND_ATTEMPTS, SequentialExecutor, evaluate_counts, run_job,
+};
+pub use select::{compile_patterns, frozen_ranges, frozen_statistics, gather, scatter};
 
 use std::collections::BTreeMap;
 use std::ops::Range;
@@ -12,78 +27,24 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, Normal};
 
-use fedra_data::partition::{Partition, Scheme, partition};
+use fedra_data::partition::Partition;
 use fedra_data::{Dataset, TrainTest};
-use fedra_nn::{
-    BnPolicy, ClinicalMetrics, EvalCounts, Model, ModelSpec, SgdConfig, TensorKind, Trainer,
-    clinical_metrics,
-};
+use fedra_nn::{ClinicalMetrics, Model, ModelSpec, SgdConfig, TensorKind};
 
 use crate::client::{CENTRAL_ID, FitConfig, FitResult};
 use crate::config::AttackKind;
 use crate::config::ExperimentConfig;
-use crate::divergence::{Divergence, statistics_spread, weight_divergence};
+use crate::divergence::{Divergence, statistics_spread};
 use crate::error::FlError;
-use crate::privacy::{NoiseKey, NoiseSource, Randomness, epsilon, poisson_sample, private_mean};
+use crate::privacy::{NoiseKey, NoiseSource, Randomness, poisson_sample, private_mean};
 use crate::seed::{Purpose, derive};
-use crate::strategy::{AggregationScope, Strategy, clip_update, from_config, resample_clients};
+use crate::strategy::{AggregationScope, Strategy, clip_update, resample_clients};
 
 /// Examples per forward pass when evaluating.
 const EVAL_BATCH: usize = 500;
 
 /// The "round" coordinate of the warm-up's seeds, apart from every real round.
 const WARMUP_ROUND: usize = usize::MAX - 1;
-
-/// One unit of local training: start from `start`, train on `indices` as `config` says.
-#[derive(Clone, Debug)]
-pub struct FitJob<'a> {
-    pub client: usize,
-    pub indices: &'a [usize],
-    pub start: Model,
-    pub config: FitConfig,
-}
-
-/// Attempts at a round (the first sample, then new samples) before the run gives up on it.
-pub const MAX_ROUND_ATTEMPTS: usize = 10;
-
-/// Runs the local training of a round somewhere.
-pub trait Executor {
-    /// Run every job and return the results in job order. A client that could not deliver (a
-    /// remote one that vanished or timed out) is an [`FlError::Dropped`] in its place: the
-    /// round goes on without it. Any other error ends the run.
-    fn fit(&self, jobs: Vec<FitJob<'_>>, data: &Dataset) -> Vec<Result<FitResult, FlError>>;
-
-    /// Whether the clients keep their own state on their machines (over a network): FedBN's
-    /// local layers (`model.bn = "local"`: they train from their own copy and return the
-    /// server's values in its place; the round loop then neither stores the results' local
-    /// layers nor measures their spread) and SCAFFOLD's control variates
-    /// ([`Strategy::keep_controls_on_clients`]).
-    fn clients_keep_local_state(&self) -> bool {
-        false
-    }
-
-    /// The clients (of `clients`, by id) that can train now, in increasing order. In-process
-    /// every client can; over a network, those connected (waiting for them if need be, and
-    /// failing when they never come).
-    fn available(&self, clients: usize) -> Result<Vec<usize>, FlError> {
-        Ok((0..clients).collect())
-    }
-
-    /// Evaluate the model of `round` (rounds completed; 0 = the initial model) on the clients'
-    /// own test data and return the sum of their counts; `model_for(client)` is the model that
-    /// client evaluates (the global one; with FedBN, with the client's own normalisation
-    /// layers). `Ok(None)`: this executor's clients do not evaluate (in-process clients hold no
-    /// test data of their own; a server may be told to evaluate itself), and the round loop
-    /// evaluates on the run's test set.
-    fn evaluate(
-        &self,
-        round: usize,
-        model_for: &dyn Fn(usize) -> Model,
-    ) -> Result<Option<EvalCounts>, FlError> {
-        let _ = (round, model_for);
-        Ok(None)
-    }
-}
 
 /// Normalisation tensors a FedBN client keeps for itself.
 #[derive(Clone, Debug, PartialEq)]
@@ -211,224 +172,6 @@ pub fn model_spec(config: &ExperimentConfig, train: &Dataset) -> Result<ModelSpe
 }
 
 impl Federation {
-    /// Set up a run: partition the training set, build (or load, from `model.init`) the initial
-    /// model and, with data sharing, warm it up on the global set.
-    pub fn new(
-        config: ExperimentConfig,
-        data: &TrainTest,
-        threads: usize,
-    ) -> Result<Self, FlError> {
-        Self::build(config, data, threads, None)
-    }
-
-    /// Set up a run whose global model is already known, as when resuming from a checkpoint:
-    /// the partition is built as [`Federation::new`] builds it, but `model.init` is not read and
-    /// the data-sharing warm-up does not run. The SGD twin, if any, starts as a copy of `global`
-    /// (a checkpoint then restores its own).
-    pub fn with_global(
-        config: ExperimentConfig,
-        data: &TrainTest,
-        threads: usize,
-        global: Model,
-    ) -> Result<Self, FlError> {
-        Self::build(config, data, threads, Some(global))
-    }
-
-    fn build(
-        config: ExperimentConfig,
-        data: &TrainTest,
-        threads: usize,
-        given: Option<Model>,
-    ) -> Result<Self, FlError> {
-        let spec = model_spec(&config, &data.train)?;
-        if let Some(model) = &given
-            && model.spec() != &spec
-        {
-            return Err(FlError::State(format!(
-                "the given global model is a {}, the configuration's model is {}",
-                model.spec().name,
-                spec.name
-            )));
-        }
-        let warm_up = given.is_none();
-        let scheme: Scheme = config.partition.scheme.parse()?;
-        let labels = &data.train.labels;
-        let classes = data.train.num_classes();
-        let seed = config.run.seed;
-        let mut global = match (given, &config.model.init) {
-            (Some(model), _) => model,
-            (None, Some(path)) if !config.model.reset.is_empty() => {
-                let reset = compile_patterns(&config.model.reset)
-                    .map_err(|(p, e)| FlError::State(format!("model.reset {p:?}: {e}")))?;
-                let fresh = Model::new(&spec, seed)?;
-                match_patterns_somewhere(&reset, &fresh, "model.reset", false)?;
-                Model::load_safetensors_keeping(path, fresh, &|name| {
-                    reset.iter().any(|p| p.matches(name))
-                })?
-            }
-            (None, Some(path)) => Model::load_safetensors(&spec, path)?,
-            (None, None) => Model::new(&spec, seed)?,
-        };
-        let frozen = frozen_ranges(&global, &config.model.freeze)?;
-        let frozen_statistics = frozen_statistics(&global, &config.model.freeze_statistics)?;
-        let dataless = data.train.is_empty();
-        if dataless {
-            // A server whose clients hold all the data (`deploy.evaluate = "clients"`): it
-            // aggregates and never trains, so it needs the dataset's shape but no examples.
-            let needs = if config.share.is_some() {
-                Some("data sharing ([share]) mixes a global set into the clients' data")
-            } else if config.eval.sgd_twin {
-                Some("eval.sgd_twin trains a centralised twin on the pooled data")
-            } else if config.strategy.name == "sgd" {
-                Some("strategy \"sgd\" trains centrally on the pooled data")
-            } else {
-                None
-            };
-            if let Some(why) = needs {
-                return Err(FlError::State(format!(
-                    "{why}: it needs the training set, and this run has none"
-                )));
-            }
-        }
-        let (partition, before_share) = match &config.share {
-            None if dataless => (
-                Partition {
-                    scheme: scheme.to_string(),
-                    seed,
-                    num_classes: classes,
-                    clients: vec![Vec::new(); config.partition.clients],
-                },
-                None,
-            ),
-            None => (
-                partition(labels, classes, config.partition.clients, &scheme, seed)?,
-                None,
-            ),
-            Some(share) => {
-                let split = share.split(labels, classes, seed)?;
-                let pool_labels: Vec<u16> = split.client_pool.iter().map(|&i| labels[i]).collect();
-                let mut own = partition(
-                    &pool_labels,
-                    classes,
-                    config.partition.clients,
-                    &scheme,
-                    seed,
-                )?;
-                for client in &mut own.clients {
-                    for i in client.iter_mut() {
-                        *i = split.client_pool[*i];
-                    }
-                }
-                let mut mixed = own.clone();
-                for (k, client) in mixed.clients.iter_mut().enumerate() {
-                    client.extend(share.client_share(&split.global, k, seed));
-                }
-                if warm_up && share.warmup_epochs > 0 {
-                    let t = &config.train;
-                    let job = FitJob {
-                        client: CENTRAL_ID,
-                        indices: &split.global,
-                        start: global,
-                        config: FitConfig {
-                            round: WARMUP_ROUND,
-                            run_seed: seed,
-                            local_epochs: share.warmup_epochs,
-                            batch_size: t.batch_size,
-                            sgd: SgdConfig {
-                                lr: t.lr,
-                                momentum: t.momentum,
-                                weight_decay: t.weight_decay,
-                            },
-                            bn: config.model.bn,
-                            prox_mu: None,
-                            control: None,
-                            frozen: frozen.clone(),
-                            frozen_statistics: frozen_statistics.clone(),
-                            flip_labels: false,
-                        },
-                    };
-                    let warmed = run_job(job, &data.train, threads.max(1))?;
-                    global = Model::new(&spec, seed)?;
-                    global.params_mut().copy_from_slice(&warmed.params);
-                    global.buffers_mut().copy_from_slice(&warmed.buffers);
-                }
-                (mixed, Some(own))
-            }
-        };
-        let twin = config.eval.sgd_twin.then(|| global.clone());
-        let strategy = from_config(&config.strategy, &config.train, config.partition.clients)?;
-        let mut scope =
-            AggregationScope::new(&global, config.model.bn, config.model.average_buffers);
-        if config.privacy.is_some() && !scope.buffers.is_empty() {
-            return Err(FlError::State(
-                "[privacy] protects the clients' weight updates, but this run also averages \
-                 their BatchNorm running statistics, which it does not protect: use \
-                 model.bn = \"frozen\" or \"local\", or a model without BatchNorm"
-                    .into(),
-            ));
-        }
-        scope.params = aggregated_params(&global, &config, &frozen);
-        let fixed_buffers: Vec<Range<usize>> = global
-            .tensors()
-            .iter()
-            .filter(|t| t.kind == TensorKind::Buffer && frozen_statistics.contains(&t.layer))
-            .map(|t| t.offset..t.offset + t.len)
-            .collect();
-        scope.buffers.retain(|r| !fixed_buffers.contains(r));
-        let (mut local_params, mut local_buffers) = (Vec::new(), Vec::new());
-        if config.model.bn == BnPolicy::Local {
-            for t in global.tensors().iter().filter(|t| t.norm) {
-                let range = t.offset..t.offset + t.len;
-                match t.kind {
-                    TensorKind::Param => local_params.push(range),
-                    TensorKind::Buffer => local_buffers.push(range),
-                }
-            }
-        }
-        // The pooled data of the baseline and the twin: exactly what the clients hold together
-        // (with sharing, D and G but not the rest of the holdout; with a partition that leaves
-        // examples out, not those).
-        let mut all_indices: Vec<usize> = partition.clients.iter().flatten().copied().collect();
-        all_indices.sort_unstable();
-        all_indices.dedup();
-        let shared_examples: usize = match &before_share {
-            Some(before) => partition
-                .clients
-                .iter()
-                .zip(&before.clients)
-                .map(|(after, before)| after.len().saturating_sub(before.len()))
-                .sum(),
-            None => 0,
-        };
-        let example_bytes = 4 * (data.train.example_len() as u64 + 1);
-        Ok(Federation {
-            before_share,
-            all_indices,
-            config,
-            spec,
-            partition,
-            global,
-            twin,
-            strategy,
-            local: BTreeMap::new(),
-            history: Vec::new(),
-            rounds_done: 0,
-            scope,
-            local_params,
-            local_buffers,
-            frozen,
-            frozen_statistics,
-            threads: threads.max(1),
-            pending_seconds: 0.0,
-            pending_examples: 0,
-            traffic: Traffic {
-                sent: shared_examples as u64 * example_bytes,
-                received: 0,
-            },
-            noise_key: None,
-        })
-    }
-
     /// The key a `privacy.noise = "secret"` run draws its sampling and noise from (the run
     /// folder keeps it while the run lasts; a checkpoint does not).
     pub fn set_noise_key(&mut self, key: NoiseKey) {
@@ -499,28 +242,6 @@ impl Federation {
             all - self.frozen.iter().map(|r| r.len()).sum::<usize>(),
             all,
         )
-    }
-
-    fn with_local_state(&self, client: usize) -> Model {
-        let mut model = self.global.clone();
-        if let Some(state) = self.local.get(&client) {
-            scatter(&state.params, &self.local_params, model.params_mut());
-            scatter(&state.buffers, &self.local_buffers, model.buffers_mut());
-        }
-        model
-    }
-
-    /// Evaluate the initial model (round 0) if it has not been.
-    pub fn evaluate_initial(
-        &mut self,
-        data: &TrainTest,
-        executor: &dyn Executor,
-    ) -> Result<(), FlError> {
-        if self.history.is_empty() && self.rounds_done == 0 {
-            let row = self.evaluate(data, executor, None)?;
-            self.history.push(row);
-        }
-        Ok(())
     }
 
     /// Run one round; returns the metrics row if the round was evaluated.
@@ -862,245 +583,4 @@ impl Federation {
             .collect();
         criterion.met_at(&history)
     }
-
-    fn eval_trainer(&self) -> Result<Trainer, FlError> {
-        let mut trainer = Trainer::new(&self.spec, EVAL_BATCH)?;
-        trainer.set_threads(self.threads);
-        Ok(trainer)
-    }
-
-    fn evaluate(
-        &self,
-        data: &TrainTest,
-        executor: &dyn Executor,
-        train_loss: Option<f64>,
-    ) -> Result<RoundMetrics, FlError> {
-        let mut trainer = self.eval_trainer()?;
-        let test = &data.test;
-        let classes = self.spec.classes;
-        let federated = executor.evaluate(self.rounds_done, &|c| self.with_local_state(c))?;
-        let (test_accuracy, test_loss, clinical) = if let Some(counts) = federated {
-            (counts.accuracy(), counts.mean_loss(), counts.clinical())
-        } else if self.local_params.is_empty() && self.local_buffers.is_empty()
-            || self.local.is_empty()
-        {
-            let (stats, probs) =
-                trainer.evaluate_with_probs(&self.global, &test.features, &test.labels)?;
-            let clinical = clinical_metrics(&probs, &test.labels, classes);
-            (stats.accuracy(), stats.mean_loss(), clinical)
-        } else {
-            // FedBN: no global normalisation layers exist; report the mean over the clients of
-            // the global weights combined with each client's own normalisation layers.
-            let (mut acc, mut loss, mut each) = (0f64, 0f64, Vec::new());
-            for &client in self.local.keys() {
-                let model = self.with_local_state(client);
-                let (stats, probs) =
-                    trainer.evaluate_with_probs(&model, &test.features, &test.labels)?;
-                acc += stats.accuracy();
-                loss += stats.mean_loss();
-                each.push(clinical_metrics(&probs, &test.labels, classes));
-            }
-            let n = self.local.len() as f64;
-            (acc / n, loss / n, mean_clinical(&each))
-        };
-        let (sgd_test_accuracy, divergence) = match &self.twin {
-            Some(twin) => {
-                let stats = trainer.evaluate(twin, &test.features, &test.labels)?;
-                (
-                    Some(stats.accuracy()),
-                    weight_divergence(&self.global, twin),
-                )
-            }
-            None => (None, Vec::new()),
-        };
-        Ok(RoundMetrics {
-            round: self.rounds_done,
-            lr: self.config.lr_at(self.rounds_done.saturating_sub(1)),
-            test_accuracy,
-            test_loss,
-            train_loss,
-            seconds: 0.0,
-            examples: 0,
-            sgd_test_accuracy,
-            divergence,
-            clinical,
-            epsilon: self.config.privacy.as_ref().map(|p| {
-                let q = self.config.train.fraction;
-                epsilon(q, f64::from(p.noise_multiplier), self.rounds_done, p.delta).0
-            }),
-            bn_spread: None,
-            bytes_sent: self.traffic.sent,
-            bytes_received: self.traffic.received,
-        })
-    }
-}
-
-/// Compiles glob patterns; the error names the pattern that is not one.
-pub fn compile_patterns(patterns: &[String]) -> Result<Vec<glob::Pattern>, (String, String)> {
-    patterns
-        .iter()
-        .map(|p| glob::Pattern::new(p).map_err(|e| (p.clone(), e.to_string())))
-        .collect()
-}
-
-/// Fails naming `key` and the pattern when a pattern matches no tensor of `model` (with
-/// `params_only`, no parameter): a typo must not silently freeze or reset nothing.
-fn match_patterns_somewhere(
-    patterns: &[glob::Pattern],
-    model: &Model,
-    key: &str,
-    params_only: bool,
-) -> Result<(), FlError> {
-    for p in patterns {
-        let hit = model
-            .tensors()
-            .iter()
-            .filter(|t| !params_only || t.kind == TensorKind::Param)
-            .any(|t| p.matches(&t.name));
-        if !hit {
-            let names: Vec<&str> = model
-                .tensors()
-                .iter()
-                .filter(|t| !params_only || t.kind == TensorKind::Param)
-                .map(|t| t.name.as_str())
-                .collect();
-            return Err(FlError::State(format!(
-                "{key}: pattern {:?} matches no {} of model {} ({})",
-                p.as_str(),
-                if params_only { "parameter" } else { "tensor" },
-                model.spec().name,
-                names.join(", ")
-            )));
-        }
-    }
-    Ok(())
-}
-
-/// The parameter ranges `model.freeze`'s patterns select in `model` (whole tensors, in order).
-pub fn frozen_ranges(model: &Model, patterns: &[String]) -> Result<Vec<Range<usize>>, FlError> {
-    let compiled = compile_patterns(patterns)
-        .map_err(|(p, e)| FlError::State(format!("model.freeze {p:?}: {e}")))?;
-    match_patterns_somewhere(&compiled, model, "model.freeze", true)?;
-    Ok(model
-        .tensors()
-        .iter()
-        .filter(|t| t.kind == TensorKind::Param && compiled.iter().any(|p| p.matches(&t.name)))
-        .map(|t| t.offset..t.offset + t.len)
-        .collect())
-}
-
-/// The BatchNorm layers `model.freeze_statistics`' patterns select in `model`, in model order;
-/// a pattern that matches no BatchNorm layer is an error listing those there are.
-pub fn frozen_statistics(model: &Model, patterns: &[String]) -> Result<Vec<String>, FlError> {
-    let compiled = compile_patterns(patterns)
-        .map_err(|(p, e)| FlError::State(format!("model.freeze_statistics {p:?}: {e}")))?;
-    let mut layers: Vec<String> = Vec::new();
-    for t in model.tensors() {
-        if t.kind == TensorKind::Buffer && t.name.ends_with(".running_mean") {
-            layers.push(t.layer.clone());
-        }
-    }
-    for p in &compiled {
-        if !layers.iter().any(|l| p.matches(l)) {
-            return Err(FlError::State(format!(
-                "model.freeze_statistics: pattern {:?} matches no BatchNorm layer of model {} ({})",
-                p.as_str(),
-                model.spec().name,
-                if layers.is_empty() {
-                    "it has none".to_string()
-                } else {
-                    layers.join(", ")
-                }
-            )));
-        }
-    }
-    layers.retain(|l| compiled.iter().any(|p| p.matches(l)));
-    Ok(layers)
-}
-
-/// The mean of several evaluations' clinical metrics, value by value (`None` where any is).
-fn mean_clinical(each: &[ClinicalMetrics]) -> ClinicalMetrics {
-    let mean = |values: Vec<Option<f64>>| -> Option<f64> {
-        let n = values.len() as f64;
-        values
-            .into_iter()
-            .sum::<Option<f64>>()
-            .filter(|_| n > 0.0)
-            .map(|s| s / n)
-    };
-    let per_class = |get: fn(&ClinicalMetrics) -> &Vec<Option<f64>>| -> Vec<Option<f64>> {
-        let classes = each.first().map_or(0, |m| get(m).len());
-        (0..classes)
-            .map(|c| mean(each.iter().map(|m| get(m)[c]).collect()))
-            .collect()
-    };
-    ClinicalMetrics {
-        auc: mean(each.iter().map(|m| m.auc).collect()),
-        balanced_accuracy: mean(each.iter().map(|m| m.balanced_accuracy).collect()),
-        sensitivity: per_class(|m| &m.sensitivity),
-        specificity: per_class(|m| &m.specificity),
-    }
-}
-
-/// The values of `ranges` of `values`, one after another (a FedBN client's layers, packed).
-pub fn gather(values: &[f32], ranges: &[Range<usize>]) -> Vec<f32> {
-    ranges
-        .iter()
-        .flat_map(|r| values[r.clone()].iter().copied())
-        .collect()
-}
-
-/// The inverse of [`gather`]: `packed` written back into `ranges` of `out`.
-pub fn scatter(packed: &[f32], ranges: &[Range<usize>], out: &mut [f32]) {
-    let mut j = 0;
-    for r in ranges {
-        out[r.clone()].copy_from_slice(&packed[j..j + r.len()]);
-        j += r.len();
-    }
-}
-
-/// Run local training for `jobs` one after the other on the calling thread: the reference
-/// executor (the simulation crate runs the same jobs in parallel).
-pub struct SequentialExecutor {
-    pub threads: usize,
-}
-
-impl Executor for SequentialExecutor {
-    fn fit(&self, jobs: Vec<FitJob<'_>>, data: &Dataset) -> Vec<Result<FitResult, FlError>> {
-        jobs.into_iter()
-            .map(|job| run_job(job, data, self.threads))
-            .collect()
-    }
-}
-
-/// Train one job on this thread with a fresh trainer using `threads` GEMM threads.
-pub fn run_job(job: FitJob<'_>, data: &Dataset, threads: usize) -> Result<FitResult, FlError> {
-    let FitJob {
-        client,
-        indices,
-        mut start,
-        config,
-    } = job;
-    let mut trainer = Trainer::new(start.spec(), config.batch_size.min(indices.len()).max(1))?;
-    trainer.set_threads(threads);
-    crate::client::fit(client, indices, data, &mut start, &config, &mut trainer)
-}
-
-/// Evaluate `model` on all of `data` with `threads` GEMM threads, as counts that add up across
-/// sites (what a client sends in federated evaluation).
-pub fn evaluate_counts(
-    model: &Model,
-    data: &Dataset,
-    threads: usize,
-) -> Result<EvalCounts, FlError> {
-    let mut trainer = Trainer::new(model.spec(), EVAL_BATCH)?;
-    trainer.set_threads(threads);
-    let (stats, probs) = trainer.evaluate_with_probs(model, &data.features, &data.labels)?;
-    Ok(EvalCounts::from_probs(
-        &probs,
-        &data.labels,
-        model.spec().classes,
-        stats.loss_sum,
-        stats.correct,
-    ))
 }
