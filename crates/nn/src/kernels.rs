@@ -202,7 +202,10 @@ pub(crate) fn im2col(g: &Geom, x: &[f32], col: &mut [f32], ld: usize) {
                     for o in &mut out[hi..] {
                         *o = 0.0;
                     }
-                    if g.sw == 1 {
+                    // No output reads this kernel column (`lo == hi`, possibly with `lo + kj`
+                    // still left of the padding: a kernel wider than its input) when none of the
+                    // branches runs.
+                    if g.sw == 1 && hi > lo {
                         let start = lo + kj - g.pl;
                         copy_short(&src[start..start + (hi - lo)], &mut out[lo..hi]);
                     } else if g.sw == 2 && hi > lo {
@@ -255,7 +258,7 @@ pub(crate) fn col2im(g: &Geom, col: &[f32], ld: usize, dx: &mut [f32]) {
                     }
                     let dst = &mut plane[ih as usize * g.w..(ih as usize + 1) * g.w];
                     let s = &src[oh * g.wo..(oh + 1) * g.wo];
-                    if g.sw == 1 {
+                    if g.sw == 1 && hi > lo {
                         let start = lo + kj - g.pl;
                         for (d, v) in dst[start..start + (hi - lo)].iter_mut().zip(&s[lo..hi]) {
                             *d += v;

@@ -184,6 +184,49 @@ out_features = 4
     assert!(check(&spec, BnPolicy::Train, 2, 1e-3, 40) > 30);
 }
 
+/// A kernel wider than its input, 'same'-padded: on a 1-column map most of a 5x5 window's
+/// columns are padding, and for its first columns no output reads the input at all (im2col's
+/// stride-1 copy once computed that empty range's start below zero and panicked). conv2, with
+/// 16 channels in and out, takes the Winograd path.
+#[test]
+fn conv_kernel_wider_than_its_input() {
+    let spec = toml_spec(
+        r#"name = "t-narrow"
+input = [2, 6, 1]
+classes = 3
+[[layers]]
+type = "conv2d"
+name = "conv1"
+out_channels = 16
+kernel = [5, 5]
+padding = "same"
+[[layers]]
+type = "relu"
+[[layers]]
+type = "conv2d"
+name = "conv2"
+out_channels = 16
+kernel = [5, 5]
+padding = "same"
+[[layers]]
+type = "relu"
+[[layers]]
+type = "conv2d"
+name = "conv3"
+out_channels = 2
+kernel = [3, 7]
+padding = { explicit = [1, 3] }
+[[layers]]
+type = "flatten"
+[[layers]]
+type = "linear"
+name = "fc"
+out_features = 3
+"#,
+    );
+    assert!(check(&spec, BnPolicy::Train, 3, 1e-3, 40) > 30);
+}
+
 #[test]
 fn local_response_norm() {
     // alpha 0.5 (not the tutorial's 1e-4) so the cross-channel term is large enough to matter.
