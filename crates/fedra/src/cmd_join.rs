@@ -67,8 +67,15 @@ pub fn run(args: JoinArgs) -> anyhow::Result<()> {
     if args.threads == 0 {
         bail!("--threads must be at least 1");
     }
-    if !(args.max_backoff_s.is_finite() && args.max_backoff_s > 0.0) {
-        bail!("--max-backoff-s must be a positive number");
+    // Bounded so that doubling a wait and adding it to the clock stay representable.
+    if !(args.max_backoff_s.is_finite()
+        && args.max_backoff_s > 0.0
+        && args.max_backoff_s <= 86_400.0)
+    {
+        bail!(
+            "--max-backoff-s must be a positive number of seconds up to 86400 (a day), got {}",
+            args.max_backoff_s
+        );
     }
     let opts = JoinOptions {
         server: args.server.clone(),

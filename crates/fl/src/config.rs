@@ -514,6 +514,9 @@ pub enum ConfigError {
     },
 }
 
+/// The longest `deploy.join_timeout_s` and `deploy.round_timeout_s`: a year, in seconds.
+pub const MAX_TIMEOUT_S: f64 = 31_536_000.0;
+
 /// The strategy names fedra knows.
 pub const STRATEGIES: &[&str] = &[
     "fedavg",
@@ -916,8 +919,16 @@ impl ExperimentConfig {
                 ("deploy.join_timeout_s", d.join_timeout_s),
                 ("deploy.round_timeout_s", d.round_timeout_s),
             ] {
-                if !(v.is_finite() && v > 0.0) {
-                    return Err(bad(key, format!("must be a positive number, got {v}")));
+                // Bounded so that a deadline `now + timeout` is representable (1e20 s, meaning
+                // "never", would overflow it).
+                if !(v.is_finite() && v > 0.0 && v <= MAX_TIMEOUT_S) {
+                    return Err(bad(
+                        key,
+                        format!(
+                            "must be a positive number of seconds up to {MAX_TIMEOUT_S} (a year), \
+                             got {v}"
+                        ),
+                    ));
                 }
             }
             if let Some(ids) = &d.allowed_clients {

@@ -88,7 +88,8 @@ impl ShareConfig {
         for &i in holdout {
             by_class[labels[i] as usize].push(i);
         }
-        let mut global = Vec::with_capacity(per_class * classes);
+        // G never outgrows the holdout (the check below fails first), whatever beta asks.
+        let mut global = Vec::with_capacity(self.holdout.min(per_class.saturating_mul(classes)));
         for (class, members) in by_class.iter().enumerate() {
             if members.len() < per_class {
                 return Err(FlError::State(format!(
@@ -170,5 +171,17 @@ mod tests {
         };
         let e = share.split(&labels(), 10, 0).unwrap_err().to_string();
         assert!(e.contains("share.holdout"), "{e}");
+        // A beta far beyond any holdout (G's buffer was once sized by beta, and 1e15 overflowed
+        // its capacity).
+        for beta in [1e9, 1e15, 1e300] {
+            let e = ShareConfig {
+                beta,
+                ..share.clone()
+            }
+            .split(&labels(), 10, 0)
+            .unwrap_err()
+            .to_string();
+            assert!(e.contains("share.holdout"), "beta {beta}: {e}");
+        }
     }
 }

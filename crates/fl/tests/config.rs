@@ -186,6 +186,17 @@ fn bad_values_are_rejected_naming_the_key() {
             "checkpoint_every = 10\n[attack]\nclients = []\nkind = \"scale\"",
             "attack.clients",
         ),
+        // "Never time out" as a huge number: refused, not a panic when the deadline is computed.
+        (
+            "checkpoint_every = 10",
+            "checkpoint_every = 10\n[deploy]\nround_timeout_s = 1e20",
+            "deploy.round_timeout_s",
+        ),
+        (
+            "checkpoint_every = 10",
+            "checkpoint_every = 10\n[deploy]\njoin_timeout_s = 4e7",
+            "deploy.join_timeout_s",
+        ),
     ] {
         let e = error_of(&EXAMPLE.replace(from, to));
         assert!(e.contains(key), "{to}: {e}");
