@@ -274,6 +274,15 @@ impl Model {
                     for (d, b) in dst.iter_mut().zip(view.data().chunks_exact(4)) {
                         *d = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
                     }
+                    // A NaN weight would otherwise surface rounds later as a non-finite loss
+                    // (or, served over the network, as every client refusing the weights)
+                    // without naming the file.
+                    if let Some(i) = dst.iter().position(|v| !v.is_finite()) {
+                        return Err(err(
+                            Some(&t.name),
+                            format!("value {i} is {}; weights must be finite", dst[i]),
+                        ));
+                    }
                 }
                 (Dtype::I64, true) => {
                     let b: [u8; 8] = view.data()[..8]

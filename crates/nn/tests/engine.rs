@@ -591,6 +591,20 @@ fn safetensors_round_trip_and_errors() {
         "fc2.weight",
         "dtype",
     );
+    let mut nan = vec![0u8; 127 * 4];
+    nan[5 * 4..6 * 4].copy_from_slice(&f32::NAN.to_le_bytes());
+    check(
+        &rewrite(
+            "fc1.bias",
+            Some((
+                safetensors::Dtype::F32,
+                vec![128],
+                [nan, vec![0; 4]].concat(),
+            )),
+        ),
+        "fc1.bias",
+        "value 5 is NaN",
+    );
     let truncated = dir.path().join("trunc.safetensors");
     std::fs::write(&truncated, &bytes[..bytes.len() / 2]).unwrap();
     let e = Model::load_safetensors(&spec, &truncated)
