@@ -6,7 +6,7 @@
 use fedra_data::TrainTest;
 use fedra_nn::{ClinicalMetrics, Model, Trainer, clinical_metrics};
 
-use super::{EVAL_BATCH, Executor, Federation, RoundMetrics, scatter};
+use super::{Executor, Federation, RoundMetrics, scatter};
 use crate::divergence::weight_divergence;
 use crate::error::FlError;
 use crate::privacy::epsilon;
@@ -35,9 +35,7 @@ impl Federation {
     }
 
     pub(super) fn eval_trainer(&self) -> Result<Trainer, FlError> {
-        let mut trainer = Trainer::new(&self.spec, EVAL_BATCH)?;
-        trainer.set_threads(self.threads);
-        Ok(trainer)
+        super::eval_trainer(&self.spec, self.threads)
     }
 
     pub(super) fn evaluate(

@@ -5,7 +5,9 @@
 use fedra_data::Dataset;
 use fedra_nn::{EvalCounts, Model, Trainer};
 
-use super::EVAL_BATCH;
+use fedra_nn::ModelSpec;
+
+use super::{EVAL_BATCH, EVAL_MEMORY};
 use crate::client::{FitConfig, FitResult};
 use crate::error::FlError;
 
@@ -94,8 +96,7 @@ pub fn evaluate_counts(
     data: &Dataset,
     threads: usize,
 ) -> Result<EvalCounts, FlError> {
-    let mut trainer = Trainer::new(model.spec(), EVAL_BATCH)?;
-    trainer.set_threads(threads);
+    let mut trainer = eval_trainer(model.spec(), threads)?;
     let (stats, probs) = trainer.evaluate_with_probs(model, &data.features, &data.labels)?;
     Ok(EvalCounts::from_probs(
         &probs,
@@ -104,4 +105,50 @@ pub fn evaluate_counts(
         stats.loss_sum,
         stats.correct,
     ))
+}
+
+/// Examples per forward pass when evaluating `spec`: [`EVAL_BATCH`], or fewer where that many
+/// would not fit in [`EVAL_MEMORY`] (the cost of an example measured as the difference between
+/// trainers for two examples and for one). Only the loss sum's rounding depends on it.
+pub fn eval_batch(spec: &ModelSpec) -> Result<usize, FlError> {
+    let one = Trainer::new(spec, 1)?.workspace_bytes();
+    let per_example = Trainer::new(spec, 2)?.workspace_bytes().saturating_sub(one);
+    Ok((EVAL_MEMORY.saturating_sub(one) / per_example.max(1)).clamp(1, EVAL_BATCH))
+}
+
+/// The trainer an evaluation runs on: [`eval_batch`] examples at a time, `threads` GEMM threads.
+pub fn eval_trainer(spec: &ModelSpec, threads: usize) -> Result<Trainer, FlError> {
+    let mut trainer = Trainer::new(spec, eval_batch(spec)?)?;
+    trainer.set_threads(threads);
+    Ok(trainer)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn evaluation_takes_fewer_examples_per_pass_only_where_500_would_not_fit() {
+        for (name, input, classes) in [
+            ("mnist-cnn", [1, 28, 28], 10),
+            ("cifar-cnn-bn", [3, 32, 32], 10),
+            ("resnet20", [3, 32, 32], 10),
+            ("resnet18", [3, 28, 28], 5),
+        ] {
+            let spec = ModelSpec::by_name(name, input, classes).unwrap();
+            assert_eq!(eval_batch(&spec).unwrap(), EVAL_BATCH, "{name}");
+        }
+        // An image folder at 224x224 through resnet18: 500 examples would need tens of GB.
+        let spec = ModelSpec::by_name("resnet18", [3, 224, 224], 2).unwrap();
+        let batch = eval_batch(&spec).unwrap();
+        let bytes = Trainer::new(&spec, batch).unwrap().workspace_bytes();
+        eprintln!(
+            "resnet18 at 224x224: {batch} examples a pass, {} MB",
+            bytes >> 20
+        );
+        assert!((8..EVAL_BATCH).contains(&batch), "{batch}");
+        assert!(bytes <= EVAL_MEMORY, "{bytes}");
+        let more = Trainer::new(&spec, batch * 2).unwrap().workspace_bytes();
+        assert!(more > EVAL_MEMORY, "twice the batch would fit too: {more}");
+    }
 }
