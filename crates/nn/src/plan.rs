@@ -265,14 +265,20 @@ impl Builder {
         norm: bool,
         fan_in: usize,
     ) -> usize {
-        let len = shape.iter().product::<usize>().max(1);
+        // Saturating: a spec's typo (`out_features = 10000000000000`) must reach the size check
+        // after its layer, not overflow here.
+        let len = shape
+            .iter()
+            .try_fold(1usize, |a, &d| a.checked_mul(d))
+            .unwrap_or(usize::MAX)
+            .max(1);
         let next = if buffer {
             &mut self.num_buffers
         } else {
             &mut self.num_params
         };
         let offset = *next;
-        *next += len;
+        *next = next.saturating_add(len);
         self.tensors.push(PlannedTensor {
             name: format!("{layer}.{name}"),
             layer: layer.into(),
@@ -505,6 +511,45 @@ impl Builder {
     }
 }
 
+/// The most values one tensor, or one example's output of one layer, may hold (1 GiB of f32):
+/// beyond the largest layers of real networks, far below what overflows a size computation.
+const MAX_VALUES: usize = 1 << 28;
+
+/// The most parameters (and, separately, buffers) a model may have: 4 GiB of f32.
+const MAX_PARAMS: usize = 1 << 30;
+
+/// Fails naming `field` when the layer just planned (whose tensors are `b.tensors[first..]`)
+/// outputs or holds more than the limits allow.
+fn check_sizes(b: &Builder, field: &str, first: usize) -> Result<(), NnError> {
+    if let Some(t) = b.tensors[first..].iter().find(|t| t.len > MAX_VALUES) {
+        return Err(spec_err(
+            field,
+            format!(
+                "tensor {} of shape {:?} would hold more than {MAX_VALUES} values",
+                t.name, t.shape
+            ),
+        ));
+    }
+    let (shape, _) = b.shapes[b.last()];
+    if shape
+        .iter()
+        .try_fold(1usize, |a, &d| a.checked_mul(d))
+        .is_none_or(|v| v > MAX_VALUES)
+    {
+        return Err(spec_err(
+            field,
+            format!("outputs {shape:?} per example, more than {MAX_VALUES} values"),
+        ));
+    }
+    if b.num_params > MAX_PARAMS || b.num_buffers > MAX_PARAMS {
+        return Err(spec_err(
+            field,
+            format!("the model would have more than {MAX_PARAMS} parameters or buffers"),
+        ));
+    }
+    Ok(())
+}
+
 impl Plan {
     pub fn build(spec: &ModelSpec) -> Result<Plan, NnError> {
         if spec.classes < 2 {
@@ -528,6 +573,16 @@ impl Plan {
             (h, w) = (ch, cw);
         }
         let net_input = [c0, h, w];
+        if net_input
+            .iter()
+            .try_fold(1usize, |a, &d| a.checked_mul(d))
+            .is_none_or(|v| v > MAX_VALUES)
+        {
+            return Err(spec_err(
+                "input",
+                format!("{net_input:?} is more than {MAX_VALUES} values an example"),
+            ));
+        }
         let mut b = Builder {
             ops: Vec::new(),
             inputs: Vec::new(),
@@ -540,6 +595,7 @@ impl Plan {
         for (i, layer) in spec.layers.iter().enumerate() {
             let field = format!("layers[{i}]");
             let f = |s: &str| format!("{field}.{s}");
+            let first_tensor = b.tensors.len();
             let at = b.last();
             let (shape, flat) = b.shapes[at];
             let [c, hh, ww] = shape;
@@ -709,6 +765,7 @@ impl Plan {
                     }
                 }
             }
+            check_sizes(&b, &field, first_tensor)?;
         }
         let (shape, flat) = b.shapes[b.last()];
         if !flat || shape.iter().product::<usize>() != spec.classes {

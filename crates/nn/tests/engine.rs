@@ -193,6 +193,19 @@ fn bad_specs_name_the_field() {
         "{head}[[layers]]\ntype = \"flatten\"\n[[layers]]\ntype = \"globalavgpool\"\n"
     ));
     assert!(e.contains("layers[1].type") && e.contains("vector"), "{e}");
+    // Sizes from a typo: an error naming the layer, not an overflow or an allocation abort.
+    let e = err(&format!(
+        "{head}[[layers]]\ntype = \"flatten\"\n[[layers]]\ntype = \"linear\"\nname = \"f\"\nout_features = 10000000000000\n"
+    ));
+    assert!(e.contains("layers[1]") && e.contains("f.weight"), "{e}");
+    let e = err(&format!(
+        "{head}[[layers]]\ntype = \"conv2d\"\nname = \"c\"\nout_channels = 4611686018427387904\nkernel = [3, 3]\n"
+    ));
+    assert!(e.contains("layers[0]") && e.contains("values"), "{e}");
+    let e = err(
+        "name = \"x\"\ninput = [65536, 65536, 65536]\nclasses = 3\n[[layers]]\ntype = \"flatten\"\n",
+    );
+    assert!(e.contains("input") && e.contains("values"), "{e}");
     assert!(matches!(
         ModelSpec::by_name("resnet20-bn", [3, 32, 32], 10),
         Err(NnError::UnknownModel { .. })
