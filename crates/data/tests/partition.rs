@@ -381,6 +381,9 @@ fn emd_targets_are_hit_within_0_01() {
         err.to_string().contains("5001") && err.to_string().contains("5000 exist"),
         "{err}"
     );
+    // An absurd M is refused before any count is multiplied by it.
+    let err = partition(c, 10, 2, &scheme("emd:1.0:10000000000000000000"), 0).unwrap_err();
+    assert!(err.to_string().contains("more than the"), "{err}");
     // Other seeds give other P for the same target.
     let a = partition_stats(c, &split(c, 10, "emd:1.08", 0));
     let b = partition_stats(c, &split(c, 10, "emd:1.08", 1));
@@ -466,6 +469,16 @@ fn matrix_from_csv_json_and_inline() {
             .contains("6000 examples of class 5 but only 5421 exist"),
         "{err}"
     );
+    // Counts whose sum overflows: still the same clear error.
+    let err = partition(
+        m,
+        10,
+        2,
+        &scheme("matrix:[[18446744073709551615,0,0,0,0,0,0,0,0,0],[1,0,0,0,0,0,0,0,0,0]]"),
+        0,
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("of class 0 but only"), "{err}");
     // Wrong shape for the call.
     let err = partition(m, 10, 3, &scheme(&format!("matrix:{}", csv.display())), 0).unwrap_err();
     assert!(err.to_string().contains("2 rows but 3 clients"), "{err}");

@@ -158,6 +158,15 @@ pub(super) fn target_emd(
             .find(|&(c, asked)| asked > class_sizes[c])
     };
     let counts = match per_client {
+        Some(m) if m > labels.len() => {
+            return Err(PartitionError::infeasible(
+                scheme,
+                format!(
+                    "M = {m} examples per client, more than the {} there are",
+                    labels.len()
+                ),
+            ));
+        }
         Some(m) => {
             let counts = counts_for(m);
             if let Some((c, asked)) = overdrawn(&counts) {

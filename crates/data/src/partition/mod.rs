@@ -323,7 +323,10 @@ fn draw_counts(
 ) -> Result<Vec<Vec<usize>>, PartitionError> {
     let mut by_class = indices_by_class(labels, num_classes);
     for (c, pool) in by_class.iter().enumerate() {
-        let asked: usize = counts.iter().map(|row| row[c]).sum();
+        // Saturating: counts from a `matrix:` scheme are the user's, and may be absurd.
+        let asked = counts
+            .iter()
+            .fold(0usize, |sum, row| sum.saturating_add(row[c]));
         if asked > pool.len() {
             return Err(PartitionError::infeasible(
                 scheme,
