@@ -296,16 +296,23 @@ fn decode_all(
     let decoded: Vec<Result<Decoded, (PathBuf, String)>> = files
         .par_iter()
         .map(|(path, label)| {
-            // Resizing at once keeps memory at the target size, not the scans' full size.
-            image::open(path)
-                .map(|img| match opts.size {
-                    Some([h, w]) if [img.height() as usize, img.width() as usize] != [h, w] => {
-                        img.resize_exact(w as u32, h as u32, image::imageops::FilterType::Triangle)
-                    }
-                    _ => img,
-                })
-                .map(|img| (img, path.clone(), *label))
-                .map_err(|e| (path.clone(), e.to_string()))
+            unless_it_panics(|| {
+                // Resizing at once keeps memory at the target size, not the scans' full size.
+                image::open(path)
+                    .map(|img| match opts.size {
+                        Some([h, w]) if [img.height() as usize, img.width() as usize] != [h, w] => {
+                            img.resize_exact(
+                                w as u32,
+                                h as u32,
+                                image::imageops::FilterType::Triangle,
+                            )
+                        }
+                        _ => img,
+                    })
+                    .map_err(|e| e.to_string())
+            })
+            .map(|img| (img, path.clone(), *label))
+            .map_err(|e| (path.clone(), e))
         })
         .collect();
     let mut out = Vec::with_capacity(decoded.len());
@@ -324,6 +331,14 @@ fn decode_all(
         }
     }
     Ok(out)
+}
+
+/// `decode()`, with a panic inside it (a decoder's bug on a damaged file) turned into an error:
+/// one bad scan in a hospital's export must be an error naming it, or skipped with
+/// `data.skip_unreadable`, not the end of the whole load.
+fn unless_it_panics<T>(decode: impl FnOnce() -> Result<T, String>) -> Result<T, String> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(decode))
+        .unwrap_or_else(|_| Err("the image decoder failed on this file (damaged?)".into()))
 }
 
 /// Gray by colour type, or colour-typed with R = G = B everywhere (BMP and many exports store
@@ -380,5 +395,21 @@ fn to_dataset(
         features: rows.concat(),
         labels: items.iter().map(|(_, _, l)| *l).collect(),
         class_names: classes.to_vec(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_decoder_panic_is_an_error() {
+        assert_eq!(unless_it_panics(|| Ok::<_, String>(3)), Ok(3));
+        assert_eq!(
+            unless_it_panics(|| Err::<u8, _>("bad".into())),
+            Err("bad".into())
+        );
+        let e = unless_it_panics(|| -> Result<u8, String> { panic!("index out of bounds") });
+        assert!(e.unwrap_err().contains("decoder failed"));
     }
 }
