@@ -63,6 +63,9 @@ pub struct JoinArgs {
     no_client_certificate: bool,
 }
 
+/// The longest `--max-backoff-s`: a day, in seconds.
+const MAX_BACKOFF_S: f64 = 86_400.0;
+
 pub fn run(args: JoinArgs) -> anyhow::Result<()> {
     if args.threads == 0 {
         bail!("--threads must be at least 1");
@@ -70,10 +73,11 @@ pub fn run(args: JoinArgs) -> anyhow::Result<()> {
     // Bounded so that doubling a wait and adding it to the clock stay representable.
     if !(args.max_backoff_s.is_finite()
         && args.max_backoff_s > 0.0
-        && args.max_backoff_s <= 86_400.0)
+        && args.max_backoff_s <= MAX_BACKOFF_S)
     {
         bail!(
-            "--max-backoff-s must be a positive number of seconds up to 86400 (a day), got {}",
+            "--max-backoff-s must be a positive number of seconds up to {MAX_BACKOFF_S} (a day), \
+             got {}",
             args.max_backoff_s
         );
     }

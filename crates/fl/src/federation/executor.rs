@@ -3,9 +3,7 @@
 //! reference executor that runs them one after the other on the calling thread.
 
 use fedra_data::Dataset;
-use fedra_nn::{EvalCounts, Model, Trainer};
-
-use fedra_nn::ModelSpec;
+use fedra_nn::{EvalCounts, Model, ModelSpec, Trainer};
 
 use super::{EVAL_BATCH, EVAL_MEMORY};
 use crate::client::{FitConfig, FitResult};
