@@ -7,6 +7,14 @@ pub enum FlError {
     Config(#[from] crate::config::ConfigError),
     #[error(transparent)]
     Nn(#[from] fedra_nn::NnError),
+    /// A client's training buffers for `train.batch_size` examples (or all its examples, if
+    /// fewer) could not be allocated.
+    #[error("client {client}: train.batch_size = {batch_size}: {error}")]
+    BatchTooBig {
+        client: usize,
+        batch_size: usize,
+        error: fedra_nn::NnError,
+    },
     #[error(transparent)]
     Partition(#[from] fedra_data::partition::PartitionError),
     #[error("client {client} in round {round}: {message}")]

@@ -25,6 +25,12 @@ pub enum NnError {
         label: u16,
         classes: usize,
     },
+    #[error(
+        "buffers for batches of {batch} examples do not fit in memory ({:.1} GB asked for one \
+         of them); use smaller batches",
+        *bytes as f64 / 1e9
+    )]
+    OutOfMemory { batch: usize, bytes: u128 },
     #[error("batch of {batch} examples exceeds this trainer's max_batch {max}")]
     BatchTooLarge { batch: usize, max: usize },
     #[error(

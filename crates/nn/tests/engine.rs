@@ -504,6 +504,32 @@ fn bad_input_is_an_error_not_a_panic() {
     ));
 }
 
+/// A batch whose buffers cannot be had is an error naming the batch, where `vec!` aborted the
+/// process ("memory allocation of N bytes failed"). 2^36 examples of mnist-cnn ask for petabytes,
+/// beyond any x86-64 address space whatever the overcommit policy, so the allocation fails on
+/// every machine; 2^62 overflows the size computation itself.
+#[test]
+fn a_batch_too_big_for_memory_is_an_error_not_an_abort() {
+    for (name, input) in [("mnist-cnn", [1, 28, 28]), ("resnet20-gn", [3, 32, 32])] {
+        let spec = ModelSpec::by_name(name, input, 10).unwrap();
+        for batch in [1usize << 36, 1 << 62] {
+            let Err(e) = Trainer::new(&spec, batch) else {
+                panic!("a trainer for {batch} examples");
+            };
+            assert!(
+                matches!(e, NnError::OutOfMemory { batch: b, .. } if b == batch),
+                "{e}"
+            );
+            let msg = e.to_string();
+            assert!(
+                msg.contains(&format!("batches of {batch} examples")),
+                "{msg}"
+            );
+            assert!(msg.contains("smaller batches"), "{msg}");
+        }
+    }
+}
+
 /// The same model gives the same file bytes however often it is saved: the header's metadata
 /// comes from a `HashMap`, whose order differs between instances and processes, so fedra sorts
 /// it (weights equal in two runs then mean files equal, and a checksum can say so).

@@ -82,7 +82,15 @@ pub fn run_job(job: FitJob<'_>, data: &Dataset, threads: usize) -> Result<FitRes
         mut start,
         config,
     } = job;
-    let mut trainer = Trainer::new(start.spec(), config.batch_size.min(indices.len()).max(1))?;
+    let batch = config.batch_size.min(indices.len()).max(1);
+    let mut trainer = Trainer::new(start.spec(), batch).map_err(|e| match e {
+        e @ fedra_nn::NnError::OutOfMemory { .. } => FlError::BatchTooBig {
+            client,
+            batch_size: config.batch_size,
+            error: e,
+        },
+        e => e.into(),
+    })?;
     trainer.set_threads(threads);
     crate::client::fit(client, indices, data, &mut start, &config, &mut trainer)
 }

@@ -183,6 +183,44 @@ pub enum ConvAlgorithm {
     Im2col,
 }
 
+/// Values whose all-zero bit pattern is zero: what [`batch_zeros`] may hand out.
+///
+/// # Safety
+/// Implementors must be valid, with the value zero, when every byte is 0.
+unsafe trait Zeroable: Copy {}
+// SAFETY: 0.0f32 and 0u32 are the all-zero bit patterns.
+unsafe impl Zeroable for f32 {}
+unsafe impl Zeroable for u32 {}
+
+/// `vec![0; batch * per_example]`, or [`NnError::OutOfMemory`] where `vec!` would abort the
+/// process: the size of a training batch comes from a config, and a batch too big for the machine
+/// is a config error to report, not a crash.
+fn batch_zeros<T: Zeroable>(batch: usize, per_example: usize) -> Result<Vec<T>, NnError> {
+    zeros(batch, batch as u128 * per_example as u128)
+}
+
+/// `vec![0; values]` for a trainer of `batch` examples, or [`NnError::OutOfMemory`]. Zeroed like
+/// `vec!` (calloc), so pages a buffer never touches cost nothing.
+fn zeros<T: Zeroable>(batch: usize, values: u128) -> Result<Vec<T>, NnError> {
+    let oom = || NnError::OutOfMemory {
+        batch,
+        bytes: values.saturating_mul(std::mem::size_of::<T>() as u128),
+    };
+    let n = usize::try_from(values).map_err(|_| oom())?;
+    if n == 0 {
+        return Ok(Vec::new());
+    }
+    let layout = std::alloc::Layout::array::<T>(n).map_err(|_| oom())?;
+    // SAFETY: the layout's size is non-zero (n > 0 and T is f32 or u32).
+    let ptr = unsafe { std::alloc::alloc_zeroed(layout) }.cast::<T>();
+    if ptr.is_null() {
+        return Err(oom());
+    }
+    // SAFETY: `ptr` comes from the global allocator with T's alignment and room for exactly n
+    // values, all bytes zero, which is a valid T (`Zeroable`); the Vec frees it with that layout.
+    Ok(unsafe { Vec::from_raw_parts(ptr, n, n) })
+}
+
 impl Trainer {
     pub fn new(spec: &ModelSpec, max_batch: usize) -> Result<Trainer, NnError> {
         Trainer::with_conv(spec, max_batch, ConvAlgorithm::Fastest)
@@ -207,7 +245,7 @@ impl Trainer {
         let mut lens = vec![in_len];
         let mut cols = Vec::new();
         let mut chunk = Vec::new();
-        let mut tmp = 0;
+        let mut tmp = 0u128;
         let mut scratch = Vec::new();
         let mut wino = Vec::new();
         for (i, op) in plan.ops.iter().enumerate() {
@@ -228,11 +266,11 @@ impl Trainer {
                 Op::Conv(c) => {
                     let per = c.k() * c.hout * c.wout;
                     let ch = (COL_BUDGET / per).clamp(1, max_batch);
-                    tmp = tmp.max(c.cout * (c.hout * c.wout * ch + c.k()));
+                    tmp = tmp.max((c.cout * (c.hout * c.wout * ch + c.k())) as u128);
                     (per * ch, ch)
                 }
                 Op::Linear(l) => {
-                    tmp = tmp.max(l.fout * max_batch);
+                    tmp = tmp.max(l.fout as u128 * max_batch as u128);
                     (0, 0)
                 }
                 _ => (0, 0),
@@ -240,10 +278,10 @@ impl Trainer {
             cols.push(vec![0.0; col_len]);
             chunk.push(ch);
             scratch.push(match op {
-                Op::Pool(_) => Scratch::Pool(vec![0; max_batch * out]),
+                Op::Pool(_) => Scratch::Pool(batch_zeros(max_batch, out)?),
                 Op::Lrn { .. } => Scratch::Lrn {
-                    s: vec![0.0; max_batch * out],
-                    pw: vec![0.0; max_batch * out],
+                    s: batch_zeros(max_batch, out)?,
+                    pw: batch_zeros(max_batch, out)?,
                     t: vec![0.0; out],
                 },
                 Op::BatchNorm(b) => Scratch::Bn {
@@ -252,21 +290,24 @@ impl Trainer {
                     var: vec![0.0; b.c],
                 },
                 Op::GroupNorm(g) => Scratch::Gn {
-                    xhat: vec![0.0; max_batch * out],
-                    invstd: vec![0.0; max_batch * g.groups],
+                    xhat: batch_zeros(max_batch, out)?,
+                    invstd: batch_zeros(max_batch, g.groups)?,
                 },
-                Op::Dropout { .. } => Scratch::Drop(vec![0.0; max_batch * prev]),
+                Op::Dropout { .. } => Scratch::Drop(batch_zeros(max_batch, prev)?),
                 _ => Scratch::None,
             });
             lens.push(out);
         }
-        let acts: Vec<Vec<f32>> = lens.iter().map(|l| vec![0.0; max_batch * l]).collect();
-        let mut gacts: Vec<Vec<f32>> = lens.iter().map(|l| vec![0.0; max_batch * l]).collect();
-        gacts[0] = Vec::new();
+        let acts =
+            (lens.iter().map(|&l| batch_zeros(max_batch, l))).collect::<Result<Vec<_>, _>>()?;
+        let mut gacts = (lens.iter().skip(1).map(|&l| batch_zeros(max_batch, l)))
+            .collect::<Result<Vec<_>, _>>()?;
+        // The input's gradient is never formed.
+        gacts.insert(0, Vec::new());
         let readers = crate::plan::readers(&plan.ops, &plan.inputs);
         let gsum_len = (1..lens.len())
             .filter(|&a| readers[a] > 1)
-            .map(|a| max_batch * lens[a])
+            .map(|a| lens[a])
             .max()
             .unwrap_or(0);
         Ok(Trainer {
@@ -277,7 +318,7 @@ impl Trainer {
             has_grad: vec![false; lens.len()],
             act_len: lens,
             gacts,
-            gsum: vec![0.0; gsum_len],
+            gsum: batch_zeros(max_batch, gsum_len)?,
             scratch,
             cols,
             chunk,
@@ -293,9 +334,9 @@ impl Trainer {
                     .max()
                     .unwrap_or(0)
             ],
-            tmp: vec![0.0; tmp],
-            grads: vec![0.0; plan.num_params],
-            momentum: vec![0.0; plan.num_params],
+            tmp: zeros(max_batch, tmp)?,
+            grads: zeros(max_batch, plan.num_params as u128)?,
+            momentum: zeros(max_batch, plan.num_params as u128)?,
             momentum_started: false,
             fused_sgd: plan
                 .ops
