@@ -793,6 +793,33 @@ fn serve_refuses_what_the_network_does_not_offer() {
     }
 }
 
+/// `fedra join --max-backoff-s` is refused before any connection unless it is a positive number
+/// of seconds up to a day: 1e20 ("never give up waiting") used to panic when the client added
+/// the wait to the clock.
+#[test]
+fn join_refuses_a_backoff_past_a_day() {
+    for backoff in ["1e20", "86401", "0", "-1", "NaN", "inf"] {
+        let out = fedra()
+            .args([
+                "join",
+                "--insecure",
+                "--server",
+                "127.0.0.1:9",
+                "--id",
+                "site-a",
+            ])
+            .arg(format!("--max-backoff-s={backoff}"))
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success()
+                && err.contains("--max-backoff-s must be a positive number of seconds up to 86400"),
+            "--max-backoff-s {backoff}: {err}"
+        );
+    }
+}
+
 /// DP-FedAvg over the network. With `privacy.noise = "seeded"` (a check, not a deployment: the
 /// clients receive the seed) the run is `fedra run`'s bit for bit, epsilon included, and Poisson
 /// sampling at q = 0.6 left some client out of some round. Left unset, `fedra serve` draws the
