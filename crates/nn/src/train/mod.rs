@@ -298,12 +298,14 @@ impl Trainer {
             });
             lens.push(out);
         }
-        let acts =
-            (lens.iter().map(|&l| batch_zeros(max_batch, l))).collect::<Result<Vec<_>, _>>()?;
-        let mut gacts = (lens.iter().skip(1).map(|&l| batch_zeros(max_batch, l)))
+        let acts = lens
+            .iter()
+            .map(|&l| batch_zeros(max_batch, l))
             .collect::<Result<Vec<_>, _>>()?;
         // The input's gradient is never formed.
-        gacts.insert(0, Vec::new());
+        let gacts = std::iter::once(Ok(Vec::new()))
+            .chain(lens[1..].iter().map(|&l| batch_zeros(max_batch, l)))
+            .collect::<Result<Vec<_>, _>>()?;
         let readers = crate::plan::readers(&plan.ops, &plan.inputs);
         let gsum_len = (1..lens.len())
             .filter(|&a| readers[a] > 1)
