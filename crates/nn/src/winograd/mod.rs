@@ -37,6 +37,7 @@ use gemm::Parallelism;
 use crate::kernels::{avx2_dispatch, matmul};
 use crate::plan::ConvOp;
 
+mod products;
 mod schemes;
 mod transforms;
 
@@ -226,11 +227,13 @@ impl Workspace {
     }
 }
 
-/// The N² GEMMs `prod_xi [rows x ld] = kern_xi [rows x inner] x tiles_xi [inner x ld]`, the
-/// tiles' rows `lds` apart.
+/// The N² products `prod_xi [rows x ld] = kern_xi [rows x inner] x tiles_xi [inner x ld]`, the
+/// tiles' rows `lds` apart. The 3x3 layers' (ResNet blocks, small products) go through
+/// [`products`]; the 5x5 layers' through `gemm`, whose blocking suits their wider products and
+/// whose bits the study models' committed results were made with.
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
-fn products(
+fn position_products<const K: usize>(
     par: Parallelism,
     xis: usize,
     kern: &[f32],
@@ -241,6 +244,20 @@ fn products(
     inner: usize,
     ld: usize,
 ) {
+    if K == 3 {
+        return products::positions_nn(
+            threads(par),
+            xis,
+            kern,
+            tiles,
+            lds,
+            prod,
+            rows,
+            inner,
+            ld,
+            set_spread,
+        );
+    }
     for xi in 0..xis {
         matmul(
             par,
@@ -256,6 +273,13 @@ fn products(
             lds,
             1,
         );
+    }
+}
+
+fn threads(par: Parallelism) -> usize {
+    match par {
+        Parallelism::Rayon(n) => n,
+        _ => 1,
     }
 }
 
@@ -341,7 +365,7 @@ fn forward_with<const R: usize, const N: usize, const K: usize, S: Scheme<R, N, 
             lds,
             &mut ws.rows,
         );
-        products(par, N * N, &ws.u, &ws.a, lds, &mut ws.b, c.cout, c.cin, ld);
+        position_products::<K>(par, N * N, &ws.u, &ws.a, lds, &mut ws.b, c.cout, c.cin, ld);
         output_transform::<R, N, K, S>(
             &ws.b,
             ld,
@@ -437,28 +461,44 @@ fn backward_with<const R: usize, const N: usize, const K: usize, S: Scheme<R, N,
         }
         let dys = &dy[start * out.len()..];
         grad_transform::<R, N, K, S>(dys, out, &fwd, m, &mut ws.b, lds, &mut ws.rows);
-        for xi in 0..N * N {
-            // dU_xi [cout x cin] (+)= E_xi [cout x tiles] x V_xi^T.
-            matmul(
-                par,
+        // dU_xi [cout x cin] (+)= E_xi [cout x tiles] x V_xi^T.
+        if K == 3 {
+            products::positions_nt(
+                threads(par),
+                N * N,
+                &ws.b,
+                &ws.a,
+                lds,
+                &mut ws.du,
                 c.cout,
                 c.cin,
                 ld,
-                &mut ws.du[xi * c.cout * c.cin..(xi + 1) * c.cout * c.cin],
                 start != last,
-                &ws.b[xi * set_spread(c.cout * lds)..][..c.cout * lds],
-                lds,
-                1,
-                &ws.a[xi * set_spread(c.cin * lds)..][..c.cin * lds],
-                1,
-                lds,
+                set_spread,
             );
+        } else {
+            for xi in 0..N * N {
+                matmul(
+                    par,
+                    c.cout,
+                    c.cin,
+                    ld,
+                    &mut ws.du[xi * c.cout * c.cin..(xi + 1) * c.cout * c.cin],
+                    start != last,
+                    &ws.b[xi * set_spread(c.cout * lds)..][..c.cout * lds],
+                    lds,
+                    1,
+                    &ws.a[xi * set_spread(c.cin * lds)..][..c.cin * lds],
+                    1,
+                    lds,
+                );
+            }
         }
         if need_dx {
             let ld = m * bwd.tiles();
             let lds = ld + L;
             input_transform::<R, N, K, S>(dys, out, &bwd, m, &mut ws.b, lds, &mut ws.rows);
-            products(
+            position_products::<K>(
                 par,
                 N * N,
                 &ws.u_rot,
