@@ -302,6 +302,35 @@ fn input_transform_segs<
         } = &mut *rows;
         let split = split_ahead::<R>(phases, line, x, inp, pad, ph, width, q, total);
         for ty0 in (0..t.tile_rows()).step_by(SEG) {
+            if N == 4 {
+                // F(2x2, 3x3): a lane block's 16 column-transformed vectors fit the registers,
+                // so the row transform takes them from there, not through `t_cols`.
+                for blk in 0..blocks {
+                    let x0 = blk * w;
+                    // by_row[i][j]: column j's transform, entry i.
+                    let mut by_row = [[[0f32; L]; N]; N];
+                    for j in 0..N {
+                        let src = &split[(j % R) * ph * width + j / R..];
+                        let mut d = [[0f32; L]; N];
+                        for (i, di) in d.iter_mut().enumerate() {
+                            *di = load_segs::<SEG>(src, (R * ty0 + i) * width + x0, R * width);
+                        }
+                        for (row, e) in by_row.iter_mut().zip(lanes(d, S::bt)) {
+                            row[j] = e;
+                        }
+                    }
+                    for (i, d) in by_row.into_iter().enumerate() {
+                        for (j, r) in lanes(d, S::bt).into_iter().enumerate() {
+                            let row = (i * N + j) * set_spread(inp.c * lds)
+                                + ch * lds
+                                + s * tiles
+                                + blk * w;
+                            store_segs::<SEG>(v, row + ty0 * t.tw, t.tw, r);
+                        }
+                    }
+                }
+                continue;
+            }
             for j in 0..N {
                 let src = &split[(j % R) * ph * width + j / R..];
                 let dst = &mut t_cols[j * N * width..][..N * width];
