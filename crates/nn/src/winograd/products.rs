@@ -282,52 +282,25 @@ mod avx2 {
             let mut i = 0;
             // SAFETY (all calls): rows i.. < m, columns j.. inside the asserted bounds.
             unsafe {
+                let (bj, at) = (b.add(j), |i: usize| (a.add(i * k), dst.add(i * ldd + j)));
                 while m - i >= 6 {
-                    block_nn::<6>(
-                        k,
-                        a.add(i * k),
-                        b.add(j),
-                        ldb,
-                        dst.add(i * ldd + j),
-                        ldd,
-                        cols,
-                    );
+                    let (ai, di) = at(i);
+                    block_nn::<6>(k, ai, bj, ldb, di, ldd, cols);
                     i += 6;
                 }
                 if m - i >= 4 {
-                    block_nn::<4>(
-                        k,
-                        a.add(i * k),
-                        b.add(j),
-                        ldb,
-                        dst.add(i * ldd + j),
-                        ldd,
-                        cols,
-                    );
+                    let (ai, di) = at(i);
+                    block_nn::<4>(k, ai, bj, ldb, di, ldd, cols);
                     i += 4;
                 }
                 if m - i >= 2 {
-                    block_nn::<2>(
-                        k,
-                        a.add(i * k),
-                        b.add(j),
-                        ldb,
-                        dst.add(i * ldd + j),
-                        ldd,
-                        cols,
-                    );
+                    let (ai, di) = at(i);
+                    block_nn::<2>(k, ai, bj, ldb, di, ldd, cols);
                     i += 2;
                 }
                 if m - i >= 1 {
-                    block_nn::<1>(
-                        k,
-                        a.add(i * k),
-                        b.add(j),
-                        ldb,
-                        dst.add(i * ldd + j),
-                        ldd,
-                        cols,
-                    );
+                    let (ai, di) = at(i);
+                    block_nn::<1>(k, ai, bj, ldb, di, ldd, cols);
                 }
             }
             j += cols;
@@ -528,20 +501,8 @@ mod avx2 {
 
 #[cfg(test)]
 mod tests {
+    use super::super::tests::values;
     use super::*;
-
-    /// Deterministic values in [-1, 1).
-    fn values(n: usize, seed: u64) -> Vec<f32> {
-        let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-        (0..n)
-            .map(|_| {
-                state ^= state << 13;
-                state ^= state >> 7;
-                state ^= state << 17;
-                ((state >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-            })
-            .collect()
-    }
 
     /// The dispatched kernels (the vector ones on an AVX2 + FMA machine) give the scalar
     /// definitions' bits, for block-sized and ragged shapes (rows not a multiple of 4, columns
