@@ -245,18 +245,7 @@ fn position_products<const K: usize>(
     ld: usize,
 ) {
     if K == 3 {
-        return products::positions_nn(
-            threads(par),
-            xis,
-            kern,
-            tiles,
-            lds,
-            prod,
-            rows,
-            inner,
-            ld,
-            set_spread,
-        );
+        return products::positions_nn(threads(par), xis, kern, tiles, lds, prod, rows, inner, ld);
     }
     for xi in 0..xis {
         matmul(
@@ -272,6 +261,55 @@ fn position_products<const K: usize>(
             &tiles[xi * set_spread(inner * lds)..][..inner * lds],
             lds,
             1,
+        );
+    }
+}
+
+/// The N² weight-gradient products `du_xi [rows x cols] (+)= e_xi [rows x ld] x v_xi [cols x
+/// ld]^T`, both operands' rows `lds` apart; as in [`position_products`], the 3x3 layers' through
+/// [`products`], the 5x5 layers' through `gemm`.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn position_weight_grads<const K: usize>(
+    par: Parallelism,
+    xis: usize,
+    e: &[f32],
+    v: &[f32],
+    lds: usize,
+    du: &mut [f32],
+    rows: usize,
+    cols: usize,
+    ld: usize,
+    accumulate: bool,
+) {
+    if K == 3 {
+        return products::positions_nt(
+            threads(par),
+            xis,
+            e,
+            v,
+            lds,
+            du,
+            rows,
+            cols,
+            ld,
+            accumulate,
+        );
+    }
+    for xi in 0..xis {
+        matmul(
+            par,
+            rows,
+            cols,
+            ld,
+            &mut du[xi * rows * cols..(xi + 1) * rows * cols],
+            accumulate,
+            &e[xi * set_spread(rows * lds)..][..rows * lds],
+            lds,
+            1,
+            &v[xi * set_spread(cols * lds)..][..cols * lds],
+            1,
+            lds,
         );
     }
 }
@@ -461,39 +499,18 @@ fn backward_with<const R: usize, const N: usize, const K: usize, S: Scheme<R, N,
         }
         let dys = &dy[start * out.len()..];
         grad_transform::<R, N, K, S>(dys, out, &fwd, m, &mut ws.b, lds, &mut ws.rows);
-        // dU_xi [cout x cin] (+)= E_xi [cout x tiles] x V_xi^T.
-        if K == 3 {
-            products::positions_nt(
-                threads(par),
-                N * N,
-                &ws.b,
-                &ws.a,
-                lds,
-                &mut ws.du,
-                c.cout,
-                c.cin,
-                ld,
-                start != last,
-                set_spread,
-            );
-        } else {
-            for xi in 0..N * N {
-                matmul(
-                    par,
-                    c.cout,
-                    c.cin,
-                    ld,
-                    &mut ws.du[xi * c.cout * c.cin..(xi + 1) * c.cout * c.cin],
-                    start != last,
-                    &ws.b[xi * set_spread(c.cout * lds)..][..c.cout * lds],
-                    lds,
-                    1,
-                    &ws.a[xi * set_spread(c.cin * lds)..][..c.cin * lds],
-                    1,
-                    lds,
-                );
-            }
-        }
+        position_weight_grads::<K>(
+            par,
+            N * N,
+            &ws.b,
+            &ws.a,
+            lds,
+            &mut ws.du,
+            c.cout,
+            c.cin,
+            ld,
+            start != last,
+        );
         if need_dx {
             let ld = m * bwd.tiles();
             let lds = ld + L;

@@ -19,6 +19,8 @@
 
 use rayon::prelude::*;
 
+use super::set_spread;
+
 /// Tiles per vector.
 const W: usize = 8;
 
@@ -162,7 +164,7 @@ fn lane_sum(l: [f32; W]) -> f32 {
 }
 
 /// [`nn`] for each of `xis` Winograd positions: `prod_xi [rows x ld] = kern_xi [rows x inner] x
-/// tiles_xi [inner x ld]`, position xi's matrices `spread(len)` values apart, the tiles' rows
+/// tiles_xi [inner x ld]`, position xi's matrices `set_spread(len)` values apart, the tiles' rows
 /// `lds` apart. With `threads > 1` the positions are shared out over rayon's pool; each is
 /// computed the same way whichever thread takes it.
 #[allow(clippy::too_many_arguments)]
@@ -176,9 +178,8 @@ pub(super) fn positions_nn(
     rows: usize,
     inner: usize,
     ld: usize,
-    spread: fn(usize) -> usize,
 ) {
-    let (out_step, in_step) = (spread(rows * ld), spread(inner * lds));
+    let (out_step, in_step) = (set_spread(rows * ld), set_spread(inner * lds));
     let one = |(xi, p): (usize, &mut [f32])| {
         nn(
             rows,
@@ -214,9 +215,8 @@ pub(super) fn positions_nt(
     cols: usize,
     ld: usize,
     accumulate: bool,
-    spread: fn(usize) -> usize,
 ) {
-    let (e_step, v_step) = (spread(rows * lds), spread(cols * lds));
+    let (e_step, v_step) = (set_spread(rows * lds), set_spread(cols * lds));
     let one = |(xi, d): (usize, &mut [f32])| {
         nt(
             rows,
@@ -568,18 +568,15 @@ mod tests {
     fn positions_have_the_same_bits_on_any_number_of_threads() {
         let (xis, rows, inner, ld) = (16, 20, 16, 45);
         let lds = ld + W;
-        let spread = |len: usize| len + 5;
         let kern = values(xis * rows * inner, 6);
-        let tiles = values(xis * spread(inner * lds), 7);
-        let e = values(xis * spread(rows * lds), 8);
+        let tiles = values(xis * set_spread(inner * lds), 7);
+        let e = values(xis * set_spread(rows * lds), 8);
         let run = |threads| {
-            let mut prod = vec![0f32; xis * spread(rows * ld)];
-            positions_nn(
-                threads, xis, &kern, &tiles, lds, &mut prod, rows, inner, ld, spread,
-            );
+            let mut prod = vec![0f32; xis * set_spread(rows * ld)];
+            positions_nn(threads, xis, &kern, &tiles, lds, &mut prod, rows, inner, ld);
             let mut du = vec![0f32; xis * rows * inner];
             positions_nt(
-                threads, xis, &e, &tiles, lds, &mut du, rows, inner, ld, false, spread,
+                threads, xis, &e, &tiles, lds, &mut du, rows, inner, ld, false,
             );
             (prod, du)
         };
