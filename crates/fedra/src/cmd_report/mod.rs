@@ -127,9 +127,18 @@ const CONVERGED: Convergence = Convergence {
     within: 0.2,
 };
 
+/// The first round at which `rows` met [`CONVERGED`], if any.
+fn converged_at(rows: &[Row]) -> Option<usize> {
+    CONVERGED.first_met(&accuracy_history(rows))
+}
+
+fn accuracy_history(rows: &[Row]) -> Vec<(usize, f64)> {
+    rows.iter().map(|r| (r.round, r.accuracy)).collect()
+}
+
 /// Whether and when `rows` met [`CONVERGED`], and the spread over the last 20 rounds run.
 fn convergence_cells(rows: &[Row]) -> (String, String) {
-    let history: Vec<(usize, f64)> = rows.iter().map(|r| (r.round, r.accuracy)).collect();
+    let history = accuracy_history(rows);
     let met = CONVERGED
         .first_met(&history)
         .map_or_else(|| "no".to_string(), |r| format!("round {r}"));

@@ -6,7 +6,7 @@ use std::fmt::Write as _;
 use std::path::Path;
 
 use super::runs::{Row, RunInfo};
-use super::{convergence_cells, emd_target, pct};
+use super::{converged_at, emd_target, pct};
 use crate::{charts, paper};
 
 pub(super) fn write_divergence(
@@ -94,7 +94,7 @@ fn seed_cells(seeds: &[SeedRun]) -> SeedCells {
     let hi = seeds.iter().map(|s| s.rounds).max().unwrap_or(0);
     let met = seeds
         .iter()
-        .filter(|s| convergence_cells(s.rows).0 != "no")
+        .filter(|s| converged_at(s.rows).is_some())
         .count();
     let finals: Vec<String> = seeds.iter().map(|s| pct(s.final_accuracy)).collect();
     let min = seeds
