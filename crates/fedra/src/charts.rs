@@ -153,7 +153,7 @@ pub fn lines(
             .background_style(WHITE.mix(0.85))
             .border_style(BLACK)
             .label_font(("sans-serif", 14))
-            .position(SeriesLabelPosition::LowerRight)
+            .position(legend_corner(series, range))
             .draw()
             .map_err(err)?;
         Ok(())
@@ -162,6 +162,76 @@ pub fn lines(
     render_both!(dir, stem, |root| draw(
         root, title, x_label, y_label, series, range
     ))
+}
+
+/// The plot area of a `lines` chart in pixels, about: the canvas less its margins, caption and
+/// label areas. A legend box is measured against it.
+const PLOT_PX: (f64, f64) = (864.0, 490.0);
+
+/// The corner for a line chart's legend: the one whose box (sized from the number of entries and
+/// the longest name) covers the least of the lines, so that a point at the chart's edge, such as
+/// the highest EMD of a sweep at the bottom right, is not drawn behind the legend. On a tie the
+/// earlier of lower right, upper right, lower left, upper left.
+fn legend_corner(
+    series: &[(String, Vec<(f64, f64)>)],
+    range: (f64, f64, f64, f64),
+) -> SeriesLabelPosition {
+    let longest = series
+        .iter()
+        .map(|s| s.0.chars().count())
+        .max()
+        .unwrap_or(0) as f64;
+    let width = ((longest * 7.5 + 55.0) / PLOT_PX.0).min(1.0);
+    let height = ((series.len() as f64 * 18.5 + 20.0) / PLOT_PX.1).min(1.0);
+    // Points along every line, in the plot's unit square with y up; sampling the segments
+    // counts a line that crosses a corner between two of its markers.
+    let unit = |(x, y): (f64, f64)| {
+        (
+            (x - range.0) / (range.1 - range.0),
+            (y - range.2) / (range.3 - range.2),
+        )
+    };
+    let mut samples = Vec::new();
+    for (_, points) in series {
+        let pts: Vec<(f64, f64)> = points
+            .iter()
+            .copied()
+            .filter(|(x, y)| x.is_finite() && y.is_finite())
+            .map(unit)
+            .collect();
+        if let [only] = pts[..] {
+            samples.push(only);
+        }
+        for pair in pts.windows(2) {
+            let ((x0, y0), (x1, y1)) = (pair[0], pair[1]);
+            samples.extend((0..=16).map(|k| {
+                let t = f64::from(k) / 16.0;
+                (x0 + (x1 - x0) * t, y0 + (y1 - y0) * t)
+            }));
+        }
+    }
+    // (right side, upper side) of each corner, in the order ties are broken.
+    let corners = [(true, false), (true, true), (false, false), (false, true)];
+    let covered = |&(right, upper): &(bool, bool)| {
+        samples
+            .iter()
+            .filter(|&&(x, y)| {
+                let in_x = if right { x >= 1.0 - width } else { x <= width };
+                let in_y = if upper {
+                    y >= 1.0 - height
+                } else {
+                    y <= height
+                };
+                in_x && in_y
+            })
+            .count()
+    };
+    match corners.iter().min_by_key(|c| covered(c)) {
+        Some((true, true)) => SeriesLabelPosition::UpperRight,
+        Some((false, false)) => SeriesLabelPosition::LowerLeft,
+        Some((false, true)) => SeriesLabelPosition::UpperLeft,
+        _ => SeriesLabelPosition::LowerRight,
+    }
 }
 
 /// Grouped bars: one group per category, one bar per series inside it.
@@ -245,4 +315,40 @@ pub fn grouped_bars(
     render_both!(dir, stem, |root| draw(
         root, title, y_label, categories, series, top
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn corner(series: &[(String, Vec<(f64, f64)>)]) -> SeriesLabelPosition {
+        legend_corner(series, (0.0, 2.0, 80.0, 100.0))
+    }
+
+    #[test]
+    fn the_legend_leaves_the_lower_right_for_a_point_there() {
+        // An EMD sweep: flat, then falling to the chart's bottom right corner.
+        let sweep = vec![(
+            "mnist".to_string(),
+            vec![(0.0, 98.0), (1.0, 97.5), (1.6, 95.0), (1.8, 81.0)],
+        )];
+        // The upper right is free too, and comes first.
+        assert!(matches!(corner(&sweep), SeriesLabelPosition::UpperRight));
+        // Rising curves leave the lower right empty, and the legend stays there.
+        let rising = vec![(
+            "acc".to_string(),
+            vec![(0.0, 81.0), (0.2, 95.0), (1.0, 98.0), (2.0, 99.0)],
+        )];
+        assert!(matches!(corner(&rising), SeriesLabelPosition::LowerRight));
+    }
+
+    #[test]
+    fn a_line_crossing_a_corner_between_its_markers_counts() {
+        // A long name widens the legend box to about the right 40% of the chart and its lowest
+        // tenth. The line's two markers lie outside that box, but the segment between them
+        // crosses it: counted by markers alone, the lower right would look free.
+        let name = "table2-emd-mnist/scheme-emd-1.764_seed-0".to_string();
+        let series = vec![(name, vec![(1.0, 80.2), (2.0, 84.0)])];
+        assert!(matches!(corner(&series), SeriesLabelPosition::UpperRight));
+    }
 }
