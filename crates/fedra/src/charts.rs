@@ -8,6 +8,13 @@ use plotters::coord::Shift;
 use plotters::prelude::*;
 
 const SIZE: (u32, u32) = (960, 600);
+/// Space around a chart and for its axis labels, in pixels; `legend_corner` measures against
+/// what is left.
+const MARGIN: u32 = 16;
+const X_LABEL_AREA: u32 = 48;
+const Y_LABEL_AREA: u32 = 64;
+/// The caption's height, about (24-pixel text and its gap).
+const CAPTION: u32 = 30;
 
 /// Render `$draw` (a closure over a drawing area, pasted once per backend so each copy gets
 /// its own type) into `dir/stem.svg` and `dir/stem.png`.
@@ -113,9 +120,9 @@ pub fn lines(
         root.fill(&WHITE).map_err(err)?;
         let mut chart = ChartBuilder::on(root)
             .caption(title, ("sans-serif", 24))
-            .margin(16)
-            .x_label_area_size(48)
-            .y_label_area_size(64)
+            .margin(MARGIN)
+            .x_label_area_size(X_LABEL_AREA)
+            .y_label_area_size(Y_LABEL_AREA)
             .build_cartesian_2d(range.0..range.1, range.2..range.3)
             .map_err(err)?;
         chart
@@ -166,7 +173,10 @@ pub fn lines(
 
 /// The plot area of a `lines` chart in pixels, about: the canvas less its margins, caption and
 /// label areas. A legend box is measured against it.
-const PLOT_PX: (f64, f64) = (864.0, 490.0);
+const PLOT_PX: (f64, f64) = (
+    (SIZE.0 - 2 * MARGIN - Y_LABEL_AREA) as f64,
+    (SIZE.1 - 2 * MARGIN - X_LABEL_AREA - CAPTION) as f64,
+);
 
 /// The corner for a line chart's legend: the one whose box (sized from the number of entries and
 /// the longest name) covers the least of the lines, so that a point at the chart's edge, such as
@@ -261,8 +271,8 @@ pub fn grouped_bars(
         let n = categories.len().max(1) as f64;
         let mut chart = ChartBuilder::on(root)
             .caption(title, ("sans-serif", 24))
-            .margin(16)
-            .x_label_area_size(48)
+            .margin(MARGIN)
+            .x_label_area_size(X_LABEL_AREA)
             .y_label_area_size(72)
             .build_cartesian_2d(0f64..n, 0f64..top)
             .map_err(err)?;
