@@ -6,7 +6,7 @@ use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
 
 use fedra_data::{Dataset, TrainTest};
-use fedra_nn::BnPolicy;
+use fedra_nn::{BnPolicy, WeightInit};
 
 /// A whole experiment: what data, how it is split, which model, how it trains and is evaluated.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -280,6 +280,11 @@ pub struct ModelConfig {
     /// seeded initialisation.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub init: Option<PathBuf>,
+    /// How a fresh model's weights are drawn from `run.seed`: `pytorch` (the default: weights
+    /// and biases uniform in ±1/sqrt(fan_in)) or `glorot` (TensorFlow's and Keras's default:
+    /// Glorot-uniform weights, zero biases). Also draws the tensors `reset` names.
+    #[serde(default, skip_serializing_if = "is_pytorch_init")]
+    pub weight_init: WeightInit,
     /// Glob patterns over parameter names (`conv1.*`, `fc1.weight`, `*`): matching parameters
     /// never change in training (no update, momentum or weight decay) and the server leaves
     /// them out of aggregation. Running statistics follow `bn`, not this list.
@@ -295,6 +300,10 @@ pub struct ModelConfig {
     /// new head, possibly of another shape. Needs `init`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub reset: Vec<String>,
+}
+
+fn is_pytorch_init(init: &WeightInit) -> bool {
+    *init == WeightInit::Pytorch
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -597,6 +606,19 @@ impl ExperimentConfig {
             return Err(bad(
                 "model.reset",
                 "re-initialises tensors of model.init, which is not set".into(),
+            ));
+        }
+        if self.model.weight_init != WeightInit::Pytorch
+            && self.model.init.is_some()
+            && self.model.reset.is_empty()
+        {
+            return Err(bad(
+                "model.weight_init",
+                format!(
+                    "{:?} draws fresh weights, but model.init loads every tensor (name the ones to \
+                     draw afresh in model.reset)",
+                    self.model.weight_init.name()
+                ),
             ));
         }
         let image_folder = self.data.dataset == fedra_data::DatasetName::ImageFolder;

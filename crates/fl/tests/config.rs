@@ -111,6 +111,16 @@ fn bad_values_are_rejected_naming_the_key() {
             "model.reset",
         ),
         (
+            "bn = \"train\"",
+            "bn = \"train\"\nweight_init = \"glorot\"\ninit = \"sgd.safetensors\"",
+            "model.weight_init",
+        ),
+        (
+            "bn = \"train\"",
+            "bn = \"train\"\nweight_init = \"he\"",
+            "weight_init",
+        ),
+        (
             "dataset = \"mnist\"",
             "dataset = \"mnist\"\nimage_size = [28, 28]",
             "data.image_size",

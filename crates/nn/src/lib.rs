@@ -19,7 +19,7 @@ mod winograd;
 pub use bench::{BenchEffort, BenchRow, bench_train, gemm_gflops};
 pub use error::NnError;
 pub use metrics::{ClinicalMetrics, EvalCounts, clinical_metrics, roc_auc};
-pub use model::{Model, TensorInfo, TensorKind};
+pub use model::{Model, TensorInfo, TensorKind, WeightInit};
 pub use spec::{Augment, BUILTIN_MODELS, BlockNorm, LayerSpec, ModelSpec, Padding};
 pub use train::{
     BnPolicy, ConvAlgorithm, EvalStats, GradCorrection, SgdConfig, StepStats, Trainer,

@@ -1,6 +1,7 @@
 //! A model's state: its spec, one contiguous `Vec<f32>` of parameters, one of buffers (BatchNorm
 //! running statistics and batch counters) and the table of named tensors (PyTorch names and
-//! layouts) that views them. Also PyTorch-default initialisation and safetensors I/O.
+//! layouts) that views them. Also seeded initialisation (PyTorch's defaults, or Glorot-uniform
+//! as TensorFlow/Keras draw it) and safetensors I/O.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
@@ -50,12 +51,42 @@ pub struct Model {
     tensors: Vec<TensorInfo>,
 }
 
+/// How a fresh model's weights are drawn. Norm layers start at weight 1, bias 0, running mean 0
+/// and running variance 1 either way.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WeightInit {
+    /// PyTorch's defaults for `Conv2d` and `Linear`: weights and biases uniform in
+    /// ±1/sqrt(fan_in) (Kaiming-uniform with a = sqrt(5) reduces to that bound).
+    #[default]
+    Pytorch,
+    /// TensorFlow's and Keras's defaults (the framework of the studies fedra reproduces):
+    /// weights Glorot-uniform in ±sqrt(6 / (fan_in + fan_out)), biases zero. For a weight of
+    /// shape `[out, in, kh, kw]` fan_in is `in·kh·kw` and fan_out `out·kh·kw`, as Keras and
+    /// `torch.nn.init.xavier_uniform_` count them.
+    Glorot,
+}
+
+impl WeightInit {
+    /// The name in experiment files: `pytorch` or `glorot`.
+    pub fn name(self) -> &'static str {
+        match self {
+            WeightInit::Pytorch => "pytorch",
+            WeightInit::Glorot => "glorot",
+        }
+    }
+}
+
 impl Model {
-    /// A freshly initialised model with PyTorch's defaults: weights and biases uniform in
-    /// ±1/sqrt(fan_in) (Kaiming-uniform with a = sqrt(5) reduces to that bound), norm weight 1,
-    /// bias 0, running mean 0, running var 1. Draws come from ChaCha8 seeded with `seed`, layer by
-    /// layer, weight before bias.
+    /// A freshly initialised model with PyTorch's defaults ([`WeightInit::Pytorch`]).
     pub fn new(spec: &ModelSpec, seed: u64) -> Result<Model, NnError> {
+        Model::initialised(spec, seed, WeightInit::Pytorch)
+    }
+
+    /// A freshly initialised model: weights (and, for PyTorch's scheme, biases) drawn by `init`
+    /// from ChaCha8 seeded with `seed`, layer by layer, weight before bias; norm weight 1, bias 0,
+    /// running mean 0, running var 1.
+    pub fn initialised(spec: &ModelSpec, seed: u64, init: WeightInit) -> Result<Model, NnError> {
         let mut model = Model::zeroed(spec)?;
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
         let fans: Vec<usize> = Plan::build(spec)?
@@ -76,12 +107,26 @@ impl Model {
                     0.0
                 };
                 dst.fill(v);
-            } else {
-                let fan_in = fans[i].max(1);
-                let bound = 1.0 / (fan_in as f64).sqrt();
-                for v in dst.iter_mut() {
-                    *v = (rng.random::<f64>() * 2.0 - 1.0) as f32 * bound as f32;
+                continue;
+            }
+            let fan_in = fans[i].max(1);
+            let bound = match init {
+                WeightInit::Pytorch => 1.0 / (fan_in as f64).sqrt(),
+                WeightInit::Glorot if leaf == "bias" => {
+                    dst.fill(0.0);
+                    continue;
                 }
+                WeightInit::Glorot => {
+                    // out * receptive field; a 1-D weight has no output axis of its own.
+                    let fan_out = match t.shape.as_slice() {
+                        [out, _, rest @ ..] => out * rest.iter().product::<usize>(),
+                        _ => fan_in,
+                    };
+                    (6.0 / (fan_in + fan_out) as f64).sqrt()
+                }
+            };
+            for v in dst.iter_mut() {
+                *v = (rng.random::<f64>() * 2.0 - 1.0) as f32 * bound as f32;
             }
         }
         Ok(model)

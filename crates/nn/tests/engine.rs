@@ -4,7 +4,7 @@
 
 use fedra_nn::{
     BUILTIN_MODELS, BnPolicy, GradCorrection, Model, ModelSpec, NnError, SgdConfig, TensorKind,
-    Trainer,
+    Trainer, WeightInit,
 };
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -138,6 +138,60 @@ fn pytorch_names_and_shapes() {
     let bound = 1.0 / (25f32).sqrt();
     let w = model.tensor("conv1.weight").unwrap();
     assert!(w.iter().all(|v| v.abs() <= bound) && w.iter().any(|v| v.abs() > 0.9 * bound));
+}
+
+#[test]
+fn glorot_init_draws_keras_bounds_and_zero_biases() {
+    let spec = ModelSpec::by_name("mnist-cnn-bn", [1, 28, 28], 10).unwrap();
+    let glorot = Model::initialised(&spec, 0, WeightInit::Glorot).unwrap();
+    // sqrt(6 / (fan_in + fan_out)), fans counted as Keras and xavier_uniform_ count them.
+    for (name, fan_in, fan_out) in [
+        ("conv1.weight", 25, 32 * 25),
+        ("conv2.weight", 32 * 25, 64 * 25),
+        ("fc1.weight", 3136, 512),
+        ("fc2.weight", 512, 10),
+    ] {
+        let bound = (6.0 / (fan_in + fan_out) as f64).sqrt();
+        let w = glorot.tensor(name).unwrap();
+        let max = w.iter().fold(0f64, |m, v| m.max(v.abs() as f64));
+        assert!(
+            max <= bound && max > 0.9 * bound,
+            "{name}: max {max}, bound {bound}"
+        );
+        // A uniform draw in ±bound has standard deviation bound/sqrt(3).
+        let var = w.iter().map(|v| (*v as f64).powi(2)).sum::<f64>() / w.len() as f64;
+        let want = bound / 3f64.sqrt();
+        assert!(
+            (var.sqrt() / want - 1.0).abs() < 0.1,
+            "{name}: std {}",
+            var.sqrt()
+        );
+    }
+    for name in [
+        "conv1.bias",
+        "conv2.bias",
+        "fc1.bias",
+        "fc2.bias",
+        "bn1.bias",
+    ] {
+        assert!(
+            glorot.tensor(name).unwrap().iter().all(|v| *v == 0.0),
+            "{name}"
+        );
+    }
+    assert_eq!(glorot.tensor("bn1.weight").unwrap(), &[1.0; 32][..]);
+    assert_eq!(glorot.tensor("bn1.running_var").unwrap(), &[1.0; 32][..]);
+    // Seeded like PyTorch's scheme: same seed, same bits; another seed or scheme, other weights.
+    let again = Model::initialised(&spec, 0, WeightInit::Glorot).unwrap();
+    assert_eq!(bits(glorot.params()), bits(again.params()));
+    let seed1 = Model::initialised(&spec, 1, WeightInit::Glorot).unwrap();
+    assert_ne!(bits(glorot.params()), bits(seed1.params()));
+    let pytorch = Model::initialised(&spec, 0, WeightInit::Pytorch).unwrap();
+    assert_eq!(
+        bits(pytorch.params()),
+        bits(Model::new(&spec, 0).unwrap().params())
+    );
+    assert_ne!(bits(glorot.params()), bits(pytorch.params()));
 }
 
 #[test]

@@ -69,14 +69,14 @@ impl Federation {
             (None, Some(path)) if !config.model.reset.is_empty() => {
                 let reset = compile_patterns(&config.model.reset)
                     .map_err(|(p, e)| FlError::State(format!("model.reset {p:?}: {e}")))?;
-                let fresh = Model::new(&spec, seed)?;
+                let fresh = Model::initialised(&spec, seed, config.model.weight_init)?;
                 match_patterns_somewhere(&reset, &fresh, "model.reset", false)?;
                 Model::load_safetensors_keeping(path, fresh, &|name| {
                     reset.iter().any(|p| p.matches(name))
                 })?
             }
             (None, Some(path)) => Model::load_safetensors(&spec, path)?,
-            (None, None) => Model::new(&spec, seed)?,
+            (None, None) => Model::initialised(&spec, seed, config.model.weight_init)?,
         };
         let frozen = frozen_ranges(&global, &config.model.freeze)?;
         let frozen_statistics = frozen_statistics(&global, &config.model.freeze_statistics)?;
