@@ -494,5 +494,46 @@ mod tests {
         // Run folders are named from the report's folder, not by an absolute path.
         assert!(md.contains("| ../first/fedavg_scheme-classes-1 |"), "{md}");
         assert!(!md.contains(&tmp.path().display().to_string()), "{md}");
+        // A run labelled `fedavg` is the baseline the other runs are timed against.
+        assert_eq!(md.matches("| rounds to FedAvg's best (").count(), 2, "{md}");
+    }
+
+    #[test]
+    fn a_batch_size_sweep_side_by_side_has_no_fedavg_baseline_column() {
+        // A sweep over batch size, whose runs are all FedAvg: no run is labelled `fedavg`.
+        let tmp = tempfile::tempdir().unwrap();
+        let source = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../results/remedies-mnist/runs/fedavg_scheme-classes-1");
+        for run in [
+            "scheme-classes-1_batch_size-10",
+            "scheme-classes-1_batch_size-100",
+        ] {
+            let to = tmp.path().join("sweep").join(run);
+            std::fs::create_dir_all(&to).unwrap();
+            for file in std::fs::read_dir(&source).unwrap() {
+                let file = file.unwrap().path();
+                std::fs::copy(&file, to.join(file.file_name().unwrap())).unwrap();
+            }
+        }
+        let out = tmp.path().join("report");
+        super::run(super::ReportArgs {
+            runs: vec![tmp.path().join("sweep")],
+            out: out.clone(),
+        })
+        .unwrap();
+        let md = std::fs::read_to_string(out.join("report.md")).unwrap();
+        let at = md
+            .find("### mnist, classes:1\n")
+            .expect("a side-by-side section");
+        let section = &md[at..];
+        let section = &section[..section.find("![").unwrap_or(section.len())];
+        assert!(!section.contains("FedAvg's best"), "{section}");
+        assert!(!section.contains("no FedAvg run"), "{section}");
+        let rows: Vec<&str> = section.lines().filter(|l| l.starts_with('|')).collect();
+        assert_eq!(rows.len(), 4, "{section}");
+        for row in rows {
+            assert_eq!(row.matches('|').count(), 7, "six columns: {row}");
+        }
+        assert!(section.contains("\n| batch_size-10 |"), "{section}");
     }
 }
