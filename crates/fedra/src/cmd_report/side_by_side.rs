@@ -111,23 +111,14 @@ pub(super) fn write_side_by_side(
             .map(|(best, _)| best);
         // Without a run labelled `fedavg` (a batch-size sweep, whose runs are all FedAvg) there
         // is no baseline to reach: the column is left out rather than filled with dashes.
-        match target {
-            Some(t) => {
-                writeln!(
-                    md,
-                    "| run | rounds | final acc | last 5 | best acc (round) | rounds to FedAvg's best ({}) | MB to / from a client |",
-                    pct(t)
-                )?;
-                writeln!(md, "|---|---|---|---|---|---|---|")?;
-            }
-            None => {
-                writeln!(
-                    md,
-                    "| run | rounds | final acc | last 5 | best acc (round) | MB to / from a client |"
-                )?;
-                writeln!(md, "|---|---|---|---|---|---|")?;
-            }
-        }
+        let (reach_head, reach_rule) = target.map_or((String::new(), ""), |t| {
+            (format!(" rounds to FedAvg's best ({}) |", pct(t)), "---|")
+        });
+        writeln!(
+            md,
+            "| run | rounds | final acc | last 5 | best acc (round) |{reach_head} MB to / from a client |"
+        )?;
+        writeln!(md, "|---|---|---|---|---|{reach_rule}---|")?;
         for (label, r) in group {
             let last5 = tail_mean(&r.rows, 5);
             if let Some(v) = last5 {
